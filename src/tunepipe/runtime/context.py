@@ -1,0 +1,27 @@
+"""The object a stage's `run(ctx)` receives (see docs/internals.md). Light: no torch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StepContext:
+    id: str
+    kind: str
+    key: str
+    params: dict[str, Any]
+    inputs: dict[str, Path]
+    files: dict[str, Path]
+    seed: int
+    spec_dir: Path
+    out: Path
+    work: Path
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("tunepipe.step"))
+
+    def param(self, name: str, default: Any = None) -> Any:
+        value = self.params.get(name)
+        return default if value is None else value

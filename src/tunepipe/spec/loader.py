@@ -1,0 +1,462 @@
+"""Load a spec file: YAML with positions → normalised sections → overrides → pydantic → rules.
+
+Every problem is collected as a Diagnostic with FILE:LINE:COL, so `tunepipe validate` reports all of
+them at once. The result is the resolved spec of docs/internals.md: snake_case keys, defaults filled,
+`no_X` folded into `X`, comma lists as lists, list sections always lists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from ..errors import UserError
+from .catalog import LIST_SECTIONS, STAGE_SECTIONS, TOP_LEVEL, Catalog, Flag, load_catalog
+from .models import describe_type, section_model
+
+# Keys a stage entry may hold besides its section's flags: a per-stage executor override, and (train
+# entries only) a data override so that e.g. a `pt` step reads another dataset than the `sft` step.
+NESTED_SECTIONS = {"executor": STAGE_SECTIONS, "data": ("train",)}
+# Entries of list sections may carry `name: NAME`, which names their step (train.NAME); not a flag.
+STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Location:
+    source: str
+    line: int | None = None  # 1-based
+    col: int | None = None  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}:{self.col}" if self.line is not None else self.source
+
+
+@dataclass
+class Diagnostic:
+    location: Location
+    path: str
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        prefix = "" if self.severity == "error" else "warning: "
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.location}: {prefix}{where}{self.message}"
+
+
+class SpecError(UserError):
+    def __init__(self, diagnostics: list[Diagnostic]):
+        errors = [d for d in diagnostics if d.severity == "error"]
+        noun = "error" if len(errors) == 1 else "errors"
+        super().__init__(f"{len(errors)} {noun} in spec", [str(d) for d in diagnostics])
+        self.diagnostics = diagnostics
+
+
+@dataclass
+class Override:
+    """One CLI override: `--lora-rank 16` (section=None) or `--set train.1.lora_rank=16`."""
+
+    key: str
+    value: str | None  # None: a bare switch (`--fp16`, `--no-use-cache`)
+    label: str
+    section: str | None = None
+    index: int | None = None
+
+
+@dataclass
+class ResolvedSpec:
+    path: Path
+    data: dict[str, Any]
+    explicit: set[tuple] = field(default_factory=set)  # paths the user set (file or override)
+    locations: dict[tuple, Location] = field(default_factory=dict)
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def spec_dir(self) -> Path:
+        return self.path.parent
+
+
+def display_path(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def plain(value: Any) -> Any:
+    """ruamel's round-trip scalars (ScalarBoolean is an int!) → plain Python values."""
+    if isinstance(value, bool) or value is None:
+        return value
+    type_name = type(value).__name__
+    if type_name == "ScalarBoolean":
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value  # dates and other YAML types: the model's type check will name them
+
+
+class _Loader:
+    def __init__(self, source: str, catalog: Catalog):
+        self.source = source
+        self.catalog = catalog
+        self.diagnostics: list[Diagnostic] = []
+        self.locations: dict[tuple, Location] = {}
+        self.explicit: set[tuple] = set()
+        self.list_written: set[str] = set()  # list sections the user wrote as a YAML list
+
+    # -- reporting -------------------------------------------------------------------------------
+    def error(self, location: Location, path: tuple, message: str, severity: str = "error") -> None:
+        self.diagnostics.append(Diagnostic(location, self.show(path), message, severity))
+
+    def show(self, path: tuple) -> str:
+        if len(path) > 1 and isinstance(path[1], int) and path[0] not in self.list_written:
+            path = (path[0], *path[2:])  # a single mapping: say train.lora_rank, not train[0].lora_rank
+        return display_path(path)
+
+    def key_location(self, node: Any, key: Any) -> Location:
+        try:
+            line, col = node.lc.key(key)
+            return Location(self.source, line + 1, col + 1)
+        except Exception:  # noqa: BLE001 - positions are best effort for odd nodes
+            return self.node_location(node)
+
+    def item_location(self, node: Any, index: int) -> Location:
+        try:
+            line, col = node.lc.item(index)
+            return Location(self.source, line + 1, col + 1)
+        except Exception:  # noqa: BLE001
+            return self.node_location(node)
+
+    def node_location(self, node: Any) -> Location:
+        lc = getattr(node, "lc", None)
+        if lc is not None and lc.line is not None:
+            return Location(self.source, lc.line + 1, lc.col + 1)
+        return Location(self.source)
+
+    # -- the document ----------------------------------------------------------------------------
+    def document(self, doc: Any) -> dict[str, Any]:
+        raw: dict[str, Any] = {TOP_LEVEL: {}}
+        if doc is None:
+            self.error(Location(self.source, 1, 1), (), "the spec is empty; start from examples/quickstart.yaml")
+            return raw
+        if not isinstance(doc, CommentedMap):
+            self.error(self.node_location(doc), (), f"a spec is a mapping of sections, got {_kind(doc)}")
+            return raw
+        sections = [s for s in self.catalog.sections if s != TOP_LEVEL]
+        for key, value in doc.items():
+            where = self.key_location(doc, key)
+            if not isinstance(key, str):
+                self.error(where, (), f"keys must be strings, got {_kind(key)} {key!r}")
+                continue
+            name = key.replace("-", "_")
+            if name in sections:
+                raw[name] = self.section(name, value, where)
+                continue
+            resolved = self.catalog.resolve_name(key)
+            if resolved and self.catalog.flags[resolved[0]].section == TOP_LEVEL:
+                self.flag_value(raw[TOP_LEVEL], (TOP_LEVEL,), key, value, where)
+                continue
+            self.unknown(where, (key,), key, TOP_LEVEL, extra=sections)
+        return raw
+
+    def section(self, name: str, value: Any, where: Location) -> Any:
+        if name in LIST_SECTIONS:
+            if isinstance(value, CommentedSeq):
+                self.list_written.add(name)
+                if not value:
+                    self.error(where, (name,), "an empty list: remove the section or give at least one entry")
+                entries = []
+                for index, item in enumerate(value):
+                    entries.append(self.entry(name, index, item, self.item_location(value, index)))
+                return entries
+            return [self.entry(name, 0, value, where)]
+        return self.entry(name, None, value, where)
+
+    def entry(self, section: str, index: int | None, node: Any, where: Location) -> dict[str, Any]:
+        prefix = (section,) if index is None else (section, index)
+        out: dict[str, Any] = {}
+        if node is None:  # `merge:` with nothing under it: the stage with its defaults
+            return out
+        if not isinstance(node, CommentedMap):
+            self.error(where, prefix, f"expected a mapping of {section} flags, got {_kind(node)}")
+            return out
+        for key, value in node.items():
+            key_where = self.key_location(node, key)
+            if isinstance(key, str) and key in NESTED_SECTIONS and section in NESTED_SECTIONS[key]:
+                if value is not None and not isinstance(value, CommentedMap):
+                    self.error(key_where, (*prefix, key), f"expected a mapping of {key} flags, got {_kind(value)}")
+                    continue
+                nested: dict[str, Any] = {}
+                for sub_key, sub_value in (value or {}).items():
+                    self.flag_value(nested, (*prefix, key), sub_key, sub_value, self.key_location(value, sub_key), key)
+                out[key] = nested
+                continue
+            if key == "name" and section in LIST_SECTIONS:
+                if not (isinstance(value, str) and STEP_NAME.match(value)):
+                    self.error(key_where, (*prefix, key), f"a step name is letters, digits, '-' and '_', got {value!r}")
+                else:
+                    out["name"] = str(value)
+                continue
+            self.flag_value(out, prefix, key, value, key_where, section)
+        return out
+
+    def flag_value(self, out: dict, prefix: tuple, key: Any, value: Any, where: Location, section: str = TOP_LEVEL) -> None:
+        if not isinstance(key, str):
+            self.error(where, prefix, f"keys must be strings, got {_kind(key)} {key!r}")
+            return
+        resolved = self.catalog.resolve_name(key)
+        if resolved is None:
+            self.unknown(where, (*prefix, key), key, section)
+            return
+        name, negated = resolved
+        flag = self.catalog.flags[name]
+        path = (*prefix, name)
+        if flag.section != section:
+            here = "at the top level" if section == TOP_LEVEL else f"under {section}:"
+            home = "at the top level" if flag.section == TOP_LEVEL else f"under {flag.section}:"
+            self.error(where, (*prefix, key), f"{name} is a {flag.section} flag, not allowed {here}; put it {home}")
+            return
+        value = plain(value)
+        if negated:
+            if not isinstance(value, bool):
+                self.error(where, (*prefix, key), f"no_{name} is a switch: expected true or false, got {value!r}")
+                return
+            value = not value
+        if path in self.explicit and name in out:
+            if out[name] != value:
+                self.error(where, (*prefix, key), f"contradicts an earlier {name} / no_{name} in the same mapping")
+            else:
+                self.error(where, (*prefix, key), f"{name} is given twice (as {key!r} and an earlier spelling)", "warning")
+            return
+        out[name] = value
+        self.explicit.add(path)
+        self.locations[path] = where
+
+    def unknown(self, where: Location, path: tuple, key: str, section: str, extra: list[str] | None = None) -> None:
+        snake = key.replace("-", "_")
+        elsewhere = self.catalog.flags.get(snake)
+        if elsewhere is not None:  # a real flag in the wrong place (handled in flag_value for known names)
+            self.error(where, path, f"unknown key (it is a {elsewhere.section} flag: put it under {elsewhere.section}:)")
+            return
+        local = [f.name for f in self.catalog.section_flags(section)] + list(extra or [])
+        if section != TOP_LEVEL:
+            local += [k for k, allowed in NESTED_SECTIONS.items() if section in allowed]
+        if section in LIST_SECTIONS:
+            local.append("name")
+        hint = self.catalog.suggest(key, local)
+        if hint is None:
+            hint_other = self.catalog.suggest(key)
+            if hint_other is not None:
+                other = self.catalog.flags.get(self.catalog.resolve_name(hint_other)[0])
+                where_other = "the top level" if other.section == TOP_LEVEL else f"{other.section}:"
+                hint = f"{hint_other}, a flag of {where_other}"
+        message = "unknown flag"
+        if hint:
+            message += f" (did you mean {hint}?)"
+        elif section != TOP_LEVEL:
+            message += f" (see `tunepipe flags --section {section}`)"
+        self.error(where, path, message)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return f"{type(plain(value)).__name__}"
+
+
+# -- overrides -----------------------------------------------------------------------------------
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        value = YAML(typ="safe", pure=True).load(text)
+    except YAMLError:
+        return text
+    return value if isinstance(value, (bool, int, float, str)) or value is None else text
+
+
+def apply_overrides(loader: _Loader, raw: dict[str, Any], overrides: list[Override]) -> None:
+    catalog = loader.catalog
+    for ov in overrides:
+        where = Location(ov.label)
+        resolved = catalog.resolve_name(ov.key)
+        if resolved is None:
+            loader.unknown(where, (ov.section or "", ov.key) if ov.section else (ov.key,), ov.key, ov.section or TOP_LEVEL)
+            continue
+        name, negated = resolved
+        flag = catalog.flags[name]
+        if ov.section is not None and ov.section.replace("-", "_") != flag.section:
+            loader.error(where, (ov.section, ov.key), f"{name} is a {flag.section} flag, not a {ov.section} flag")
+            continue
+        value = _override_value(flag, ov, negated)
+        if isinstance(value, str) and value.startswith("\0"):
+            loader.error(where, (flag.section, name), value[1:])
+            continue
+        for target, prefix in _override_targets(loader, raw, flag.section, ov, where):
+            target[name] = value
+            loader.explicit.add((*prefix, name))
+            loader.locations[(*prefix, name)] = where
+
+
+def _override_value(flag: Flag, ov: Override, negated: bool) -> Any:
+    if ov.value is None:
+        if flag.type != "bool":
+            return f"\0{ov.label} needs a value ({describe_type(flag)})"
+        return not negated
+    value = ov.value if flag.type in ("str", "path", "list") else _parse_scalar(ov.value)
+    if negated:
+        if not isinstance(value, bool):
+            return f"\0{ov.label} is a switch: expected true or false, got {ov.value!r}"
+        return not value
+    return value
+
+
+def _override_targets(loader: _Loader, raw: dict, section: str, ov: Override, where: Location):
+    if section == TOP_LEVEL:
+        return [(raw[TOP_LEVEL], (TOP_LEVEL,))]
+    if section not in raw:
+        if section in STAGE_SECTIONS:
+            loader.error(where, (section, ov.key), f"the spec has no {section} section; add one to the spec "
+                         "(an override changes flags, it does not add a stage)")
+            return []
+        raw[section] = {}
+    value = raw[section]
+    if isinstance(value, list):
+        if ov.index is not None:
+            if not 0 <= ov.index < len(value):
+                loader.error(where, (section, ov.index), f"{section} has {len(value)} entries; no index {ov.index}")
+                return []
+            return [(value[ov.index], (section, ov.index))]
+        return [(entry, (section, i)) for i, entry in enumerate(value)]
+    return [(value, (section,))]
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+def _validate_entry(loader: _Loader, section: str, entry: dict, prefix: tuple, fill_defaults: bool = True) -> dict:
+    catalog = loader.catalog
+    nested = {k: entry.pop(k) for k in list(entry) if k in NESTED_SECTIONS}
+    step_name = entry.pop("name", None) if section in LIST_SECTIONS else None
+    try:
+        model = section_model(section).model_validate(entry)
+        result = model.model_dump(exclude_unset=not fill_defaults)
+    except ValidationError as exc:
+        seen: set[str] = set()
+        for err in exc.errors():
+            name = str(err["loc"][0])
+            if name in seen:
+                continue
+            seen.add(name)
+            flag = catalog.flags[name]
+            path = (*prefix, name)
+            location = loader.locations.get(path, Location(loader.source))
+            loader.error(location, path, f"expected {describe_type(flag)}, got {_show_value(entry.get(name))}")
+        result = {k: v for k, v in entry.items()}
+        if fill_defaults:
+            result = {f.name: entry.get(f.name, f.default) for f in catalog.section_flags(section)}
+    for flag in catalog.section_flags(section):
+        if flag.type == "list" and isinstance(result.get(flag.name), str):
+            result[flag.name] = [part.strip() for part in result[flag.name].split(",") if part.strip()]
+    for key, value in nested.items():
+        result[key] = _validate_entry(loader, key, value, (*prefix, key), fill_defaults=False)
+    if step_name is not None:
+        result["name"] = step_name
+    return result
+
+
+def _show_value(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({_kind(value)})" if not isinstance(value, (dict, list)) else _kind(value)
+
+
+def resolve(loader: _Loader, raw: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    data.update(_validate_entry(loader, TOP_LEVEL, raw.get(TOP_LEVEL, {}), (TOP_LEVEL,)))
+    for section in loader.catalog.sections:
+        if section == TOP_LEVEL:
+            continue
+        value = raw.get(section)
+        if section in LIST_SECTIONS:
+            data[section] = [_validate_entry(loader, section, e, (section, i)) for i, e in enumerate(value or [])]
+        elif value is not None or section not in STAGE_SECTIONS:
+            data[section] = _validate_entry(loader, section, value or {}, (section,))
+        else:
+            data[section] = None
+    return data
+
+
+def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
+    yaml = YAML(typ="rt")
+    try:
+        return yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)
+        problem = exc.problem or exc.context or "invalid YAML"
+        loader.error(where, (), f"YAML syntax error: {problem}")
+    except YAMLError as exc:
+        loader.error(Location(source), (), f"YAML error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    except RecursionError:
+        loader.error(Location(source), (), "the YAML nests too deeply")
+    return None
+
+
+def load_spec(path: str | Path, overrides: list[Override] | None = None) -> ResolvedSpec:
+    """Load, validate and resolve a spec; raises SpecError listing every problem."""
+    from .rules import check_rules
+
+    path = Path(path)
+    catalog = load_catalog()
+    loader = _Loader(str(path), catalog)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such spec file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a spec file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    doc = parse_yaml(text, str(path), loader)
+    if loader.diagnostics:
+        raise SpecError(loader.diagnostics)
+    try:
+        raw = loader.document(doc)
+    except RecursionError:
+        raise SpecError([Diagnostic(Location(str(path)), "", "the YAML nests too deeply")]) from None
+    apply_overrides(loader, raw, overrides or [])
+    data = resolve(loader, raw)
+    spec = ResolvedSpec(path=path.resolve(), data=data, explicit=loader.explicit, locations=loader.locations)
+    if not any(d.severity == "error" for d in loader.diagnostics):
+        for diagnostic in check_rules(spec, catalog):
+            loader.diagnostics.append(diagnostic)
+    errors = [d for d in loader.diagnostics if d.severity == "error"]
+    if errors:
+        raise SpecError(_sorted(loader.diagnostics))
+    spec.warnings = _sorted(loader.diagnostics)
+    return spec
+
+
+def _sorted(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+    return sorted(diagnostics, key=lambda d: (d.location.line is None, d.location.line or 0, d.location.col or 0))

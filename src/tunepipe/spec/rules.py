@@ -1,0 +1,216 @@
+"""Cross-field rules, checked before any work starts. Each rule is one small function; `RULES` runs them.
+
+A rule gets a `RuleContext` and reports through `ctx.error(path, message)` / `ctx.warn(...)`, where
+`path` is a key path into the resolved spec such as ("train", 0, "fp16"); the location printed is
+where the user wrote that key (file:line:col or the CLI override).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .catalog import Catalog
+from .loader import Diagnostic, Location, ResolvedSpec, display_path
+
+
+@dataclass
+class RuleContext:
+    spec: ResolvedSpec
+    catalog: Catalog
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def data(self) -> dict:
+        return self.spec.data
+
+    def set(self, path: tuple) -> bool:
+        """Did the user write this flag (in the file or as an override)?"""
+        return path in self.spec.explicit
+
+    def report(self, path: tuple, message: str, severity: str) -> None:
+        location = self.spec.locations.get(path) or Location(str(self.spec.path))
+        shown = path
+        if len(path) > 1 and isinstance(path[1], int) and len(self.data.get(path[0]) or []) == 1:
+            shown = (path[0], *path[2:])
+        self.diagnostics.append(Diagnostic(location, display_path(shown), message, severity))
+
+    def error(self, path: tuple, message: str) -> None:
+        self.report(path, message, "error")
+
+    def warn(self, path: tuple, message: str) -> None:
+        self.report(path, message, "warning")
+
+    def train_entries(self) -> Iterator[tuple[tuple, dict]]:
+        for index, entry in enumerate(self.data.get("train") or []):
+            yield ("train", index), entry
+
+
+def precision_exclusive(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        chosen = [p for p in ("fp16", "bf16", "fp32") if entry.get(p)]
+        if len(chosen) > 1:
+            ctx.error((*prefix, chosen[-1]), f"{' and '.join(chosen)} are mutually exclusive: choose one precision")
+
+
+def evaluation_needed(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        if entry.get("evaluation_strategy") != "no":
+            continue
+        if entry.get("load_best_model_at_end"):
+            ctx.error((*prefix, "load_best_model_at_end"),
+                      "needs an evaluation strategy: set evaluation_strategy to steps or epoch")
+        for name in ("early_stopping_patience", "early_stopping_threshold"):
+            if ctx.set((*prefix, name)):
+                ctx.error((*prefix, name), "early stopping needs an evaluation strategy: "
+                          "set evaluation_strategy to steps or epoch")
+
+
+def eval_steps_only_with_steps(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        if ctx.set((*prefix, "eval_steps")) and entry.get("evaluation_strategy") != "steps":
+            ctx.error((*prefix, "eval_steps"), "only used with evaluation_strategy: steps "
+                      f"(it is {entry.get('evaluation_strategy')!r})")
+
+
+def evaluation_needs_validation_split(ctx: RuleContext) -> None:
+    data = ctx.data.get("data") or {}
+    for prefix, entry in ctx.train_entries():
+        val_size = {**data, **entry.get("data", {})}.get("val_size")
+        if entry.get("evaluation_strategy") != "no" and not val_size:
+            ctx.error((*prefix, "evaluation_strategy"), "evaluation needs a validation split: set data.val_size > 0")
+
+
+def unsloth_gc_needs_unsloth(ctx: RuleContext) -> None:
+    model = ctx.data.get("model") or {}
+    if model.get("use_unsloth_gc") and not model.get("use_unsloth"):
+        ctx.error(("model", "use_unsloth_gc"), "needs use_unsloth: true")
+
+
+def quantization_bit_needs_method(ctx: RuleContext) -> None:
+    model = ctx.data.get("model") or {}
+    if model.get("quantization_bit") is not None and model.get("quantization_method") is None:
+        ctx.error(("model", "quantization_bit"), "needs quantization_method (gptq, awq, bnb, cpm or mlc)")
+
+
+def gradient_checkpointing_contradiction(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        if entry.get("gradient_checkpointing") and entry.get("disable_gradient_checkpointing"):
+            ctx.error((*prefix, "disable_gradient_checkpointing"),
+                      "contradicts gradient_checkpointing: true; keep one of them")
+
+
+def train_needs_a_method(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        if entry.get("finetuning_type") == "none":
+            ctx.error((*prefix, "finetuning_type"),
+                      "is none (trains nothing): a train step needs full, freeze or lora")
+
+
+def lora_flags_need_lora(ctx: RuleContext) -> None:
+    lora_flags = [f.name for f in ctx.catalog.section_flags("train")
+                  if f.name.startswith("lora_") or f.name in ("adapter_name_or_path", "adapter_folder")]
+    for prefix, entry in ctx.train_entries():
+        if entry.get("finetuning_type") == "lora":
+            continue
+        for name in lora_flags:
+            if ctx.set((*prefix, name)):
+                ctx.error((*prefix, name), f"only applies to LoRA, but finetuning_type is "
+                          f"{entry.get('finetuning_type')!r}; set finetuning_type: lora or remove it")
+
+
+def merge_needs_lora(ctx: RuleContext) -> None:
+    if ctx.data.get("merge") is None:
+        return
+    train = ctx.data.get("train") or []
+    if not train:
+        ctx.error(("merge",), "a merge stage needs a LoRA adapter: add a train section with finetuning_type: lora")
+    elif train[-1].get("finetuning_type") != "lora":
+        ctx.error(("train", len(train) - 1, "finetuning_type"),
+                  f"the merge stage needs a LoRA adapter, but the last train step is "
+                  f"{train[-1].get('finetuning_type')!r}: use finetuning_type: lora or drop merge:")
+
+
+def warmup_ratio_wins(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        if ctx.set((*prefix, "warmup_ratio")) and ctx.set((*prefix, "warmup_steps")) and entry.get("warmup_ratio"):
+            ctx.warn((*prefix, "warmup_steps"), f"ignored: warmup_ratio ({entry['warmup_ratio']}) takes precedence")
+
+
+def max_steps_override_epochs(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        if (entry.get("max_steps") or 0) > 0 and ctx.set((*prefix, "num_train_epochs")):
+            ctx.warn((*prefix, "num_train_epochs"), f"ignored: max_steps ({entry['max_steps']}) overrides it")
+
+
+def export_needs_format(ctx: RuleContext) -> None:
+    quantize_names = {q.get("type") for q in ctx.data.get("quantize") or []}
+    for index, entry in enumerate(ctx.data.get("export") or []):
+        if entry.get("format") is None:
+            ctx.error(("export", index, "format"), "every export needs a format: gguf, onnx or mlc")
+        quantized = entry.get("quantized")
+        if quantized is not None and quantized not in quantize_names:
+            known = ", ".join(sorted(n for n in quantize_names if n)) or "none"
+            ctx.error(("export", index, "quantized"), f"names no quantize target (known: {known})")
+
+
+def train_stages_need_data(ctx: RuleContext) -> None:
+    data = ctx.data.get("data")
+    for prefix, entry in ctx.train_entries():
+        dataset = {**(data or {}), **entry.get("data", {})}.get("dataset")
+        if not dataset:
+            where = (*prefix, "data") if data is None else ("data", "dataset")
+            ctx.error(where, "training needs a dataset: add data: {dataset: NAME, dataset_dir: DIR}")
+
+
+def input_files_exist(ctx: RuleContext) -> None:
+    """Files the spec names must exist now, not hours into a run. Paths are relative to the spec."""
+    base = ctx.spec.spec_dir
+    checks: list[tuple[tuple, str | None, str]] = []
+    template = ctx.data.get("template") or {}
+    checks.append((("template", "template_file"), template.get("template_file"), "file"))
+    data = ctx.data.get("data") or {}
+    checks.append((("data", "dataset_dir"), data.get("dataset_dir"), "dir"))
+    for prefix, entry in ctx.train_entries():
+        for name in ("deepspeed", "fsdp_config"):
+            checks.append(((*prefix, name), entry.get(name), "file"))
+        checks.append(((*prefix, "data", "dataset_dir"), entry.get("data", {}).get("dataset_dir"), "dir"))
+    for path, value, kind in checks:
+        if not value:
+            continue
+        target = Path(value) if Path(value).is_absolute() else base / value
+        ok = target.is_file() if kind == "file" else target.is_dir()
+        if not ok:
+            ctx.error(path, f"{value}: no such {'file' if kind == 'file' else 'directory'} "
+                      f"(relative paths are resolved from the spec's directory)")
+    model_path = (ctx.data.get("model") or {}).get("model_name_or_path")
+    if model_path and (model_path.startswith((".", "/", "~")) or model_path.count("/") > 1):
+        if not (base / model_path).expanduser().is_dir():
+            ctx.error(("model", "model_name_or_path"), f"{model_path}: no such model directory")
+
+
+RULES: list[Callable[[RuleContext], None]] = [
+    precision_exclusive,
+    evaluation_needed,
+    eval_steps_only_with_steps,
+    evaluation_needs_validation_split,
+    unsloth_gc_needs_unsloth,
+    quantization_bit_needs_method,
+    gradient_checkpointing_contradiction,
+    train_needs_a_method,
+    lora_flags_need_lora,
+    merge_needs_lora,
+    warmup_ratio_wins,
+    max_steps_override_epochs,
+    export_needs_format,
+    train_stages_need_data,
+    input_files_exist,
+]
+
+
+def check_rules(spec: ResolvedSpec, catalog: Catalog) -> list[Diagnostic]:
+    ctx = RuleContext(spec, catalog)
+    for rule in RULES:
+        rule(ctx)
+    return ctx.diagnostics

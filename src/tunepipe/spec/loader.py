@@ -398,8 +398,10 @@ def resolve(loader: _Loader, raw: dict[str, Any]) -> dict[str, Any]:
         value = raw.get(section)
         if section in LIST_SECTIONS:
             data[section] = [_validate_entry(loader, section, e, (section, i)) for i, e in enumerate(value or [])]
-        elif value is not None or section not in STAGE_SECTIONS:
-            data[section] = _validate_entry(loader, section, value or {}, (section,))
+        elif value is not None:
+            data[section] = _validate_entry(loader, section, value, (section,))
+        elif section not in STAGE_SECTIONS:  # an absent config section: its defaults, nothing to check
+            data[section] = {f.name: f.default for f in loader.catalog.section_flags(section)}
         else:
             data[section] = None
     return data

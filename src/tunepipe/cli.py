@@ -1,0 +1,206 @@
+"""The tunepipe command line: a thin typer app. Every command delegates to spec/, compiler/, runner.
+
+Any catalog flag can be given on a command that takes a spec, in either spelling
+(`--lora-rank 16`, `--lora_rank=16`, `--no-use-cache`), or as `--set section.key=value`
+(`--set train.1.lora_rank=16` targets the second train entry). They are parsed here by hand,
+not declared as ~150 typer options, to keep start-up fast; the catalog validates them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import StepFailed, UserError
+
+app = typer.Typer(
+    name="tunepipe",
+    help="Declarative, cached pipelines for LLM fine-tuning: data → template → train → merge → quantize → export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="Inspect and clean the artifact store.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+SET_HELP = "Override a flag: section.key=value (section.N.key for one entry of a list section)."
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def parse_overrides(extra: list[str], sets: list[str]):
+    """`--flag value`, `--flag=value`, bare `--switch`, and `--set section[.N].key=value` → Overrides."""
+    from .spec import Override
+
+    overrides: list[Override] = []
+    index = 0
+    while index < len(extra):
+        token = extra[index]
+        index += 1
+        if not token.startswith("--") or token == "--":
+            raise UserError(f"unexpected argument {token!r}: flags are written --name value")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            nxt = extra[index] if index < len(extra) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, index = nxt, index + 1
+            else:
+                value = None
+        overrides.append(Override(key=key, value=value, label=token if value is None else f"--{key} {value}"))
+    for item in sets:
+        target, eq, value = item.partition("=")
+        parts = target.split(".")
+        if not eq or not all(parts):
+            raise UserError(f"--set {item!r}: expected section.key=value (e.g. --set train.lora_rank=16)")
+        section = parts[0] if len(parts) > 1 else None
+        entry = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        if len(parts) > 3 or (len(parts) == 3 and entry is None):
+            raise UserError(f"--set {item!r}: expected section.key=value or section.N.key=value")
+        overrides.append(Override(key=parts[-1], value=value, label=f"--set {item}", section=section, index=entry))
+    return overrides
+
+
+def load(spec: Path, ctx: typer.Context, sets: list[str]):
+    from .spec import load_spec
+
+    resolved = load_spec(spec, parse_overrides(list(ctx.args), sets))
+    if resolved.warnings:
+        err = _console(stderr=True)
+        for warning in resolved.warnings:
+            err.print(f"[yellow]{warning}[/]", markup=True)
+    return resolved
+
+
+@app.command(context_settings=OVERRIDES)
+def validate(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    print_spec: bool = typer.Option(False, "--print", help="Print the resolved spec (defaults filled in) as YAML."),
+) -> None:
+    """Check a spec: every error at once, as FILE:LINE:COL: section.key: message. Exit 2 on errors."""
+    resolved = load(spec, ctx, sets)
+    if print_spec:
+        import yaml
+
+        typer.echo(yaml.safe_dump(resolved.data, sort_keys=False, allow_unicode=True), nl=False)
+    else:
+        stages = [s for s in ("data", "template", "train", "merge", "quantize", "export", "infer") if resolved.data.get(s)]
+        typer.echo(f"{spec}: ok ({', '.join(stages) or 'no stages'})")
+
+
+
+@app.command()
+def schema(
+    write: bool = typer.Option(False, "--write", help="Write the schema to schemas/tunepipe.schema.json."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 if the committed schema is stale."),
+    path: Path = typer.Option(Path("schemas/tunepipe.schema.json"), "--path", help="Where the schema file lives."),
+) -> None:
+    """Print the JSON Schema of a spec, generated from the flag catalog."""
+    from .spec.schema import render_schema
+
+    text = render_schema()
+    if check:
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
+        if current != text:
+            typer.echo(f"{path} is stale: run `tunepipe schema --write`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{path} is up to date")
+    elif write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {path}")
+    else:
+        typer.echo(text, nl=False)
+
+
+class FlagsFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+def flags(
+    query: Optional[str] = typer.Argument(None, help="Search names and descriptions (English or Chinese)."),
+    section: Optional[str] = typer.Option(None, "--section", "-s", help="Only this section's flags."),
+    fmt: FlagsFormat = typer.Option(FlagsFormat.table, "--format", "-f"),
+) -> None:
+    """Browse the flag catalog."""
+    from dataclasses import asdict
+
+    from .spec import load_catalog
+    from .spec.models import describe_type
+
+    catalog = load_catalog()
+    if section is not None and section not in catalog.sections:
+        raise UserError(f"unknown section {section!r}; sections: {', '.join(catalog.sections)}")
+    needle = (query or "").lower().replace("-", "_")
+    rows = [f for f in catalog.flags.values()
+            if (section is None or f.section == section)
+            and (not needle or needle in f.name or needle in f.en.lower() or needle in f.zh.lower())]
+    if fmt == FlagsFormat.json:
+        out = []
+        for flag in rows:
+            out.append({**asdict(flag), "accepts": describe_type(flag), "kebab": flag.kebab})
+            if flag.negatable:
+                out.append({"name": flag.negation, "section": flag.section, "type": "bool", "negates": flag.name,
+                            "affects": flag.affects, "origin": flag.origin,
+                            "en": f"Same as {flag.name}: false.", "zh": f"等效于 --{flag.name} false"})
+        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(show_lines=False, title=f"{len(rows)} flags")
+    for column in ("flag", "section", "accepts", "default", "key?", "description"):
+        table.add_column(column, overflow="fold")
+    for flag in rows:
+        name = flag.name + (f"\n(no_{flag.name})" if flag.negatable else "")
+        table.add_row(name, flag.section, describe_type(flag), repr(flag.default) if flag.default is not None else "—",
+                      "key" if flag.affects == "artifact" else "", f"{flag.en}\n[dim]{flag.zh}[/]")
+    _console().print(table)
+
+
+def main() -> None:
+    """Entry point: user errors print a clear message and exit 2 (frozen plan: 3), never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err = _console(stderr=True)
+        err.print(f"[bold red]error:[/] {exc.message}")
+        for line in exc.details:
+            err.print(line, markup=False)
+        sys.exit(exc.exit_code)
+    except StepFailed as exc:
+        err = _console(stderr=True)
+        err.print(f"[bold red]step {exc.step_id} failed[/] (exit status {exc.returncode}); last lines of its log:")
+        err.print(exc.log_tail, markup=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _console(stderr=True).print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's own usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -174,7 +174,9 @@ def flags(
 def main() -> None:
     """Entry point: user errors print a clear message and exit 2 (frozen plan: 3), never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code in this mode
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
         err = _console(stderr=True)
         err.print(f"[bold red]error:[/] {exc.message}")

@@ -247,28 +247,32 @@ class _Loader:
         self.explicit.add(path)
         self.locations[path] = where
 
-    def unknown(self, where: Location, path: tuple, key: str, section: str, extra: list[str] | None = None) -> None:
+    def unknown(self, where: Location, path: tuple, key: str, section: str | None, extra: list[str] | None = None) -> None:
+        """An unknown key: suggest the closest flag of this section, else of any section (saying which).
+
+        `section=None` (a CLI flag without a section) searches the whole catalog."""
         snake = key.replace("-", "_")
         elsewhere = self.catalog.flags.get(snake)
         if elsewhere is not None:  # a real flag in the wrong place (handled in flag_value for known names)
             self.error(where, path, f"unknown key (it is a {elsewhere.section} flag: put it under {elsewhere.section}:)")
             return
-        local = [f.name for f in self.catalog.section_flags(section)] + list(extra or [])
-        if section != TOP_LEVEL:
+        hint = None
+        if section is not None:
+            local = [f.name for f in self.catalog.section_flags(section)] + list(extra or [])
             local += [k for k, allowed in NESTED_SECTIONS.items() if section in allowed]
-        if section in LIST_SECTIONS:
-            local.append("name")
-        hint = self.catalog.suggest(key, local)
+            if section in LIST_SECTIONS:
+                local.append("name")
+            hint = self.catalog.suggest(key, local)
         if hint is None:
-            hint_other = self.catalog.suggest(key)
-            if hint_other is not None:
-                other = self.catalog.flags.get(self.catalog.resolve_name(hint_other)[0])
-                where_other = "the top level" if other.section == TOP_LEVEL else f"{other.section}:"
-                hint = f"{hint_other}, a flag of {where_other}"
+            anywhere = self.catalog.suggest(key)
+            if anywhere is not None:
+                home = self.catalog.flags[self.catalog.resolve_name(anywhere)[0]].section
+                same = section is None or home == section
+                hint = anywhere if same or home == TOP_LEVEL else f"{home}.{anywhere}"
         message = "unknown flag"
         if hint:
             message += f" (did you mean {hint}?)"
-        elif section != TOP_LEVEL:
+        elif section not in (None, TOP_LEVEL):
             message += f" (see `tunepipe flags --section {section}`)"
         self.error(where, path, message)
 
@@ -299,7 +303,7 @@ def apply_overrides(loader: _Loader, raw: dict[str, Any], overrides: list[Overri
         where = Location(ov.label)
         resolved = catalog.resolve_name(ov.key)
         if resolved is None:
-            loader.unknown(where, (ov.section or "", ov.key) if ov.section else (ov.key,), ov.key, ov.section or TOP_LEVEL)
+            loader.unknown(where, (ov.section, ov.key) if ov.section else (ov.key,), ov.key, ov.section)
             continue
         name, negated = resolved
         flag = catalog.flags[name]

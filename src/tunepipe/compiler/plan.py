@@ -1,0 +1,308 @@
+"""The resolved spec → a Plan: the steps of the DAG, in topological order, each with its cache key.
+
+Steps and ids (docs/internals.md): `data → template → train → merge → quantize → export → verify`,
+plus `infer`. A kind that occurs once has the kind as id; several get `kind.name`:
+
+- `data`/`template`: one pair per distinct data configuration of the train entries (a train entry's
+  `data:` mapping overrides spec["data"]). Entries that read the same data share one pair. With
+  several pairs, each is named after the first train entry that reads it: `data.pretrain`.
+- `train`: one per train entry, chained: each one after the first continues from the previous one
+  (input role `base`). Named by the entry's `name`, else its `stage`: `train.pt`, `train.sft`.
+- `merge` when the section is present; `quantize.<type>` per quantize entry; `export.<format>` per
+  export entry (reading the merge output, else the last train output, or with `quantized: <name>`
+  that quantize step); `verify.<format>` per export; `infer` when the section is present.
+
+A step's params are every catalog flag whose `used_by` names its kind, each read from the flag's home
+section as seen from that step (its own train/quantize/export entry; the train entry it belongs to;
+the last train entry for steps after training). Only `affects: artifact` flags enter the key, and of
+those, path-valued ones enter as the content digest of what they point to, never as the path.
+
+    key = sha256(canonical JSON of {kind, stage version, key params, upstream keys by role,
+                                    input digests by role: {relative name: sha256}})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..runtime.stages import STAGE_VERSIONS
+from ..runtime.store import default_cache_dir
+from .digest import MEMO_NAME, DigestMemo, dataset_files
+
+# Flags whose value is a local path *or* a hub id; every artifact flag of type `path` is an input too.
+PATH_OR_HUB_ID = {"model_name_or_path": "model", "adapter_name_or_path": "adapter"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `org/name`: one slash at most, unlike most paths
+# Where the user wants a step's result copied; read only from the step's own section.
+DELIVERY_FLAGS = ("output_dir", "export_dir")
+
+
+@dataclass
+class Step:
+    id: str
+    kind: str
+    key: str
+    params: dict[str, Any]  # every flag the step reads, artifact and runtime
+    key_params: dict[str, Any]  # the artifact-only subset, path flags left out (see `digests`)
+    deps: list[str]  # step ids, in input-role order
+    inputs: dict[str, str]  # role -> upstream step id
+    files: dict[str, Path]  # role -> absolute local input path
+    digests: dict[str, dict[str, str]]  # role -> {relative name: sha256}, or {"hub": id}
+    upstream: dict[str, str]  # role -> upstream key
+    executor: dict[str, Any]
+    stage_version: int
+    deliver: Path | None = None  # where the user asked for this step's result (output_dir/export_dir)
+
+
+@dataclass
+class Plan:
+    name: str
+    spec_path: Path
+    cache_dir: Path
+    seed: int | None
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def spec_dir(self) -> Path:
+        return self.spec_path.parent
+
+    @property
+    def lock_path(self) -> Path:
+        return self.spec_dir / "tunepipe.lock"
+
+    def step(self, step_id: str) -> Step:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    def ancestors(self, step_id: str) -> set[str]:
+        seen: set[str] = set()
+        stack = list(self.step(step_id).deps)
+        while stack:
+            dep = stack.pop()
+            if dep not in seen:
+                seen.add(dep)
+                stack.extend(self.step(dep).deps)
+        return seen
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def compile_plan(spec: dict[str, Any], spec_path: Path, *, catalog=None, cache_dir: Path | None = None) -> Plan:
+    """Compile a resolved spec (docs/internals.md) into a Plan. Pure Python; reads input files to digest them."""
+    if catalog is None:
+        from ..spec.catalog import load_catalog
+
+        catalog = load_catalog()
+    spec_path = Path(spec_path).resolve()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(spec_path.parent)
+    memo = DigestMemo(cache_dir / MEMO_NAME)
+    plan = Plan(name=spec.get("name") or spec_path.stem, spec_path=spec_path, cache_dir=cache_dir, seed=spec.get("seed"))
+    _Compiler(spec, plan, catalog, memo).build()
+    memo.save()
+    return plan
+
+
+class _Compiler:
+    def __init__(self, spec: dict[str, Any], plan: Plan, catalog, memo: DigestMemo):
+        self.spec = spec
+        self.plan = plan
+        self.memo = memo
+        self.flags_by_kind: dict[str, list] = {}
+        for flag in catalog.flags.values():
+            for kind in flag.used_by:
+                self.flags_by_kind.setdefault(kind, []).append(flag)
+
+    def build(self) -> None:
+        spec = self.spec
+        trains = spec.get("train") or []
+        last_train = trains[-1] if trains else {}
+
+        template_for_entry = self.data_steps(trains)
+
+        train_steps: list[Step] = []
+        train_ids = _ids("train", [e.get("name") or e.get("stage") for e in trains])
+        for i, entry in enumerate(trains):
+            inputs = {"template": template_for_entry[i].id}
+            if train_steps:
+                inputs["base"] = train_steps[-1].id
+            sections = {"data": self.data_config(entry), "train": entry}
+            train_steps.append(self.add("train", train_ids[i], sections, inputs, entry))
+
+        model_step = train_steps[-1] if train_steps else None
+        if spec.get("merge") is not None:
+            inputs = {"train": model_step.id} if model_step else {}
+            model_step = self.add("merge", "merge", {"train": last_train}, inputs, spec["merge"])
+
+        quantize_entries = spec.get("quantize") or []
+        quantize_names = _names([q.get("name") or q.get("type") or q.get("method") for q in quantize_entries])
+        quantize_ids = _ids("quantize", quantize_names)
+        quantize_steps = {}
+        for name, step_id, entry in zip(quantize_names, quantize_ids, quantize_entries):
+            inputs = {"model": self.require(model_step, step_id).id}
+            sections = {"train": last_train, "quantize": entry}
+            quantize_steps[name] = (self.add("quantize", step_id, sections, inputs, entry), entry)
+
+        export_entries = spec.get("export") or []
+        export_names = _names([e.get("name") or e.get("format") for e in export_entries])
+        for name, step_id, entry in zip(export_names, _ids("export", export_names), export_entries):
+            sections = {"train": last_train, "export": entry}
+            if entry.get("quantized"):
+                quantize_step, sections["quantize"] = self.quantize_for(entry["quantized"], quantize_steps, step_id)
+                source, inputs = quantize_step, {"quantize": quantize_step.id}
+            else:
+                source = self.require(model_step, step_id)
+                inputs = {"model": source.id}
+            export_step = self.add("export", step_id, sections, inputs, entry)
+            verify_sections = {**sections, "verify": spec.get("verify") or {}}
+            verify_inputs = {"export": export_step.id, "reference": source.id}
+            self.add("verify", "verify" + step_id[len("export"):], verify_sections, verify_inputs, entry)
+
+        if spec.get("infer") is not None:
+            inputs = {"model": model_step.id} if model_step else {}
+            self.add("infer", "infer", {"train": last_train}, inputs, spec["infer"])
+
+    # -- data and template ---------------------------------------------------------------------
+    def data_config(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return {**(self.spec.get("data") or {}), **(entry.get("data") or {})}
+
+    def data_steps(self, trains: list[dict[str, Any]]) -> list[Step]:
+        """One data + template pair per distinct configuration; returns each train entry's template step."""
+        if not trains and self.spec.get("data") is None:
+            return []
+        readers = trains or [{}]
+        candidates = []  # (group signature, entry) per reader, in order
+        for entry in readers:
+            sections = {"data": self.data_config(entry), "train": entry}
+            data_params = self.params("data", sections)
+            template_params = self.params("template", sections)
+            candidates.append((canonical_json([data_params, template_params]), entry))
+        groups = list(dict.fromkeys(signature for signature, _ in candidates))
+        group_names = _names([next(e.get("name") or e.get("stage") for s, e in candidates if s == g) for g in groups])
+        by_signature = {}
+        for signature, name in zip(groups, group_names):
+            entry = next(e for s, e in candidates if s == signature)
+            sections = {"data": self.data_config(entry), "train": entry}
+            suffix = "" if len(groups) == 1 else f".{name}"
+            data = self.add("data", "data" + suffix, sections, {}, self.spec.get("data"))
+            by_signature[signature] = self.add("template", "template" + suffix, sections, {"data": data.id}, self.spec.get("template"))
+        return [by_signature[signature] for signature, _ in candidates]
+
+    # -- one step ------------------------------------------------------------------------------
+    def sections(self, extra: dict[str, Any]) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "pipeline": spec,
+            "model": spec.get("model") or {},
+            "data": spec.get("data") or {},
+            "template": spec.get("template") or {},
+            "merge": spec.get("merge") or {},
+            "infer": spec.get("infer") or {},
+            "verify": spec.get("verify") or {},
+            **extra,
+        }
+
+    def params(self, kind: str, extra_sections: dict[str, Any]) -> dict[str, Any]:
+        sections = self.sections(extra_sections)
+        values = {}
+        for flag in self.flags_by_kind.get(kind, []):
+            home = sections.get(flag.section) or {}
+            values[flag.name] = _normalise(flag, home.get(flag.name, flag.default))
+        return dict(sorted(values.items()))
+
+    def add(self, kind: str, step_id: str, extra_sections: dict, inputs: dict[str, str], own: dict | None) -> Step:
+        own = own or {}
+        params = self.params(kind, extra_sections)
+        key_params, files, digests = {}, {}, {}
+        for flag in self.flags_by_kind.get(kind, []):
+            value = params[flag.name]
+            if flag.affects != "artifact":
+                continue
+            if flag.name in PATH_OR_HUB_ID or flag.type == "path":
+                if value not in (None, "", []):
+                    role = PATH_OR_HUB_ID.get(flag.name, flag.name)
+                    self.digest_input(kind, flag, role, value, params, files, digests)
+                continue
+            key_params[flag.name] = value
+        upstream = {role: self.plan.step(dep).key for role, dep in inputs.items()}
+        version = STAGE_VERSIONS[kind]
+        material = {"kind": kind, "stage_version": version, "params": key_params, "upstream": upstream, "inputs": digests}
+        step = Step(
+            id=step_id,
+            kind=kind,
+            key=hashlib.sha256(canonical_json(material).encode()).hexdigest(),
+            params=params,
+            key_params=key_params,
+            deps=list(dict.fromkeys(inputs.values())),
+            inputs=inputs,
+            files=files,
+            digests=digests,
+            upstream=upstream,
+            executor={**(self.spec.get("executor") or {}), **(own.get("executor") or {})},
+            stage_version=version,
+            deliver=self.delivery(kind, own),
+        )
+        self.plan.steps.append(step)
+        return step
+
+    def digest_input(self, kind, flag, role, value, params, files, digests) -> None:
+        values = value if isinstance(value, list) else [value]
+        for i, item in enumerate(values):
+            item_role = role if len(values) == 1 else f"{role}.{i}"
+            path = (self.plan.spec_dir / str(item)).expanduser()
+            if not path.exists():
+                if flag.name in PATH_OR_HUB_ID and HUB_ID.fullmatch(str(item)):
+                    digests[item_role] = {"hub": str(item)}  # a hub id: its name (and revision param) is the input
+                    continue
+                raise UserError(f"{flag.section}.{flag.name}: {item}: no such file or directory (needed by step {kind})")
+            path = path.resolve()
+            files[item_role] = path
+            if path.is_file():
+                digests[item_role] = {path.name: self.memo.file(path)}
+            elif role == "dataset_dir":
+                digests[item_role] = self.memo.tree(path, dataset_files(path, params.get("dataset")))
+            else:
+                digests[item_role] = self.memo.tree(path)
+
+    def delivery(self, kind: str, own: dict[str, Any]) -> Path | None:
+        for name in DELIVERY_FLAGS:
+            if own.get(name) and any(f.name == name and f.section == kind for f in self.flags_by_kind.get(kind, [])):
+                return (self.plan.spec_dir / own[name]).resolve()
+        return None
+
+    def require(self, model_step: Step | None, step_id: str) -> Step:
+        if model_step is None:
+            raise UserError(f"{step_id} needs a model to work on: add a train or merge section")
+        return model_step
+
+    def quantize_for(self, name: str, quantize_steps: dict, step_id: str) -> tuple[Step, dict]:
+        for quantize_name, (step, entry) in quantize_steps.items():
+            if name in (quantize_name, step.id):
+                return step, entry
+        known = ", ".join(quantize_steps) or "none"
+        raise UserError(f"{step_id}: quantized: {name} names no quantize entry (known: {known})")
+
+
+def _normalise(flag, value: Any) -> Any:
+    # 3 and 3.0 are the same learning rate: one spelling in the key.
+    if flag.type in ("float", "number") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _names(raw: list[str | None]) -> list[str]:
+    """Unique, readable names: the given ones, numbered where missing or repeated."""
+    names = [str(name) if name else str(i + 1) for i, name in enumerate(raw)]
+    return [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names)]
+
+
+def _ids(kind: str, raw: list[str | None]) -> list[str]:
+    return [kind] if len(raw) == 1 else [f"{kind}.{name}" for name in _names(raw)]

@@ -1,0 +1,316 @@
+"""Run a plan: skip what is cached, build the rest through executors, deliver results, write the lock.
+
+For each step whose dependencies are done, in plan order and at most `jobs` at a time:
+
+1. cached (its key is in the store, not forced): done, nothing to run;
+2. otherwise take the store's lock for the key without blocking; when another run holds it, wait
+   (polling, so other steps keep going) and then find the artifact that run built;
+3. write STEP.json, `executor.prepare` → `submit`, stream the step's log with a progress line;
+4. exit status 0 and the key committed: done; otherwise the step failed: with `keep_going` its
+   dependents are skipped and the other branches go on, else every running step is cancelled.
+
+A done step with `output_dir`/`export_dir` is copied there from the store. tunepipe.lock is written
+after a run with no failure (never in a dry run or with `--frozen`). Imports no stage code: a fully
+cached run starts no process and never imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from .compiler.lockfile import output_digest, read_lock, write_lock
+from .compiler.plan import Plan, Step
+from .compiler.render import render_text
+from .compiler.status import CACHED, annotate, frozen_violations
+from .errors import FrozenPlanError, StepFailed, UserError
+from .executors.base import Executor, get_executor
+from .runtime.store import Store
+
+POLL_S = 0.1
+LOG_TAIL_LINES = 30
+
+
+@dataclass
+class StepOutcome:
+    id: str
+    kind: str
+    key: str
+    status: str  # cached | built | failed | skipped | would-build (dry run)
+    wall_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    answer: str | None = None  # an infer step's answer.txt
+    command: str | None = None  # what the executor runs (or would run, in a dry run)
+    reason: str = ""
+
+
+@dataclass
+class RunResult:
+    plan: Plan
+    outcomes: list[StepOutcome]
+    wall_s: float
+    lock_written: bool = False
+
+    def with_status(self, status: str) -> list[StepOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+
+@dataclass
+class _Running:
+    step: Step
+    executor: Executor
+    handle: Any
+    lock: FileLock
+    task: Any
+    started: float
+    command: str
+    offset: int = 0
+    partial: str = ""
+
+
+def select_steps(plan: Plan, names: str | list[str] | None) -> list[str]:
+    """Step ids named by `names`: an exact id, or a kind (every step of it), e.g. `export`."""
+    if names is None:
+        return []
+    ids = [step.id for step in plan.steps]
+    selected: list[str] = []
+    for name in [names] if isinstance(names, str) else names:
+        matches = [i for i in ids if i == name] or [s.id for s in plan.steps if s.kind == name]
+        if not matches:
+            close = difflib.get_close_matches(name, ids, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; steps: {', '.join(ids)}"
+            raise UserError(f"no step named {name!r}{hint}")
+        selected += [m for m in matches if m not in selected]
+    return selected
+
+
+def step_payload(plan: Plan, step: Step, store: Store, log_path: Path, force: bool) -> dict[str, Any]:
+    """The STEP.json a worker receives (docs/internals.md)."""
+    return {
+        "id": step.id, "kind": step.kind, "key": step.key, "stage_version": step.stage_version,
+        "params": step.params,
+        "inputs": {role: str(store.path(plan.step(dep).key)) for role, dep in step.inputs.items()},
+        "upstream": step.upstream,
+        "files": {role: str(path) for role, path in step.files.items()},
+        "seed": plan.seed, "spec_dir": str(plan.spec_dir), "cache_dir": str(store.root),
+        "log": str(log_path), "force": force,
+    }
+
+
+def run_plan(
+    plan: Plan,
+    *,
+    dry_run: bool = False,
+    frozen: bool = False,
+    force: str | list[str] | None = None,
+    until: str | list[str] | None = None,
+    only: str | list[str] | None = None,
+    keep_going: bool = False,
+    jobs: int = 1,
+    executor_override: str | None = None,
+    console: Console | None = None,
+) -> RunResult:
+    started = time.monotonic()
+    console = console or Console(stderr=True)
+    store = Store(plan.cache_dir)
+    lock = read_lock(plan.lock_path)
+    if frozen:
+        violations = frozen_violations(plan, lock)
+        if violations:
+            details = [f"{step_id}: {reason}" for step_id, reasons in violations.items() for reason in reasons]
+            raise FrozenPlanError(f"--frozen: {len(violations)} step(s) differ from {plan.lock_path.name}; nothing was run", details)
+    if only and until:
+        raise UserError("use --only or --until, not both")
+    if only:
+        selected = select_steps(plan, only)
+    elif until:
+        targets = select_steps(plan, until)
+        wanted = set(targets).union(*(plan.ancestors(t) for t in targets))
+        selected = [s.id for s in plan.steps if s.id in wanted]
+    else:
+        selected = [s.id for s in plan.steps]
+    forced = set(selected) if force in ("all", ["all"]) else set(select_steps(plan, force))
+    for step_id in selected:
+        for dep in plan.step(step_id).deps:
+            if dep not in selected and not store.has(plan.step(dep).key):
+                raise UserError(f"{step_id} needs {dep}, which is not built: run without --only, or with --until {step_id}")
+
+    runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going, executor_override=executor_override,
+                     frozen_lock=lock if frozen else None)
+    steps = [plan.step(step_id) for step_id in selected]
+    if dry_run:
+        outcomes = runner.dry_run(steps, annotate(plan, store, lock), forced)
+        return RunResult(plan, outcomes, time.monotonic() - started)
+    outcomes = runner.run(steps, forced)
+    lock_written = False if frozen else write_lock(plan, store)
+    return RunResult(plan, outcomes, time.monotonic() - started, lock_written)
+
+
+class _Runner:
+    def __init__(self, plan: Plan, store: Store, console: Console, *, jobs: int, keep_going: bool,
+                 executor_override: str | None, frozen_lock: dict | None):
+        self.plan, self.store, self.console = plan, store, console
+        self.jobs, self.keep_going = jobs, keep_going
+        self.executor_override = executor_override
+        self.frozen_lock = frozen_lock
+        self.executors: dict[str, Executor] = {}
+        self.outcomes: dict[str, StepOutcome] = {}
+
+    def executor(self, step: Step) -> Executor:
+        kind = self.executor_override or step.executor.get("kind") or "local"
+        if kind not in self.executors:
+            self.executors[kind] = get_executor(kind)
+        return self.executors[kind]
+
+    def prepare(self, step: Step):
+        run_dir = self.store.run_dir(step.key)
+        return self.executor(step).prepare(step, run_dir / "STEP.json", run_dir / "step.log")
+
+    # -- dry run -------------------------------------------------------------------------------
+    def dry_run(self, steps: list[Step], statuses, forced: set[str]) -> list[StepOutcome]:
+        outcomes, commands = [], {}
+        for step in steps:
+            if step.id in forced or statuses[step.id].state != CACHED:
+                commands[step.id] = str(self.prepare(step))
+                outcomes.append(StepOutcome(step.id, step.kind, step.key, "would-build", command=commands[step.id],
+                                            reason="forced" if step.id in forced else statuses[step.id].reason))
+            else:
+                outcomes.append(StepOutcome(step.id, step.kind, step.key, CACHED))
+        self.console.print(Text(render_text(self.plan, statuses, commands)))
+        return outcomes
+
+    # -- the real thing ------------------------------------------------------------------------
+    def run(self, steps: list[Step], forced: set[str]) -> list[StepOutcome]:
+        selected = {step.id for step in steps}
+        pending = list(steps)
+        running: dict[str, _Running] = {}
+        waiting: set[str] = set()
+        failures: list[StepFailed] = []
+        frozen_mismatches: list[str] = []
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                            console=self.console, transient=True)
+        try:
+            with progress:
+                while pending or running:
+                    for step in list(pending):
+                        if len(running) >= self.jobs:
+                            break
+                        deps = {d: self.status(d) for d in step.deps if d in selected}
+                        broken = [d for d, state in deps.items() if state in ("failed", "skipped")]
+                        if broken:
+                            pending.remove(step)
+                            self.finish(step, "skipped", reason=f"{broken[0]} did not build")
+                            continue
+                        if any(state != "done" for state in deps.values()):
+                            continue
+                        if step.id not in forced and self.store.has(step.key):
+                            pending.remove(step)
+                            self.done(step, CACHED, frozen_mismatches)
+                            continue
+                        key_lock = self.store.lock(step.key)
+                        try:
+                            key_lock.acquire(blocking=False)
+                        except Timeout:
+                            if step.id not in waiting:
+                                waiting.add(step.id)
+                                self.console.print(Text(f"{step.id}: another run is building {step.key[:12]}; waiting for it"))
+                            continue
+                        pending.remove(step)
+                        if step.id not in forced and self.store.has(step.key):  # that other run finished it
+                            key_lock.release()
+                            self.done(step, CACHED, frozen_mismatches)
+                            continue
+                        running[step.id] = self.start(step, key_lock, progress, force=step.id in forced)
+                    for step_id, job in list(running.items()):
+                        self.stream(job)
+                        returncode = job.executor.poll(job.handle)
+                        if returncode is None:
+                            continue
+                        self.stream(job, final=True)
+                        del running[step_id]
+                        job.lock.release()
+                        progress.remove_task(job.task)
+                        wall_s = time.monotonic() - job.started
+                        if returncode == 0 and self.store.has(job.step.key):
+                            self.done(job.step, "built", frozen_mismatches, wall_s=wall_s, command=job.command)
+                            continue
+                        failure = StepFailed(step_id, returncode, self.log_tail(job))
+                        self.finish(job.step, "failed", wall_s=wall_s, command=job.command, reason=f"exit status {returncode}")
+                        self.console.print(Text(f"✗ {step_id} failed with exit status {returncode}", style="bold red"))
+                        failures.append(failure)
+                        if not self.keep_going:
+                            raise failure
+                    if running or waiting & {s.id for s in pending}:
+                        time.sleep(POLL_S)
+        except BaseException:  # a failure without --keep-going, Ctrl-C, or a bug: stop everything we started
+            for job in running.values():
+                job.executor.cancel(job.handle)
+                job.lock.release()
+                self.finish(job.step, "cancelled", command=job.command)
+            raise
+        if failures:
+            raise failures[0]
+        if frozen_mismatches:
+            raise FrozenPlanError("--frozen: rebuilt artifacts differ from tunepipe.lock", frozen_mismatches)
+        return [self.outcomes[step.id] for step in steps]
+
+    def status(self, step_id: str) -> str | None:
+        outcome = self.outcomes.get(step_id)
+        if outcome is None:
+            return None
+        return "done" if outcome.status in (CACHED, "built") else outcome.status
+
+    def start(self, step: Step, key_lock: FileLock, progress: Progress, force: bool) -> _Running:
+        launch = self.prepare(step)
+        run_dir = self.store.run_dir(step.key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        payload = step_payload(self.plan, step, self.store, launch.log_path, force)
+        (run_dir / "STEP.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+        executor = self.executor(step)
+        try:
+            handle = executor.submit(launch)
+        except BaseException:
+            key_lock.release()
+            raise
+        task = progress.add_task(f"{step.id} [dim]{step.key[:12]}[/dim]", total=None)
+        return _Running(step, executor, handle, key_lock, task, time.monotonic(), str(launch))
+
+    def stream(self, job: _Running, final: bool = False) -> None:
+        text, job.offset = job.executor.logs(job.handle, job.offset)
+        lines = (job.partial + text).split("\n")
+        job.partial = "" if final else lines.pop()
+        for line in lines:
+            if line or not final:
+                self.console.print(Text.assemble((f"{job.step.id} │ ", "dim"), line.rsplit("\r", 1)[-1]), soft_wrap=True)
+
+    def log_tail(self, job: _Running) -> str:
+        text, _ = job.executor.logs(job.handle, 0)
+        return "\n".join(text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:])
+
+    def done(self, step: Step, status: str, frozen_mismatches: list[str], wall_s: float | None = None,
+             command: str | None = None) -> None:
+        manifest = self.store.manifest(step.key) or {}
+        answer = None
+        if step.kind == "infer" and (self.store.path(step.key) / "answer.txt").is_file():
+            answer = (self.store.path(step.key) / "answer.txt").read_text()
+        if step.deliver is not None:
+            self.store.materialise(step.key, step.deliver)
+        if self.frozen_lock is not None:
+            locked = self.frozen_lock["steps"][step.id].get("outputs", {}).get("digest")
+            if locked != output_digest(manifest)["digest"]:
+                frozen_mismatches.append(f"{step.id}: output differs from tunepipe.lock (same key, different bytes)")
+        self.finish(step, status, wall_s=wall_s, metrics=manifest.get("metrics", {}), answer=answer, command=command)
+        label = "cached" if status == CACHED else f"built in {wall_s:.1f}s"
+        self.console.print(Text.assemble(("✓ " if status != CACHED else "• ", "green"), f"{step.id} ", (label, "dim")))
+
+    def finish(self, step: Step, status: str, **fields: Any) -> None:
+        self.outcomes[step.id] = StepOutcome(step.id, step.kind, step.key, status, **fields)

@@ -1,0 +1,134 @@
+"""`python -m tunepipe.runtime.worker STEP.json`: run one step in this process and commit its artifact.
+
+STEP.json is written by the runner (docs/internals.md). The worker imports the stage module
+`tunepipe.runtime.stages.<kind>` (or an override from $TUNEPIPE_STAGE_MODULES, e.g.
+`data=my_stages,*=fake_stages`, which tests use), calls `run(ctx)` with `ctx.out` a fresh temporary
+directory in the store, then writes the manifest and commits by atomic rename.
+
+Under torchrun every rank runs the stage; only rank 0 ($RANK unset or 0) writes the artifact, the
+other ranks write into a throwaway directory. SIGTERM (a cancel) and the death of the parent process
+unwind through the `finally` that removes the temporary directory; SIGKILL leaves it behind under
+`<cache>/tmp`, where nothing reads it and `tunepipe cache gc` removes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import UserError
+from .context import StepContext
+from .store import STEP_LOG, Store
+
+# Recorded in the manifest when the stage imported them (the worker never imports them itself).
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors",
+             "numpy", "deepspeed", "gguf", "onnx", "onnxruntime", "onnxscript")
+
+
+def stage_module(kind: str):
+    overrides = dict(item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item)
+    return importlib.import_module(overrides.get(kind) or overrides.get("*") or f"tunepipe.runtime.stages.{kind}")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "tunepipe": __version__}
+    for name in LIBRARIES:
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = str(getattr(module, "__version__", "unknown"))
+    return versions
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS; this is a report, not a limit).
+    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_with_parent() -> None:
+    """A step must not outlive its runner (killed with -9, it cannot cancel us): watch for re-parenting."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_step(step: dict[str, Any]) -> None:
+    store = Store(Path(step["cache_dir"]))
+    key = step["key"]
+    log = logging.getLogger(f"tunepipe.step.{step['id']}")
+    committer = int(os.environ.get("RANK", "0")) == 0
+    if store.has(key) and not step.get("force"):
+        log.info("%s is already in the store (built by another run); nothing to do", step["id"])
+        return
+    out = store.begin(key) if committer else Path(tempfile.mkdtemp(prefix=f"tunepipe-{key[:12]}-"))
+    try:
+        work = store.work_dir(key)
+        ctx = StepContext(
+            id=step["id"], kind=step["kind"], key=key, params=step["params"],
+            inputs={role: Path(p) for role, p in step["inputs"].items()},
+            files={role: Path(p) for role, p in step["files"].items()},
+            seed=step.get("seed"), spec_dir=Path(step["spec_dir"]), out=out, work=work, log=log,
+        )
+        started = time.time()
+        metrics = stage_module(step["kind"]).run(ctx) or {}
+        wall_s = time.time() - started
+        if not committer:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if step.get("log") and Path(step["log"]).is_file():
+            shutil.copyfile(step["log"], out / STEP_LOG)
+        manifest = {
+            "id": step["id"], "kind": step["kind"], "stage_version": step.get("stage_version"),
+            "params": step["params"], "upstream": step.get("upstream", {}), "metrics": metrics,
+            "versions": library_versions(), "wall_s": round(wall_s, 3), "peak_rss_bytes": peak_rss_bytes(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        store.commit(out, key, manifest, replace=bool(step.get("force")))
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("%s committed as %s", step["id"], key[:12])
+    finally:
+        store.abort(out)  # a no-op after a commit moved it away
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m tunepipe.runtime.worker STEP.json", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    _exit_with_parent()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    step = json.loads(Path(argv[0]).read_text())
+    try:
+        run_step(step)
+    except UserError as e:
+        print(f"error: {e.message}", *e.details, sep="\n", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ CATALOG = load_catalog()
 SECTIONS = [s for s in CATALOG.sections if s != "pipeline"]
 FLAG_NAMES = sorted(CATALOG.flags) + sorted(CATALOG.negations)
 VALID = (EXAMPLES / "quickstart.yaml").read_text(encoding="utf-8")
-FUZZ = settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**40), max_value=10**40),

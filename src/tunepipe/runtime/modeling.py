@@ -1,0 +1,306 @@
+"""Model and tokenizer loading, shared by the train, merge and infer stages.
+
+Every model-section flag is applied here, in one place, so that a model is built
+the same way whether it is about to be trained, merged or prompted. Each step is
+idempotent (rope scaling, vocabulary resize, MoE coefficient…), so applying the
+flags again to a model that already carries them changes nothing: that is what
+lets a second train step (`pt` → `sft`) reuse the model section unchanged.
+
+Imports torch and transformers: only stage modules import this file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunepipe.errors import UserError
+
+# flash_attn (seed flag) → transformers' attn_implementation. `auto` defers to
+# attn_implementation, which is the more specific flag.
+FLASH_ATTN = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
+NORM_NAMES = ("norm", "ln_f", "ln_attn", "ln_mlp", "ln_1", "ln_2", "ln1", "ln2")
+
+
+# ---------------------------------------------------------------- sources
+
+
+def model_source(ctx) -> str:
+    """The base model to load: the model file the compiler digested, else the hub id as written."""
+    if "model" in ctx.files:
+        return str(ctx.files["model"])
+    source = ctx.params.get("model_name_or_path")
+    if not source:
+        raise UserError("model.model_name_or_path is required to train a model")
+    return str(source)
+
+
+def hub_kwargs(params: dict) -> dict:
+    return {
+        "cache_dir": params.get("cache_dir"),
+        "revision": params.get("model_revision") or "main",
+        "trust_remote_code": bool(params.get("trust_remote_code")),
+    }
+
+
+def _from_hub(loader, source: str, params: dict, **kwargs):
+    """Call a `from_pretrained` and turn "not found / offline" into a clear user error."""
+    try:
+        return loader(source, **hub_kwargs(params), **kwargs)
+    except OSError as exc:
+        if Path(source).is_dir():
+            raise UserError(f"cannot load the model in {source}: {exc}") from exc
+        raise UserError(
+            f"model_name_or_path {source!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face Hub (offline, or no such model/revision {params.get('model_revision')!r}). "
+            "Download it first and point model_name_or_path at the directory, or set cache_dir "
+            f"to a cache that holds it. ({str(exc).splitlines()[0]})"
+        ) from exc
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(source: str | Path, params: dict):
+    """The tokenizer with the seed's tokenizer flags; added tokens come after loading."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_hub(
+        AutoTokenizer.from_pretrained,
+        str(source),
+        params,
+        use_fast=bool(params.get("use_fast_tokenizer", True)),
+        split_special_tokens=bool(params.get("split_special_tokens")),
+    )
+    if params.get("add_tokens"):
+        tokenizer.add_tokens(list(params["add_tokens"]), special_tokens=False)
+    if params.get("add_special_tokens"):
+        tokenizer.add_tokens(list(params["add_special_tokens"]), special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------- model
+
+
+def attn_implementation(params: dict) -> str:
+    flash = params.get("flash_attn") or "auto"
+    return FLASH_ATTN.get(flash) or params.get("attn_implementation") or "eager"
+
+
+def compute_dtype(params: dict) -> torch.dtype:
+    if params.get("bf16"):
+        return torch.bfloat16
+    if params.get("fp16"):
+        return torch.float16
+    return torch.float32
+
+
+def load_dtype(params: dict):
+    """strict_dtype: exactly the dtype the config declares; otherwise the compute dtype."""
+    return "auto" if params.get("strict_dtype") else compute_dtype(params)
+
+
+def _rope_scaling(config, params: dict, max_length: int | None) -> None:
+    """Extend the context with the requested RoPE scaling (LLaMA-Factory's recipe)."""
+    kind = params.get("rope_scaling")
+    if not kind:
+        return
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        return  # already scaled (a base from an earlier step): idempotent
+    if not hasattr(config, "max_position_embeddings"):
+        raise UserError(f"rope_scaling: model type {config.model_type} has no RoPE position limit to extend")
+    current = config.max_position_embeddings
+    factor = float(math.ceil(max_length / current)) if max_length and max_length > current else 1.0
+    rope.update(rope_type=kind, factor=factor)
+    if kind in ("dynamic", "yarn", "llama3"):
+        rope["original_max_position_embeddings"] = current
+    if kind == "llama3":
+        rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    config.rope_parameters = rope
+    config.max_position_embeddings = int(current * factor)
+
+
+def _moe_aux_loss(config, params: dict) -> None:
+    coef = params.get("moe_aux_loss_coef")
+    if coef is None:
+        return
+    if not hasattr(config, "router_aux_loss_coef"):
+        raise UserError(
+            f"moe_aux_loss_coef: model type {config.model_type} is not a mixture-of-experts model "
+            "(its config has no router_aux_loss_coef)"
+        )
+    config.router_aux_loss_coef = float(coef)
+    config.output_router_logits = True  # the aux loss is only added when router logits are returned
+
+
+def _quantization_config(params: dict):
+    bits = params.get("quantization_bit")
+    if bits is None:
+        return None
+    method = params.get("quantization_method") or "bnb"
+    if method != "bnb":
+        raise UserError(
+            f"quantization_bit with quantization_method {method}: only bitsandbytes (bnb) quantizes on load; "
+            f"{method} models are loaded pre-quantized, without quantization_bit"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=compute_dtype(params),
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_config(source: str, params: dict, max_length: int | None = None):
+    from transformers import AutoConfig
+
+    config = _from_hub(AutoConfig.from_pretrained, source, params)
+    _rope_scaling(config, params, max_length)
+    _moe_aux_loss(config, params)
+    return config
+
+
+def load_model(
+    source: str,
+    params: dict,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    from_scratch: bool = False,
+    device_map: Any = None,
+):
+    """A causal LM from `source` with every model flag applied (not yet made trainable)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(source, params, max_length)
+    common = {"dtype": load_dtype(params), "attn_implementation": attn_implementation(params)}
+    if from_scratch:
+        # Random init from the config; the caller has seeded the RNGs.
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=bool(params.get("trust_remote_code")), **common
+        )
+    else:
+        extra = {}
+        if params.get("use_safetensors"):
+            extra["use_safetensors"] = True  # refuse pickled .bin weights
+        if device_map is not None:
+            extra["device_map"] = device_map
+        quant = _quantization_config(params)
+        if quant is not None:
+            extra["quantization_config"] = quant
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, source, params, config=config, **common, **extra)
+    apply_model_flags(model, params, tokenizer)
+    return model
+
+
+def apply_model_flags(model, params: dict, tokenizer) -> None:
+    """The flags that act on a built model: vocabulary, upcasts, cache."""
+    resize_vocab(model, params, tokenizer)
+    if params.get("upcast_layernorm"):
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and any(part in name for part in NORM_NAMES):
+                param.data = param.data.to(torch.float32)
+    if params.get("upcast_lmhead_output"):
+        head = model.get_output_embeddings()
+        if not getattr(head, "_tunepipe_upcast", False):
+            head.register_forward_hook(lambda module, args, output: output.to(torch.float32))
+            head._tunepipe_upcast = True
+    model.config.use_cache = bool(params.get("use_cache", True))
+
+
+def resize_vocab(model, params: dict, tokenizer) -> bool:
+    """Grow the embeddings to the tokenizer when it has more tokens than the model (after add_tokens)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return False
+    if not (params.get("resize_vocab") or params.get("add_tokens") or params.get("add_special_tokens")):
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings only {rows}: "
+            "set model.resize_vocab: true"
+        )
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    return True
+
+
+# ---------------------------------------------------------------- structure
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of every nn.Linear but the output head: what `lora_target: all` means."""
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def decoder_layers(model) -> tuple[str, int]:
+    """The dotted name of the decoder-layer ModuleList and its length."""
+    want = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == want and name.endswith("layers"):
+            return name, len(module)
+    raise UserError(f"cannot find the decoder layers of model type {model.config.model_type} for freeze tuning")
+
+
+def head_prefix(model) -> str:
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    raise UserError("the model has no output head")
+
+
+# ---------------------------------------------------------------- trained artifacts
+
+
+def load_trained(artifact: Path, params: dict | None = None, **model_kwargs):
+    """(model, tokenizer) of a train or merge artifact, LoRA adapters merged in.
+
+    A LoRA artifact's train.json says how its base was built (see docs/internals.md):
+    an upstream artifact (loaded recursively), a model directory or hub id with the
+    model flags replayed, or the artifact's own `base/` (a from-scratch init).
+    """
+    artifact = Path(artifact)
+    info = json.loads((artifact / "train.json").read_text()) if (artifact / "train.json").is_file() else {}
+    tokenizer = load_tokenizer(artifact / "tokenizer", params or {})
+    if (artifact / "model").is_dir():
+        model = load_model(str(artifact / "model"), params or {}, tokenizer, **model_kwargs)
+        return model, tokenizer
+    if not (artifact / "adapter").is_dir():
+        raise UserError(f"{artifact} holds neither model/ nor adapter/: not a trained model")
+    base = info["base"]
+    flags = {**info.get("model_flags", {}), **(params or {})}
+    if base["kind"] == "artifact":
+        model, _ = load_trained(Path(base["path"]), flags, **model_kwargs)
+        apply_model_flags(model, flags, tokenizer)
+    else:
+        path = str(artifact / base["path"]) if base["kind"] == "own" else base["path"]
+        model = load_model(path, flags, tokenizer, max_length=base.get("max_length"), **model_kwargs)
+    for adapter in [*base.get("merged_adapters", []), str(artifact / "adapter")]:
+        model = merge_adapter(model, adapter)
+    return model, tokenizer
+
+
+def merge_adapter(model, path: str):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,452 @@
+"""The train stage: one recipe on transformers' Trainer, peft and accelerate.
+
+    tokenized data ─► model (+ tokenizer, model flags) ─► none | full | freeze | lora
+                   ─► Trainer (checkpoints in ctx.work, resumed after a crash)
+                   ─► artifact: model/ or adapter/, tokenizer/, template.json, train.json,
+                      trainer_state.json, metrics.json, loss.png, lora_matrix.png
+
+Objectives: `sft` trains on the template stage's label-masked conversations, `pt`
+on every token of (packed) plain text. A spec may chain train steps (`pt` then
+`sft`): a later step gets the earlier artifact as `ctx.inputs["base"]`.
+
+Determinism: every random draw is seeded from the spec's `seed` (model init, LoRA
+init, dropout, data order); the data order is a pure function of (seed, epoch), and
+the Trainer's checkpoints carry the RNG states, so on CPU a rerun — interrupted and
+resumed or not — ends with bit-identical weights. The artifact holds no timestamps:
+run timings go to the returned metrics (the manifest) only, TensorBoard events to
+`logging_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from tunepipe.errors import UserError
+from tunepipe.runtime import modeling
+from tunepipe.runtime.collate import LengthGroupedSampler, PadCollator, TokenizedSplit
+
+# Keys of the Trainer's log history that hold wall-clock measurements: kept out of the artifact.
+TIMING_KEYS = ("runtime", "per_second")
+# Model-section flags a LoRA artifact records so that its base can be rebuilt (modeling.load_trained).
+MODEL_FLAGS = (
+    "rope_scaling", "moe_aux_loss_coef", "resize_vocab", "add_tokens", "add_special_tokens",
+    "use_cache", "trust_remote_code", "model_revision", "cache_dir", "use_safetensors", "strict_dtype",
+    "bf16", "fp16",
+)  # fmt: skip
+
+
+def run(ctx) -> dict:
+    p = ctx.params
+    seed = int(ctx.seed if p.get("seed") is None else p["seed"])
+    finetuning = p.get("finetuning_type") or "none"
+    objective = p.get("stage") or "sft"
+
+    # 1. Data: the template stage's tokenized splits.
+    data_dir = Path(ctx.inputs["template"])
+    train_set = TokenizedSplit(data_dir, "train", objective)
+    eval_set = TokenizedSplit(data_dir, "val", objective) if TokenizedSplit.exists(data_dir, "val") else None
+    if (p.get("evaluation_strategy") or "no") != "no" and eval_set is None:
+        raise UserError("train.evaluation_strategy needs a validation split: set data.val_size > 0")
+    max_length = max(train_set.lengths + (eval_set.lengths if eval_set else []) + [p.get("cutoff_len") or 0])
+
+    # 2. Model and tokenizer, seeded: a from-scratch or LoRA init is part of the result.
+    set_seed(seed)
+    tokenizer = _tokenizer(ctx, data_dir)
+    model, base = _model(ctx, tokenizer, max_length)
+
+    # 3. What trains.
+    adapters = _adapter_paths(ctx)
+    resized = base.pop("resized")
+    if finetuning == "lora":
+        model = _lora(model, p, adapters, resized)
+        base.update(merged_adapters=adapters[:-1], max_length=max_length)
+    else:
+        for adapter in adapters:
+            model = modeling.merge_adapter(model, adapter)
+        base["merged_adapters"] = adapters
+        if finetuning == "freeze":
+            _freeze(model, int(p.get("freeze_trainable_layers", 2)))
+        elif finetuning == "full":
+            model.requires_grad_(True)
+        else:  # none: no parameter trains; the artifact is the (loaded or initialised) model
+            model.requires_grad_(False)
+    if finetuning != "none" and not p.get("strict_dtype"):
+        # Trainable weights in float32 (mixed precision autocasts the compute), frozen ones stay as loaded.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    ctx.log.info("finetuning_type %s: %d trainable parameters", finetuning, trainable)
+
+    # 4. The Trainer, its checkpoints in the persistent work dir.
+    checkpoints = Path(ctx.work) / "trainer"
+    args = training_arguments(ctx, checkpoints, has_eval=eval_set is not None)
+    callbacks = []
+    if args.eval_strategy != "no" and args.load_best_model_at_end:
+        callbacks.append(
+            EarlyStoppingCallback(int(p.get("early_stopping_patience") or 1), float(p.get("early_stopping_threshold") or 0))
+        )
+    trainer = RecipeTrainer(
+        model=model,
+        args=args,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        group_by_length=bool(p.get("group_by_length")),
+    )
+    if not args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TokenProgress())
+
+    metrics: dict = {"finetuning_type": finetuning, "stage": objective, "trainable_params": trainable}
+    if finetuning != "none":
+        resume = last_checkpoint(checkpoints)
+        if resume:
+            ctx.log.info("resuming from %s", resume)
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - started
+        tokens = trainer.state.num_input_tokens_seen
+        metrics.update(
+            train_loss=output.training_loss,
+            steps=trainer.state.global_step,
+            epochs=trainer.state.epoch,
+            tokens=tokens,
+        )
+        timings = {"train_runtime_s": seconds, "tokens_per_s": tokens / seconds if seconds else None}
+    else:
+        timings = {}
+    if eval_set is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+
+    # 5. The artifact, written once (rank 0 of a distributed run).
+    if trainer.is_world_process_zero():
+        _save(ctx, trainer, tokenizer, data_dir, base, metrics)
+    if args.world_size > 1:
+        trainer.accelerator.wait_for_everyone()
+    return {**metrics, **timings}
+
+
+# ---------------------------------------------------------------- model
+
+
+def _tokenizer(ctx, data_dir: Path):
+    """The tokenizer the data was tokenized with (added tokens included)."""
+    if (data_dir / "tokenizer").is_dir():
+        return modeling.load_tokenizer(data_dir / "tokenizer", ctx.params)
+    return modeling.load_tokenizer(modeling.model_source(ctx), ctx.params)
+
+
+def _model(ctx, tokenizer, max_length: int):
+    """(model, base description for train.json). Continues an earlier train step's model
+    when there is one (`inputs.base`); otherwise loads, or initialises, the model file."""
+    p = ctx.params
+    if "base" in ctx.inputs:
+        model, _ = modeling.load_trained(Path(ctx.inputs["base"]), p)
+        rows = model.get_input_embeddings().weight.shape[0]
+        modeling.apply_model_flags(model, p, tokenizer)
+        resized = model.get_input_embeddings().weight.shape[0] != rows
+        return model, {"kind": "artifact", "path": str(ctx.inputs["base"]), "resized": resized}
+    source = modeling.model_source(ctx)
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    device_map = p.get("device_map") if single and p.get("device_map") not in (None, "auto") else None
+    config = modeling.load_config(source, p)
+    rows = config.vocab_size
+    model = modeling.load_model(
+        source,
+        p,
+        tokenizer,
+        max_length=max_length,
+        from_scratch=bool(p.get("train_from_scratch")),
+        device_map=device_map,
+    )
+    resized = model.get_input_embeddings().weight.shape[0] != rows
+    if p.get("train_from_scratch"):
+        return model, {"kind": "own", "path": "base", "resized": resized}
+    return model, {"kind": "model", "path": source, "resized": resized}
+
+
+def _adapter_paths(ctx) -> list[str]:
+    """lora_weight_path, adapter_name_or_path (in order), then adapter_folder's adapters."""
+    p = ctx.params
+
+    def resolve(value) -> str:
+        path = Path(str(value)).expanduser()
+        path = path if path.is_absolute() else Path(ctx.spec_dir) / path
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(f"{value}: no LoRA adapter there (adapter_config.json missing)")
+        return str(path)
+
+    paths = [resolve(p["lora_weight_path"])] if p.get("lora_weight_path") else []
+    paths += [resolve(a) for a in p.get("adapter_name_or_path") or []]
+    if p.get("adapter_folder"):
+        folder = Path(str(p["adapter_folder"])).expanduser()
+        folder = folder if folder.is_absolute() else Path(ctx.spec_dir) / folder
+        if (folder / "adapter_config.json").is_file():
+            paths.append(str(folder))
+        else:
+            found = sorted(str(d) for d in folder.glob("*") if (d / "adapter_config.json").is_file())
+            if not found:
+                raise UserError(f"adapter_folder {p['adapter_folder']}: no adapters in it")
+            paths += found
+    return paths
+
+
+def _lora(model, p: dict, adapters: list[str], resized: bool):
+    """Wrap the model in a LoRA adapter: a new one, or the last of `adapters` continued
+    (the ones before it are merged into the base first)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    for adapter in adapters[:-1]:
+        model = modeling.merge_adapter(model, adapter)
+    if adapters:
+        return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
+
+    target = list(p.get("lora_target") or ["all"])
+    linear = modeling.linear_module_names(model)
+    if target == ["all"]:
+        target = linear
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(target) - leaf_names)
+    if missing:
+        raise UserError(f"lora_target: no module named {', '.join(missing)} in this model (linear layers: {', '.join(linear)})")
+    modules_to_save = None
+    if resized:  # new token rows must train and be saved with the adapter
+        embed = modeling.head_prefix(model), _module_name(model, model.get_input_embeddings())
+        modules_to_save = sorted({name.rsplit(".", 1)[-1] for name in embed})
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=int(p.get("lora_rank", 8)),
+        lora_alpha=float(p.get("lora_alpha", 32)),
+        lora_dropout=float(p.get("lora_dropout", 0.05)),
+        target_modules=target,
+        bias=p.get("lora_bias") or "none",
+        fan_in_fan_out=bool(p.get("lora_fan_in_fan_out")),
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def _module_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _freeze(model, layers: int) -> None:
+    """Train only the top `layers` decoder layers and the output head."""
+    prefix, total = modeling.decoder_layers(model)
+    if not 1 <= layers <= total:
+        raise UserError(f"freeze_trainable_layers must be between 1 and {total} (the model's layers), got {layers}")
+    trainable = tuple(f"{prefix}.{i}." for i in range(total - layers, total)) + (modeling.head_prefix(model) + ".",)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(trainable))
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArguments:
+    """Every training flag of the seed, mapped onto transformers 5's TrainingArguments."""
+    p = ctx.params
+    seed = int(ctx.seed if p.get("seed") is None else p["seed"])
+    use_cpu = bool(p.get("no_cuda")) or not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ratio = float(p.get("warmup_ratio") or 0)
+    if ratio >= 1:
+        raise UserError(f"warmup_ratio must be below 1, got {ratio}")
+    report_to = p.get("report_to") or "none"
+    if report_to in ("tensorboard", "all"):
+        # transformers 5 has no logging_dir argument; its TensorBoard callback reads this variable.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logging_dir(ctx))
+    eval_strategy = p.get("evaluation_strategy") or "no"
+    gc = bool(p.get("gradient_checkpointing")) and not p.get("disable_gradient_checkpointing")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        seed=seed,
+        data_seed=seed,
+        full_determinism=use_cpu,  # free on CPU; on GPUs it would force slow deterministic kernels
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if use_cpu and distributed else None,
+        # optimisation
+        learning_rate=float(p.get("learning_rate", 5e-5)),
+        num_train_epochs=float(p.get("num_train_epochs", 3.0)),
+        max_steps=int(p.get("max_steps", -1)),
+        per_device_train_batch_size=int(p.get("per_device_train_batch_size", 8)),
+        per_device_eval_batch_size=int(p.get("per_device_eval_batch_size", 8)),
+        gradient_accumulation_steps=int(p.get("gradient_accumulation_steps", 1)),
+        lr_scheduler_type=p.get("lr_scheduler_type") or "cosine",
+        # the seed: warmup_ratio wins over warmup_steps; transformers reads a float < 1 as a ratio
+        warmup_steps=ratio if ratio > 0 else int(p.get("warmup_steps") or 0),
+        weight_decay=float(p.get("weight_decay", 0.0)),
+        adam_beta1=float(p.get("adam_beta1", 0.9)),
+        adam_beta2=float(p.get("adam_beta2", 0.999)),
+        adam_epsilon=float(p.get("adam_epsilon", 1e-8)),
+        max_grad_norm=float(p.get("max_grad_norm", 1.0)),
+        # precision, memory, kernels
+        bf16=bool(p.get("bf16")),
+        fp16=bool(p.get("fp16")),
+        tf32=True if p.get("tf32") else None,
+        activation_checkpointing=gc,
+        activation_checkpointing_kwargs={"use_reentrant": bool(p.get("use_reentrant_gc", True))} if gc else None,
+        torch_compile=bool(p.get("torch_compile")),
+        use_liger_kernel=bool(p.get("enable_liger_kernel")),
+        # logging
+        logging_steps=int(p.get("logging_steps", 10)),
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=bool(p.get("disable_tqdm")),
+        report_to=report_to if report_to in ("none", "all") else [report_to],
+        run_name=p.get("run_name") or ctx.id,
+        # evaluation and checkpoints
+        eval_strategy=eval_strategy if has_eval else "no",
+        eval_steps=int(p.get("eval_steps", 500)),
+        save_strategy="steps",
+        save_steps=int(p.get("save_steps", 500)),
+        save_total_limit=p.get("save_total_limit"),
+        load_best_model_at_end=bool(p.get("load_best_model_at_end")) and has_eval,
+        metric_for_best_model=p.get("metric_for_best_model") or "loss",
+        greater_is_better=bool(p.get("greater_is_better")),
+        # data loading and distribution
+        dataloader_num_workers=int(p.get("dataloader_num_workers") or 0),
+        dataloader_pin_memory=bool(p.get("dataloader_pin_memory", True)) and not use_cpu,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_timeout=int(p.get("ddp_timeout", 1800)),
+        ddp_find_unused_parameters=bool(p.get("ddp_find_unused_parameters")),
+        deepspeed=_config_file(ctx, "deepspeed"),
+        fsdp=p.get("fsdp") or None,
+        fsdp_config=_config_file(ctx, "fsdp_config"),
+    )
+
+
+def logging_dir(ctx) -> Path:
+    """TensorBoard events: logs, not artifact bytes. Relative paths are relative to the spec."""
+    path = Path(str(ctx.params.get("logging_dir") or "runs")).expanduser()
+    path = path if path.is_absolute() else Path(ctx.spec_dir) / path
+    return path / ctx.id
+
+
+def _config_file(ctx, flag: str) -> str | None:
+    """deepspeed / fsdp_config: a JSON file, checked before it reaches accelerate."""
+    value = ctx.params.get(flag)
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    path = path if path.is_absolute() else Path(ctx.spec_dir) / path
+    if not path.is_file():
+        raise UserError(f"{flag}: no such file {path}")
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag}: {path} is not valid JSON ({exc})") from exc
+    return str(path)
+
+
+class RecipeTrainer(Trainer):
+    """The stock Trainer; only the length-grouped sampler is ours (seeded per epoch, see collate.py)."""
+
+    def __init__(self, *args, group_by_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_length:
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(dataset.lengths, batch, self.args.data_seed)
+        return super()._get_train_sampler(train_dataset)
+
+
+class TokenProgress(ProgressCallback):
+    """The progress bar with the last loss and the non-padding tokens/s."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._mark = (time.perf_counter(), state.num_input_tokens_seen)
+        self._loss = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            rate = (tokens - self._mark[1]) / max(now - self._mark[0], 1e-9)
+            self._mark = (now, tokens)
+            postfix = {"tok/s": f"{rate:,.0f}"}
+            if self._loss is not None:
+                postfix["loss"] = f"{self._loss:.4f}"
+            self.training_bar.set_postfix(postfix, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._loss = logs["loss"]
+
+
+def last_checkpoint(directory: Path) -> str | None:
+    """The newest complete checkpoint. A kill during a save leaves a directory without
+    trainer_state.json (the Trainer writes it last): such leftovers are removed."""
+    if not directory.is_dir():
+        return None
+    complete = []
+    for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            complete.append(path)
+        except (OSError, json.JSONDecodeError):
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(complete, key=lambda x: int(x.name.rsplit("-", 1)[1]))) if complete else None
+
+
+# ---------------------------------------------------------------- artifact
+
+
+def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics: dict) -> None:
+    from peft import PeftModel
+
+    from tunepipe.runtime import plots
+
+    p, out = ctx.params, Path(ctx.out)
+    model = trainer.model
+    model.config.use_cache = bool(p.get("use_cache", True))  # training may have turned it off
+    info = {"finetuning_type": p.get("finetuning_type") or "none", "stage": p.get("stage") or "sft"}
+    if isinstance(model, PeftModel):
+        # A stable base name instead of an absolute path: the same spec gives the same bytes anywhere.
+        config = model.peft_config["default"]
+        config.base_model_name_or_path = str(p.get("model_name_or_path") or base["path"])
+        if isinstance(config.target_modules, set):  # its order varies per process: save it sorted
+            config.target_modules = sorted(config.target_modules)
+        model.save_pretrained(out / "adapter")
+        (out / "adapter" / "README.md").unlink(missing_ok=True)  # peft's model-card stub
+        if p.get("plot_lora_matrix"):
+            plots.plot_lora_matrix(model, out / "lora_matrix.png", out / "lora_matrix.json")
+        if base["kind"] == "own":  # a from-scratch init exists nowhere else: keep it beside the adapter
+            model.unload().save_pretrained(out / "base")
+        info.update(base=base, model_flags={k: p.get(k) for k in MODEL_FLAGS})
+    else:
+        model.save_pretrained(out / "model")
+        info["base"] = base
+        if p.get("plot_lora_matrix"):
+            ctx.log.warning("plot_lora_matrix: finetuning_type is %s, there are no LoRA matrices to plot", info["finetuning_type"])
+    tokenizer.save_pretrained(out / "tokenizer")
+    if (data_dir / "template.json").is_file():
+        shutil.copyfile(data_dir / "template.json", out / "template.json")
+    (out / "train.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    state = dataclasses.asdict(trainer.state)
+    state["best_model_checkpoint"] = None  # a path in the work dir, which is gone after the commit
+    state["log_history"] = [
+        {k: v for k, v in entry.items() if not any(t in k for t in TIMING_KEYS)} for entry in state["log_history"]
+    ]
+    (out / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if p.get("plot_loss"):
+        plots.plot_loss(state["log_history"], out / "loss.png", title=f"{ctx.id} ({info['stage']}, {info['finetuning_type']})")

@@ -1,0 +1,450 @@
+"""Chat templates: render conversations to text, tokenize them in batches, mask everything but answers.
+
+Two kinds of renderer share one interface, `segments(messages, tools) -> [(text, trained)]`:
+- `SlotRenderer`: a template from templates.yaml (or a YAML `template_file`) — slots filled per turn;
+- `JinjaRenderer`: a Jinja chat template (`template: auto` = the tokenizer's own, or a `.jinja`
+  `template_file` rendered in a sandbox); answer spans are found by rendering conversation prefixes.
+
+`encode(...)` then renders a batch of conversations, tokenizes the whole strings in one call to the
+tokenizer (so the ids equal `apply_chat_template`'s: BPE merges see the same text), and labels a token
+as trained when its last character lies in an answer segment (character offsets from the tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tunepipe.errors import UserError
+from tunepipe.runtime import template_registry
+
+IGNORE = -100
+Segments = list[tuple[str, bool]]
+
+
+# ----------------------------------------------------------------------------- slot templates
+@dataclass
+class SlotRenderer:
+    slots: dict[str, Any]  # every key of template_registry.SLOTS, bos/eos already substituted
+
+    @classmethod
+    def build(cls, entry: dict[str, Any], bos: str, eos: str, default_system: str | None) -> "SlotRenderer":
+        slots = {k: entry.get(k, v) for k, v in template_registry.SLOTS.items()}
+        for key, value in slots.items():
+            if isinstance(value, str):
+                slots[key] = value.replace("{{bos_token}}", bos).replace("{{eos_token}}", eos)
+        if default_system is not None:
+            slots["default_system"] = default_system
+        slots["stop_words"] = [w.replace("{{eos_token}}", eos) for w in slots["stop_words"]]
+        return cls(slots)
+
+    def _system(self, messages: list[dict], tools: str | None) -> tuple[str, list[dict]]:
+        s = self.slots
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        system = system or s["default_system"]
+        if s["strip_content"]:
+            system = system.strip()
+        tools_text = render_tools(s["tools"], tools)
+        if tools_text:
+            system = f"{system}\n\n{tools_text}" if system else tools_text
+        return system, messages
+
+    def segments(self, messages: list[dict], tools: str | None = None) -> Segments:
+        s = self.slots
+        system, turns = self._system(messages, tools)
+        system_block = s["system"].replace("{{content}}", system) if system else ""
+        source = s["prefix"] + ("" if s["system_in_user"] else system_block)
+        fold_system = bool(s["system_in_user"] and system_block)
+        out: Segments = []
+        last = len(turns) - 1
+        for i, message in enumerate(turns):
+            role, content = message["role"], message["content"]
+            if s["strip_content"]:
+                content = content.strip()
+            if role == "user":
+                if fold_system:
+                    content, fold_system = system_block + content, False
+                source += s["user"].replace("{{content}}", content)
+            elif role == "tool":
+                source += (s["observation"] or s["user"]).replace("{{content}}", content)
+            elif role in ("assistant", "function"):
+                source += s["assistant_header"] + (s["last_assistant_prefix"] if i == last else "")
+                out.append((source, False))
+                source = ""
+                if role == "function":
+                    calls = "\n".join(s["tool_call"].replace("{{content}}", c) for c in tool_calls(content))
+                    answer = (s["function"] or s["assistant"]).replace("{{content}}", calls)
+                else:
+                    answer = s["assistant"].replace("{{content}}", content)
+                out.append((answer + (s["suffix"] if i == last else ""), True))
+            else:
+                raise UserError(f"message role {role!r} is not one of system, user, assistant, function, tool")
+        if source:
+            out.append((source, False))
+        return out
+
+    def prompt(self, messages: list[dict], tools: str | None = None) -> str:
+        """The text that asks the model for the next answer (inference)."""
+        text = "".join(t for t, _ in self.segments(messages, tools))
+        return text + self.slots["assistant_header"] + self.slots["last_assistant_prefix"]
+
+    def to_jinja(self) -> str:
+        """An equivalent Jinja chat template, saved with the tokenizer so exports and `apply_chat_template`
+        prompt the trained model the way it was trained (tool turns are not included)."""
+        s = self.slots
+        q = lambda v: json.dumps(v, ensure_ascii=False)  # a Jinja string literal
+        sys_before, _, sys_after = s["system"].partition("{{content}}")
+        user_before, _, user_after = s["user"].partition("{{content}}")
+        asst_before, _, asst_after = s["assistant"].partition("{{content}}")
+        content = "message['content'] | trim" if s["strip_content"] else "message['content']"
+        system = "messages[0]['content'] | trim" if s["strip_content"] else "messages[0]['content']"
+        standalone = "" if s["system_in_user"] else (
+            "{%- if ns.system %}{{ " + q(sys_before) + " + ns.system + " + q(sys_after) + " }}{% endif %}")
+        fold = ("{%- if loop.first and ns.system %}{% set content = " + q(sys_before) + " + ns.system + "
+                + q(sys_after) + " + content %}{% endif %}") if s["system_in_user"] else ""
+        return (
+            "{%- set ns = namespace(system=" + q(s["default_system"]) + ") %}"
+            "{%- if messages and messages[0]['role'] == 'system' %}"
+            "{%- set ns.system = " + system + " %}{%- set loop_messages = messages[1:] %}"
+            "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+            "{{- " + q(s["prefix"]) + " }}" + standalone +
+            "{%- for message in loop_messages %}{%- set content = " + content + " %}"
+            "{%- if message['role'] == 'user' %}" + fold +
+            "{{- " + q(user_before) + " + content + " + q(user_after) + " }}"
+            "{%- elif message['role'] == 'assistant' %}{{- " + q(s["assistant_header"]) + " }}"
+            "{%- if loop.last %}{{- " + q(s["last_assistant_prefix"]) + " }}{% endif %}"
+            "{{- " + q(asst_before) + " + content + " + q(asst_after) + " }}"
+            "{%- if loop.last %}{{- " + q(s["suffix"]) + " }}{% endif %}"
+            "{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- " + q(s["assistant_header"] + s["last_assistant_prefix"]) + " }}{% endif %}"
+        )
+
+
+def render_tools(slot: str, tools: str | None) -> str:
+    """The tools block: each tool as one JSON line (OpenAI's {"type": "function", "function": …} shape)."""
+    if not tools:
+        return ""
+    try:
+        parsed = json.loads(tools)
+    except ValueError:
+        return slot.replace("{{tools}}", "\n" + tools)
+    items = parsed if isinstance(parsed, list) else [parsed]
+    wrapped = [t if isinstance(t, dict) and t.get("type") == "function" else {"type": "function", "function": t}
+               for t in items]
+    return slot.replace("{{tools}}", "".join("\n" + json.dumps(t, ensure_ascii=False) for t in wrapped))
+
+
+def tool_calls(content: str) -> list[str]:
+    """A function turn's content (one call or a list, as JSON) → one canonical JSON text per call."""
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        return [content]
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or "name" not in call:
+            return [content]
+        args = call.get("arguments", {})
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        out.append('{"name": ' + json.dumps(call["name"], ensure_ascii=False) + ', "arguments": ' + args + "}")
+    return out
+
+
+# ---------------------------------------------------------------------------- jinja templates
+def sandbox_env():
+    """The environment user templates run in: no access to Python internals (jinja2's sandbox)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise UserError(f"chat template raised: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def compile_jinja(source: str, where: str):
+    import jinja2
+
+    try:
+        return sandbox_env().from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"{where}:{e.lineno}: Jinja syntax error: {e.message}") from None
+
+
+def run_jinja(template, where: str, **context) -> str:
+    import jinja2
+    from jinja2.exceptions import SecurityError
+
+    try:
+        return template.render(**context)
+    except SecurityError as e:
+        raise UserError(f"{where}: the template tried to reach Python internals, which the sandbox forbids ({e})",
+                        ["a chat template may only use the messages, tools and special tokens it is given"]) from None
+    except UserError:
+        raise
+    except jinja2.TemplateError as e:
+        raise UserError(f"{where}: template error: {e}") from None
+
+
+def hf_messages(messages: list[dict]) -> list[dict]:
+    """Artifact messages → the shape HF chat templates expect (a function turn becomes tool_calls)."""
+    out = []
+    for m in messages:
+        if m["role"] == "function":
+            calls = [json.loads(c) for c in tool_calls(m["content"]) if c.startswith("{")]
+            out.append({"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+                for c in calls]})
+        else:
+            out.append(dict(m))
+    return out
+
+
+@dataclass
+class JinjaRenderer:
+    render: Callable[[list[dict], Any, bool], str]  # (hf messages, tools list, add_generation_prompt) → text
+    where: str
+
+    def _render(self, messages, tools, gen):
+        return self.render(hf_messages(messages), _tools_list(tools), gen)
+
+    def segments(self, messages: list[dict], tools: str | None = None) -> Segments:
+        full = self._render(messages, tools, False)
+        out: Segments = []
+        cursor = 0
+        for i, m in enumerate(messages):
+            if m["role"] not in ("assistant", "function"):
+                continue
+            head = self._render(messages[:i], tools, True)
+            if not full.startswith(head) or len(head) < cursor:
+                raise UserError(f"{self.where}: cannot locate answer {i} — rendering the conversation up to it "
+                                "is not a prefix of the whole conversation",
+                                ["use a registry template (tunepipe templates) or a YAML template_file"])
+            start, end = len(head), self._answer_end(full, messages, i, tools, len(head))
+            out += [(full[cursor:start], False), (full[start:end], True)]
+            cursor = end
+        if cursor < len(full):
+            out.append((full[cursor:], False))
+        return [(t, trained) for t, trained in out if t]
+
+    def _answer_end(self, full: str, messages, i: int, tools, start: int) -> int:
+        upto = self._render(messages[: i + 1], tools, False)
+        if full.startswith(upto):
+            return len(upto)
+        # The template writes turns differently once later turns follow (e.g. qwen3 drops the think
+        # block of earlier answers): end after the answer text and what closes it in both renderings.
+        common = _common_prefix(full[start:], upto[start:])
+        content = messages[i]["content"].strip()
+        k = full.find(content, start) if content else -1
+        if k < 0 or k + len(content) <= start + common:
+            return start + common
+        closing = upto[upto.rfind(content) + len(content):]
+        return k + len(content) + _common_prefix(full[k + len(content):], closing)
+
+    def prompt(self, messages: list[dict], tools: str | None = None) -> str:
+        return self._render(messages, tools, True)
+
+
+def _tools_list(tools: str | None):
+    if not tools:
+        return None
+    try:
+        parsed = json.loads(tools)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, list) else [parsed]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def tokenizer_jinja(tokenizer) -> JinjaRenderer:
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        raise UserError(f"template: auto needs a tokenizer with a chat_template; {tokenizer.name_or_path} has none",
+                        ["set template: to one of `tunepipe templates`, or give a template_file"])
+
+    def render(messages, tools, gen):
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+
+    return JinjaRenderer(render, f"chat_template of {tokenizer.name_or_path}")
+
+
+def file_jinja(source: str, where: str, tokenizer) -> JinjaRenderer:
+    template = compile_jinja(source, where)
+    specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+
+    def render(messages, tools, gen):
+        return run_jinja(template, where, messages=messages, tools=tools, add_generation_prompt=gen,
+                         bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+                         **{k: v for k, v in specials.items() if k not in ("bos_token", "eos_token")})
+
+    return JinjaRenderer(render, where)
+
+
+# ------------------------------------------------------------------------------- resolution
+def resolve(params: dict[str, Any], tokenizer, template_file: Path | None) -> tuple[Any, dict[str, Any]]:
+    """(renderer, template.json) for the template flags. template.json holds what inference needs."""
+    name = params.get("template") or template_registry.AUTO
+    kind = params.get("template_type") or "default"
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    default_system = params.get("default_system")
+    info: dict[str, Any] = {"template_type": kind, "eos_token": eos}
+    if kind == "completion":
+        name, template_file = "empty", None
+    if template_file is not None:
+        where = str(template_file)
+        text = template_file.read_text(encoding="utf-8")
+        if template_file.suffix in (".yaml", ".yml", ".json"):
+            renderer = SlotRenderer.build(_slot_file(text, where), bos, eos, default_system)
+            info.update(name=template_file.stem, source="file", slots=renderer.slots)
+        else:
+            renderer = file_jinja(text, where, tokenizer)
+            info.update(name=template_file.stem, source="file", chat_template=text, stop_words=[])
+    elif name == template_registry.AUTO:
+        renderer = tokenizer_jinja(tokenizer)
+        info.update(name="auto", source="tokenizer", chat_template=tokenizer.chat_template, stop_words=[])
+    else:
+        entry = template_registry.get(name)
+        if entry is None:
+            raise UserError(f"unknown template {name!r}",
+                            ["known templates: " + ", ".join(template_registry.template_names()),
+                             "or give a template_file (Jinja chat template or YAML slots)"])
+        renderer = SlotRenderer.build(entry, bos, eos, default_system)
+        info.update(name=name, source="registry", slots=renderer.slots)
+    if isinstance(renderer, SlotRenderer):
+        info["stop_words"] = list(renderer.slots["stop_words"])
+        info["default_system"] = renderer.slots["default_system"]
+        info["generation_prompt"] = renderer.slots["assistant_header"] + renderer.slots["last_assistant_prefix"]
+    return renderer, info
+
+
+def _slot_file(text: str, where: str) -> dict[str, Any]:
+    from ruamel.yaml import YAML
+
+    try:
+        entry = YAML(typ="safe", pure=True).load(text)
+    except Exception as e:
+        raise UserError(f"{where}: not valid YAML/JSON ({e})") from None
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: a template file holds a mapping of slots (see templates.yaml)")
+    bad = template_registry.unknown_keys(entry)
+    if bad:
+        raise UserError(f"{where}: unknown template keys {', '.join(bad)}",
+                        ["known: " + ", ".join(template_registry.SLOTS)])
+    return entry
+
+
+def renderer_from_json(info: dict[str, Any], tokenizer):
+    if "slots" in info:
+        return SlotRenderer(info["slots"])
+    if info.get("source") == "tokenizer":
+        return tokenizer_jinja(tokenizer)
+    return file_jinja(info["chat_template"], info.get("name", "template_file"), tokenizer)
+
+
+def encode_prompt(tokenizer, template_json: dict[str, Any], messages: list[dict], tools: str | None = None) -> list[int]:
+    """Token ids of the generation prompt for `messages` (ending with a user turn), as trained."""
+    text = renderer_from_json(template_json, tokenizer).prompt(messages, tools)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------- tokenizing
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray     # int32, IGNORE where masked
+    truncated: bool
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """How much of a (prompt, answer) pair fits in `cutoff_len`, keeping the two in proportion."""
+    if target_len * 2 < cutoff_len:  # a short answer is kept whole
+        max_target = cutoff_len
+    elif source_len * 2 < cutoff_len:  # a short prompt is kept whole
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target = min(max_target, target_len)
+    new_source = min(max(cutoff_len - new_target, 0), source_len)
+    return new_source, new_target
+
+
+def _labels(ids: np.ndarray, offsets: np.ndarray, segments: Segments, cutoff_len: int) -> Encoded:
+    seg_ends = np.cumsum([len(t) for t, _ in segments])
+    trained_seg = np.array([trained for _, trained in segments], dtype=bool)
+    # turn k = the k-th answer and the prompt text before it
+    turn_seg = np.cumsum(trained_seg) - trained_seg
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    last_char = np.where(ends > starts, ends - 1, starts)
+    seg = np.minimum(np.searchsorted(seg_ends, last_char, side="right"), len(segments) - 1)
+    trained = trained_seg[seg]
+    truncated = len(ids) > cutoff_len
+    if truncated:
+        group = turn_seg[seg] * 2 + trained  # (turn, prompt|answer); contiguous in token order
+        sizes = np.bincount(group, minlength=2 * (int(turn_seg.max()) + 1))
+        keep_len = np.zeros_like(sizes)
+        total = 0
+        for turn in range(len(sizes) // 2):
+            if total >= cutoff_len:
+                break
+            src, tgt = infer_seqlen(int(sizes[2 * turn]), int(sizes[2 * turn + 1]), cutoff_len - total)
+            keep_len[2 * turn], keep_len[2 * turn + 1] = src, tgt
+            total += src + tgt
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        keep = (np.arange(len(ids)) - first[group]) < keep_len[group]
+        ids, trained = ids[keep], trained[keep]
+    labels = np.where(trained, ids, IGNORE).astype(np.int32)
+    return Encoded(ids.astype(np.int32), labels, truncated)
+
+
+def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, batch_size: int = 512) -> list[Encoded]:
+    """Conversations → ids and labels; one tokenizer call per batch of whole conversations."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    out = []
+    for b in range(0, len(records), batch_size):
+        batch = records[b: b + batch_size]
+        segments = [renderer.segments(r["messages"], r.get("tools")) for r in batch]
+        texts = ["".join(t for t, _ in segs) for segs in segments]
+        if backend is None:
+            out += [_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]
+            continue
+        for segs, enc in zip(segments, backend.encode_batch(texts, add_special_tokens=False)):
+            offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            out.append(_labels(np.array(enc.ids, dtype=np.int64), offsets, segs, cutoff_len))
+    return out
+
+
+def _encode_slow(tokenizer, segments: Segments, cutoff_len: int) -> Encoded:
+    """Tokenizers without offsets (slow ones): encode segment by segment."""
+    ids, offsets, segs, pos = [], [], [], 0
+    for text, trained in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        offsets += [(pos, pos + len(text))] * len(piece)  # every token of a segment ends inside it
+        pos += len(text)
+        segs.append((text, trained))
+    return _labels(np.array(ids, dtype=np.int64), np.array(offsets, dtype=np.int64).reshape(-1, 2), segs, cutoff_len)
+
+
+def encode_texts(tokenizer, texts: list[str], batch_size: int = 1024) -> list[np.ndarray]:
+    """Plain texts (stage pt) → ids, batched."""
+    out = []
+    for b in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[b: b + batch_size], add_special_tokens=False)["input_ids"]
+        out += [np.array(e, dtype=np.int32) for e in enc]
+    return out

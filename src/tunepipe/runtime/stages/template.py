@@ -1,0 +1,237 @@
+"""Stage `template`: tokenize the data artifact with the chat template.
+
+sft: conversations → input ids with labels on the answers only, truncated to `cutoff_len` keeping the
+prompt/answer balance, optionally packed into `cutoff_len` rows (position ids restart per sample).
+pt: texts + eos, concatenated and cut into `cutoff_len` blocks, every token trained.
+
+Writes per split `{split}.input_ids.npy`, `{split}.labels.npy`, `{split}.offsets.npy` (and
+`{split}.position_ids.npy` when packed), `tokenizer/`, `template.json`, `stats.json` (docs/internals.md).
+The bytes do not depend on `preprocessing_num_workers`: shards are contiguous and rejoined in order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tunepipe.errors import UserError
+from tunepipe.runtime import chat_template as ct
+from tunepipe.runtime.context import StepContext
+
+SPLITS = ("train", "val")
+HISTOGRAM_BINS = 8
+
+
+# ------------------------------------------------------------------------------ tokenizer
+def load_tokenizer(params: dict[str, Any], model_dir: Path | str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), use_fast=params.get("use_fast_tokenizer", True),
+            trust_remote_code=bool(params.get("trust_remote_code")), cache_dir=params.get("cache_dir"),
+            revision=params.get("model_revision") or "main")
+    except OSError as e:
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {e}",
+                        ["model_name_or_path must be a local model directory (no model hub is reachable)"]) from None
+    if params.get("split_special_tokens") and tokenizer.is_fast:
+        tokenizer.backend_tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def add_tokens(tokenizer, params: dict[str, Any], stop_words: list[str]) -> list[str]:
+    """Adds the `add_tokens` / `add_special_tokens` flags' tokens and any stop word the vocabulary lacks."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    added = []
+    plain = [t for t in _as_list(params.get("add_tokens")) if t not in vocab]
+    special = [t for t in _as_list(params.get("add_special_tokens")) + stop_words if t not in vocab]
+    special = list(dict.fromkeys(special))
+    if plain:
+        tokenizer.add_tokens([AddedToken(t, normalized=False) for t in plain])
+    if special:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
+    added = plain + special
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return added
+
+
+def _as_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    return [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+
+
+def check_vocab(tokenizer, params: dict[str, Any], model_dir: Path | None, added: list[str]) -> None:
+    config_path = model_dir / "config.json" if model_dir else None
+    if not added or params.get("resize_vocab") or not config_path or not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    vocab_size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if vocab_size and len(tokenizer) > vocab_size:
+        raise UserError(f"the tokenizer grows to {len(tokenizer)} tokens (added {', '.join(added)}) "
+                        f"but the model's embedding holds {vocab_size}",
+                        ["set model.resize_vocab: true, or pick a template whose stop words the tokenizer has"])
+
+
+# ------------------------------------------------------------------------------ workers
+_WORK: dict[str, Any] = {}  # set before forking; read by the workers
+
+
+def _run_shard(bounds: tuple[int, int]):
+    start, end = bounds
+    return _WORK["fn"](_WORK["items"][start:end])
+
+
+def parallel_map(fn: Callable[[list], list], items: list, workers: int) -> list:
+    """fn over contiguous shards of items, in `workers` forked processes; results rejoined in order."""
+    if workers <= 1 or len(items) < 2 * workers:
+        return fn(items)
+    step = -(-len(items) // workers)
+    bounds = [(i, min(i + step, len(items))) for i in range(0, len(items), step)]
+    _WORK.update(fn=fn, items=items)
+    # The forked workers may not use the tokenizer's own threads anyway; this silences its warning.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with multiprocessing.get_context("fork").Pool(len(bounds)) as pool:
+            parts = pool.map(_run_shard, bounds)
+    finally:
+        _WORK.clear()
+    return [x for part in parts for x in part]
+
+
+# ------------------------------------------------------------------------------ building
+def pack(lengths: list[int], cutoff_len: int) -> list[list[int]]:
+    """Best-fit decreasing: sample indices grouped into rows of at most cutoff_len tokens."""
+    rows: list[list[int]] = []
+    space: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = bisect.bisect_left(space, (lengths[i], -1))
+        if k < len(space):
+            room, row = space.pop(k)
+        else:
+            room, row = cutoff_len, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        bisect.insort(space, (room - lengths[i], row))
+    return rows
+
+
+def histogram(lengths: list[int], cutoff_len: int) -> dict[str, list[int]]:
+    edges = np.linspace(0, cutoff_len, HISTOGRAM_BINS + 1).round().astype(int)
+    counts, _ = np.histogram(np.asarray(lengths, dtype=np.int64), bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def build_sft(encoded: list[ct.Encoded], cutoff_len: int, packing: bool) -> tuple[dict[str, np.ndarray], dict]:
+    kept = [e for e in encoded if (e.labels != ct.IGNORE).any()]
+    lengths = [len(e.input_ids) for e in kept]
+    rows = pack(lengths, cutoff_len) if packing else [[i] for i in range(len(kept))]
+    order = [i for row in rows for i in row]
+    arrays = {
+        "input_ids": _concat([kept[i].input_ids for i in order], np.int32),
+        "labels": _concat([kept[i].labels for i in order], np.int32),
+        "offsets": np.concatenate([[0], np.cumsum([sum(lengths[i] for i in row) for row in rows])]).astype(np.int64),
+    }
+    if packing:
+        arrays["position_ids"] = _concat([np.arange(lengths[i], dtype=np.int32) for i in order], np.int32)
+    stats = {"samples": len(encoded), "rows": len(rows), "tokens": int(sum(lengths)),
+             "trained_tokens": int((arrays["labels"] != ct.IGNORE).sum()),
+             "truncated": sum(e.truncated for e in encoded), "dropped": len(encoded) - len(kept),
+             "length_histogram": histogram(lengths, cutoff_len)}
+    return arrays, stats
+
+
+def build_pt(docs: list[np.ndarray], cutoff_len: int) -> tuple[dict[str, np.ndarray], dict]:
+    ids = _concat(docs, np.int32)
+    offsets = np.append(np.arange(0, len(ids), cutoff_len), len(ids)).astype(np.int64) if len(ids) else np.zeros(1, np.int64)
+    lengths = np.diff(offsets).tolist()
+    stats = {"samples": len(docs), "rows": len(lengths), "tokens": int(len(ids)), "trained_tokens": int(len(ids)),
+             "truncated": 0, "dropped": 0, "length_histogram": histogram(lengths, cutoff_len)}
+    return {"input_ids": ids, "labels": ids.copy(), "offsets": offsets}, stats
+
+
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, Any]) -> tuple[dict, dict]:
+    cutoff_len = int(params.get("cutoff_len") or 512)
+    workers = int(params.get("preprocessing_num_workers") or 1)
+    if (params.get("stage") or "sft") == "pt":
+        bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else ""
+        eos = tokenizer.eos_token or ""
+        texts = [bos + r["text"] + eos for r in records]
+        return build_pt(parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers), cutoff_len)
+    if records and "messages" not in records[0]:
+        raise UserError("the data artifact holds plain texts (stage: pt) but this step tokenizes conversations",
+                        ["set the train entry's stage to pt, or use a conversation dataset"])
+    encoded = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers)
+    return build_sft(encoded, cutoff_len, bool(params.get("packing")))
+
+
+def template_file(ctx: StepContext) -> Path | None:
+    if "template_file" in ctx.files:
+        return Path(ctx.files["template_file"])
+    value = ctx.params.get("template_file")
+    if not value:
+        return None
+    path = (ctx.spec_dir / value).resolve()
+    if not path.is_file():
+        raise UserError(f"template.template_file: {value}: no such file")
+    return path
+
+
+def run(ctx: StepContext) -> dict:
+    params = ctx.params
+    model_dir = Path(ctx.files["model"]) if "model" in ctx.files else None
+    tokenizer = load_tokenizer(params, model_dir or params.get("model_name_or_path"))
+    if (params.get("stage") or "sft") == "pt":  # plain text: no chat template involved
+        renderer, info = None, {"name": "none", "source": "pt", "stop_words": [], "eos_token": tokenizer.eos_token}
+    else:
+        renderer, info = ct.resolve(params, tokenizer, template_file(ctx))
+    added = add_tokens(tokenizer, params, info["stop_words"])
+    check_vocab(tokenizer, params, model_dir, added)
+    info["stop_token_ids"] = sorted({tokenizer.convert_tokens_to_ids(w) for w in info["stop_words"]}
+                                    | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+    stats: dict[str, Any] = {"template": info["name"], "stage": params.get("stage") or "sft",
+                             "cutoff_len": int(params.get("cutoff_len") or 512), "packing": bool(params.get("packing")),
+                             "vocab_size": len(tokenizer), "added_tokens": added}
+    data_dir = Path(ctx.inputs["data"])
+    for split in SPLITS:
+        arrays, split_stats = tokenize_split(read_jsonl(data_dir / f"{split}.jsonl"), tokenizer, renderer, params)
+        for name, array in arrays.items():
+            np.save(ctx.out / f"{split}.{name}.npy", array, allow_pickle=False)
+        stats[split] = split_stats
+        ctx.log.info("template: %s: %d samples → %d rows, %d tokens (%d truncated, %d dropped)", split,
+                     split_stats["samples"], split_stats["rows"], split_stats["tokens"],
+                     split_stats["truncated"], split_stats["dropped"])
+
+    # The saved tokenizer carries the template it was trained with, for exports and apply_chat_template.
+    if renderer is not None:
+        tokenizer.chat_template = renderer.to_jinja() if isinstance(renderer, ct.SlotRenderer) else info["chat_template"]
+    tokenizer.save_pretrained(ctx.out / "tokenizer")
+    _dump(ctx.out / "template.json", info)
+    _dump(ctx.out / "stats.json", stats)
+    return {k: stats[k] for k in ("template", "vocab_size")} | {
+        f"{split}_{k}": stats[split][k] for split in SPLITS for k in ("samples", "rows", "tokens")}
+
+
+def _dump(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .compiler.lockfile import output_digest, read_lock, write_lock
+from .compiler.lockfile import keys_in_lock, output_digest, read_lock, write_lock
 from .compiler.plan import Plan, Step
 from .compiler.render import render_text
 from .compiler.status import CACHED, annotate, frozen_violations
@@ -185,7 +185,7 @@ class _Runner:
                                             reason="forced" if step.id in forced else statuses[step.id].reason))
             else:
                 outcomes.append(StepOutcome(step.id, step.kind, step.key, CACHED))
-        self.console.print(Text(render_text(self.plan, statuses, commands)))
+        self.console.print(Text(render_text(self.plan, statuses, commands)), soft_wrap=True)
         return outcomes
 
     # -- the real thing ------------------------------------------------------------------------
@@ -314,3 +314,50 @@ class _Runner:
 
     def finish(self, step: Step, status: str, **fields: Any) -> None:
         self.outcomes[step.id] = StepOutcome(step.id, step.kind, step.key, status, **fields)
+
+
+# -- `tunepipe cache …`: the store seen from the command line ------------------------------------
+def cache_ls(store: Store) -> list[dict[str, Any]]:
+    """One row per committed artifact: key, step id and kind it was built as, bytes, files, created, wall_s."""
+    return [
+        {"key": e.key, "id": e.manifest.get("id"), "kind": e.manifest.get("kind"), "bytes": e.size,
+         "files": len(e.manifest.get("files", {})), "created": e.manifest.get("created"), "wall_s": e.manifest.get("wall_s")}
+        for e in store.ls()
+    ]
+
+
+def cache_verify(store: Store, evict: bool = True) -> dict[str, list[str]]:
+    """Re-hash every artifact: {key: problems} for the damaged ones, which are evicted (the next run rebuilds them)."""
+    damaged = {}
+    for entry in store.ls():
+        problems = store.verify(entry.key)
+        if problems:
+            damaged[entry.key] = problems
+            if evict:
+                store.rm(entry.key)
+    return damaged
+
+
+def cache_gc(store: Store, plan: Plan | None = None, keep_lock: bool = False) -> list[str]:
+    """Remove every artifact but those of `plan` (and, with keep_lock, those its tunepipe.lock names); returns removed keys."""
+    keep = {step.key for step in plan.steps} if plan is not None else set()
+    if keep_lock and plan is not None:
+        keep |= keys_in_lock(plan.lock_path)
+    return store.gc(keep)
+
+
+def cache_rm(store: Store, names: list[str], plan: Plan | None = None) -> list[str]:
+    """Remove artifacts named by step id (of `plan`), key, or unique key prefix; returns removed keys."""
+    keys = [e.key for e in store.ls()]
+    removed = []
+    for name in names:
+        if plan is not None and name in {s.id for s in plan.steps}:
+            matches = [plan.step(name).key]
+        else:
+            matches = [k for k in keys if k.startswith(name)]
+        if len(matches) > 1:
+            raise UserError(f"{name!r} matches {len(matches)} artifacts: give more of the key")
+        if not matches or not store.rm(matches[0]):
+            raise UserError(f"no artifact {name!r} in {store.root}")
+        removed.append(matches[0])
+    return removed

@@ -37,7 +37,8 @@ from .digest import MEMO_NAME, DigestMemo, dataset_files
 
 # Flags whose value is a local path *or* a hub id; every artifact flag of type `path` is an input too.
 PATH_OR_HUB_ID = {"model_name_or_path": "model", "adapter_name_or_path": "adapter"}
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `org/name`: one slash at most, unlike most paths
+# `org/name`: one slash at most; and `models/x` where ./models exists is a mistyped path, not a hub id.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Where the user wants a step's result copied; read only from the step's own section.
 DELIVERY_FLAGS = ("output_dir", "export_dir")
 
@@ -259,7 +260,8 @@ class _Compiler:
             item_role = role if len(values) == 1 else f"{role}.{i}"
             path = (self.plan.spec_dir / str(item)).expanduser()
             if not path.exists():
-                if flag.name in PATH_OR_HUB_ID and HUB_ID.fullmatch(str(item)):
+                first = str(item).split("/")[0]
+                if flag.name in PATH_OR_HUB_ID and HUB_ID.fullmatch(str(item)) and not (self.plan.spec_dir / first).exists():
                     digests[item_role] = {"hub": str(item)}  # a hub id: its name (and revision param) is the input
                     continue
                 raise UserError(f"{flag.section}.{flag.name}: {item}: no such file or directory (needed by step {kind})")

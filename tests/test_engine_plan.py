@@ -1,0 +1,222 @@
+"""The compiler: steps, cache keys, statuses and their reasons, renderings, the lock file. In-process, no workers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fake_stages import compile_project, make_project, read_spec, write_spec
+from tunepipe.compiler import digest as digest_module
+from tunepipe.compiler.lockfile import read_lock, write_lock
+from tunepipe.compiler.render import render
+from tunepipe.compiler.status import annotate, frozen_violations
+from tunepipe.errors import FrozenPlanError, UserError
+from tunepipe.runner import run_plan
+from tunepipe.runtime.store import Store
+
+
+def build_in_process(plan) -> None:
+    """Stand-in for a run: commit a small artifact per step and write the lock."""
+    store = Store(plan.cache_dir)
+    for step in plan.steps:
+        if not store.has(step.key):
+            tmp = store.begin(step.key)
+            (tmp / "out.txt").write_text(step.key)
+            store.commit(tmp, step.key, {"id": step.id, "kind": step.kind})
+    write_lock(plan, store)
+
+
+def keys(plan) -> dict[str, str]:
+    return {step.id: step.key for step in plan.steps}
+
+
+def stale(plan) -> dict[str, list[str]]:
+    return {i: s.reasons for i, s in annotate(plan).items() if s.state == "stale"}
+
+
+def edit(root: Path, change) -> None:
+    spec = read_spec(root)
+    change(spec)
+    write_spec(root, spec)
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = tmp_path / "project"
+    make_project(root)
+    return root
+
+
+def test_the_dag_follows_the_spec(project):
+    plan = compile_project(project)
+    assert [s.id for s in plan.steps] == ["data", "template", "train", "merge", "quantize", "export.gguf",
+                                          "verify.gguf", "export.onnx", "verify.onnx", "infer"]
+    assert plan.step("train").inputs == {"template": "template"}
+    assert plan.step("export.gguf").inputs == {"quantize": "quantize"}
+    assert plan.step("export.onnx").inputs == {"model": "merge"}
+    assert plan.step("verify.gguf").inputs == {"export": "export.gguf", "reference": "quantize"}
+    assert plan.step("infer").inputs == {"model": "merge"}
+    # params: every flag the step reads; key params: the artifact ones, path flags left to digests
+    train = plan.step("train")
+    assert train.params["logging_steps"] == 5 and "logging_steps" not in train.key_params
+    assert train.params["model_name_or_path"] == "models/tiny" and "model_name_or_path" not in train.key_params
+    assert train.key_params["learning_rate"] == 1e-3 and train.key_params["seed"] == 42
+    assert set(plan.step("template").digests) == {"model", "template_file"}
+    assert train.deliver == project / "out" / "model"
+
+
+def test_absent_sections_are_absent_steps(project):
+    edit(project, lambda s: [s.pop(k) for k in ("merge", "quantize", "export", "infer")])
+    plan = compile_project(project)
+    assert [s.id for s in plan.steps] == ["data", "template", "train"]
+
+
+def test_train_entries_chain_and_get_their_own_data(project):
+    def two_trains(spec):
+        spec["train"] = [{"name": "pretrain", "stage": "pt", "data": {"dataset": ["corpus"], "val_size": 0}},
+                         {"name": "sft", "stage": "sft"}]
+    edit(project, two_trains)
+    plan = compile_project(project)
+    ids = [s.id for s in plan.steps]
+    assert ids[:6] == ["data.pretrain", "template.pretrain", "data.sft", "template.sft", "train.pretrain", "train.sft"]
+    assert plan.step("train.pretrain").inputs == {"template": "template.pretrain"}
+    assert plan.step("train.sft").inputs == {"template": "template.sft", "base": "train.pretrain"}
+    assert plan.step("data.pretrain").digests["dataset_dir"].keys() == {"dataset_info.json", "corpus.txt"}
+    assert plan.step("merge").inputs == {"train": "train.sft"}
+    # two entries that read the same data share one data/template pair
+    edit(project, lambda s: s["train"][0].pop("data"))
+    plan = compile_project(project)
+    assert [s.id for s in plan.steps][:4] == ["data", "template", "train.pretrain", "train.sft"]
+    assert plan.step("train.sft").inputs == {"template": "template", "base": "train.pretrain"}
+
+
+def test_same_spec_and_inputs_in_two_directories_give_the_same_keys(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "somewhere" / "else" / "b"
+    make_project(a)
+    shutil.copytree(a, b)
+    (b / "models" / "tiny" / "weights.bin").touch()  # new mtime, same bytes
+    plan_a, plan_b = compile_project(a), compile_project(b)
+    assert keys(plan_a) == keys(plan_b)
+    assert plan_a.cache_dir != plan_b.cache_dir
+    json_a = json.loads(render(plan_a, annotate(plan_a), "json"))
+    assert [row["key"] for row in json_a] == [s.key for s in plan_b.steps]
+
+
+def test_changing_an_export_flag_leaves_every_upstream_step_cached(project):
+    build_in_process(compile_project(project))
+    edit(project, lambda s: s["export"][1].update(onnx_opset=18))
+    plan = compile_project(project)
+    assert stale(plan) == {"export.onnx": ["param onnx_opset: 17 → 18"], "verify.onnx": ["upstream export.onnx changed"]}
+    violations = frozen_violations(plan, read_lock(plan.lock_path))
+    assert violations == {"export.onnx": ["param onnx_opset: 17 → 18"], "verify.onnx": ["upstream export.onnx changed"]}
+    with pytest.raises(FrozenPlanError) as failure:
+        run_plan(plan, frozen=True)
+    assert failure.value.exit_code == 3
+    assert "export.onnx: param onnx_opset: 17 → 18" in failure.value.details
+
+
+def test_editing_a_dataset_file_invalidates_data_and_everything_downstream(project):
+    build_in_process(compile_project(project))
+    (project / "data" / "unrelated.json").write_text("no dataset reads this file")
+    assert stale(compile_project(project)) == {}
+    (project / "data" / "identity.json").write_text('[{"instruction": "who?", "output": "someone else"}]')
+    plan = compile_project(project)
+    reasons = stale(plan)
+    assert set(reasons) == {s.id for s in plan.steps}
+    assert reasons["data"] == ["input dataset_dir: identity.json changed"]
+    assert reasons["template"] == ["upstream data changed"]
+
+
+def test_runtime_only_flags_invalidate_nothing(project):
+    before = keys(compile_project(project))
+
+    def runtime_changes(spec):
+        spec["name"] = "renamed"
+        spec["train"][0].update(logging_steps=1, output_dir="elsewhere")
+        spec["data"]["preprocessing_num_workers"] = 8
+        spec["export"][0]["export_dir"] = "other/gguf"
+        spec["executor"] = {"kind": "torchrun"}
+        spec["train"][0]["executor"] = {"kind": "slurm"}
+
+    edit(project, runtime_changes)
+    assert keys(compile_project(project)) == before
+
+
+def test_equal_numbers_give_equal_keys(project):
+    before = keys(compile_project(project))
+    edit(project, lambda s: s["data"].update(val_size=0.1))  # same value; ints vs floats:
+    edit(project, lambda s: s["train"][0].update(learning_rate=1e-3))
+    assert keys(compile_project(project)) == before
+    edit(project, lambda s: s["train"][0].update(num_train_epochs=3))
+    three = keys(compile_project(project))
+    edit(project, lambda s: s["train"][0].update(num_train_epochs=3.0))
+    assert keys(compile_project(project)) == three
+
+
+def test_model_and_template_files_are_inputs(project):
+    build_in_process(compile_project(project))
+    (project / "models" / "tiny" / "weights.bin").write_bytes(b"retrained")
+    reasons = stale(compile_project(project))
+    assert reasons["template"] == ["input model: weights.bin changed"]
+    assert reasons["train"] == ["input model: weights.bin changed", "upstream template changed"]
+    (project / "chat.tpl").write_text("changed")
+    assert "input template_file: chat.tpl changed" in stale(compile_project(project))["template"]
+
+
+def test_a_hub_model_id_is_digested_by_name_and_a_missing_path_is_an_error(project):
+    edit(project, lambda s: s["model"].update(model_name_or_path="Qwen/Qwen2.5-0.5B"))
+    plan = compile_project(project)
+    assert plan.step("train").digests["model"] == {"hub": "Qwen/Qwen2.5-0.5B"}
+    assert "model" not in plan.step("train").files
+    edit(project, lambda s: s["model"].update(model_name_or_path="models/tinny"))
+    with pytest.raises(UserError, match="models/tinny: no such file"):
+        compile_project(project)
+
+
+def test_an_unknown_quantized_name_is_a_user_error(project):
+    edit(project, lambda s: s["export"][0].update(quantized="q4_k"))
+    with pytest.raises(UserError, match="quantized: q4_k names no quantize entry"):
+        compile_project(project)
+
+
+def test_file_digests_are_memoised_by_stat(project, monkeypatch):
+    compile_project(project)
+    hashed = []
+    real = digest_module.sha256_file
+    monkeypatch.setattr(digest_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    compile_project(project)
+    assert hashed == []
+    (project / "models" / "tiny" / "config.json").write_text('{"hidden_size": 16}')
+    compile_project(project)
+    assert hashed == ["config.json"]
+
+
+def test_renderings(project):
+    plan = compile_project(project)
+    statuses = annotate(plan)
+    text = render(plan, statuses, "text")
+    assert text.splitlines()[0] == "fake: 10 steps, 0 cached, 10 stale"
+    assert "└─ template" in text and "verify.gguf" in text and "(also after quantize)" in text
+    rows = json.loads(render(plan, statuses, "json"))
+    assert {"id", "kind", "key", "deps", "status", "reason"} <= set(rows[0])
+    assert rows[2]["deps"] == ["template"] and rows[2]["status"] == "stale"
+    assert "n0 --> n1" in render(plan, statuses, "mermaid")
+    assert '"data" -> "template";' in render(plan, statuses, "dot")
+    with pytest.raises(UserError):
+        render(plan, statuses, "svg")
+
+
+def test_the_lock_file_is_sorted_and_stable(project):
+    plan = compile_project(project)
+    build_in_process(plan)
+    text = plan.lock_path.read_text()
+    lock = json.loads(text)
+    assert list(lock["steps"]) == sorted(lock["steps"])
+    assert str(project) not in text  # no absolute paths
+    assert lock["steps"]["train"]["params"]["learning_rate"] == 1e-3
+    assert lock["steps"]["data"]["inputs"]["dataset_dir"].keys() == {"dataset_info.json", "identity.json"}
+    assert write_lock(plan, Store(plan.cache_dir)) is False  # unchanged: not rewritten
+    assert plan.lock_path.read_text() == text

@@ -1,0 +1,302 @@
+"""The runner, the worker and the local executor, with the fake stages of tests/fake_stages.py.
+
+Each step runs in its own worker process, as in real use; these tests check what a user relies on:
+cached steps never run again, failures name the step, a killed run never leaves a trusted partial
+artifact, two runs on one cache build once, and a fully cached run never imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fake_stages import HERE, compile_project, make_project, read_spec, worker_env, write_spec
+from tunepipe.errors import StepFailed, UserError
+from tunepipe.runner import cache_verify, run_plan
+from tunepipe.runtime.store import Store
+
+ALL = ["data", "template", "train", "merge", "quantize", "export.gguf", "verify.gguf", "export.onnx", "verify.onnx", "infer"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    make_project(root)
+    for name, value in worker_env({}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FAKE_BUILDS", str(tmp_path / "builds.log"))
+    return root
+
+
+def run(root: Path, **kwargs):
+    console = Console(file=io.StringIO(), width=200)
+    result = run_plan(compile_project(root), console=console, **kwargs)
+    result.output = console.file.getvalue()
+    return result
+
+
+def builds(root: Path) -> list[str]:
+    log = root.parent / "builds.log"
+    return [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def statuses(result) -> dict[str, str]:
+    return {o.id: o.status for o in result.outcomes}
+
+
+def artifact_bytes(store: Store, key: str) -> dict[str, bytes]:
+    base = store.path(key)
+    return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*"))
+            if p.is_file() and p.name not in ("manifest.json", "step.log")}
+
+
+def test_first_run_builds_second_run_is_all_cached(project):
+    first = run(project)
+    assert statuses(first) == dict.fromkeys(ALL, "built")
+    assert builds(project) == ALL
+    assert first.lock_written and (project / "tunepipe.lock").exists()
+    plan = compile_project(project)
+    store = Store(plan.cache_dir)
+    train = plan.step("train")
+    # delivered where the user asked, with the artifact's bytes; the log stays in the store
+    assert (project / "out" / "model" / "train.txt").read_bytes() == (store.path(train.key) / "train.txt").read_bytes()
+    assert "fake train running train" in (store.path(train.key) / "step.log").read_text()
+    manifest = store.manifest(train.key)
+    assert manifest["upstream"] == {"template": plan.step("template").key}
+    assert manifest["params"]["logging_steps"] == 5 and manifest["wall_s"] >= 0 and manifest["peak_rss_bytes"] > 0
+    assert manifest["versions"]["tunepipe"] and "torch" not in manifest["versions"]
+    assert first.outcomes[-1].answer.startswith("answer ")
+
+    started = time.monotonic()
+    second = run(project)
+    assert time.monotonic() - started < 1.0
+    assert statuses(second) == dict.fromkeys(ALL, "cached")
+    assert builds(project) == ALL  # no worker started
+    assert second.lock_written is False
+    assert second.outcomes[-1].answer == first.outcomes[-1].answer
+    assert second.outcomes[2].metrics == first.outcomes[2].metrics
+
+
+def test_an_export_flag_rebuilds_only_that_export_and_its_verify(project):
+    run(project)
+    spec = read_spec(project)
+    spec["export"][1]["onnx_opset"] = 18
+    write_spec(project, spec)
+    result = run(project)
+    assert [o.id for o in result.outcomes if o.status == "built"] == ["export.onnx", "verify.onnx"]
+    lock = json.loads((project / "tunepipe.lock").read_text())
+    assert lock["steps"]["export.onnx"]["params"]["onnx_opset"] == 18
+
+
+def test_a_failed_step_names_itself_with_its_exit_status_and_log(project, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "merge")
+    with pytest.raises(StepFailed) as failure:
+        run(project)
+    assert failure.value.step_id == "merge" and failure.value.returncode == 1
+    assert "fake merge is failing on purpose" in failure.value.log_tail
+    assert "RuntimeError: fake failure in merge" in failure.value.log_tail
+    assert not (project / "tunepipe.lock").exists()
+    plan = compile_project(project)
+    store = Store(plan.cache_dir)
+    assert [store.has(s.key) for s in plan.steps][:4] == [True, True, True, False]
+    assert list((store.root / "tmp").iterdir()) == []  # the failed step cleaned its temporary dir
+
+
+def test_keep_going_builds_the_other_branches(project, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "export")
+    with pytest.raises(StepFailed) as failure:
+        run(project, keep_going=True)
+    assert failure.value.step_id == "export.gguf"
+    assert "infer" in builds(project)  # a branch that does not need an export went on
+    assert "verify.gguf" not in builds(project) and "verify.onnx" not in builds(project)
+
+
+def test_until_only_force(project):
+    result = run(project, until="train")
+    assert [o.id for o in result.outcomes] == ["data", "template", "train"]
+    assert set(json.loads((project / "tunepipe.lock").read_text())["steps"]) == {"data", "template", "train"}
+    with pytest.raises(UserError, match="quantize needs merge, which is not built"):
+        run(project, only="quantize")
+    assert statuses(run(project, only="merge")) == {"merge": "built"}
+    with pytest.raises(UserError, match="did you mean merge"):
+        run(project, only="mrege")
+    before = len(builds(project))
+    result = run(project, until="merge", force="train")
+    assert statuses(result) == {"data": "cached", "template": "cached", "train": "built", "merge": "cached"}
+    assert builds(project)[before:] == ["train"]
+
+
+def test_dry_run_builds_nothing_and_shows_commands(project):
+    result = run(project, dry_run=True)
+    assert builds(project) == []
+    assert {o.status for o in result.outcomes} == {"would-build"}
+    command = result.outcomes[0].command
+    assert "-m tunepipe.runtime.worker" in command and command.endswith("STEP.json")
+    assert "$ " + command in result.output
+    assert not (project / "tunepipe.lock").exists()
+    assert not (project / ".tunepipe" / "cache" / "runs").exists()
+
+
+def test_parallel_siblings(project, monkeypatch):
+    monkeypatch.setenv("FAKE_SLOW", "export:0.1")
+    started = time.monotonic()
+    run(project, jobs=2, until=["export.gguf", "export.onnx"])
+    assert sorted(builds(project)[-2:]) == ["export.gguf", "export.onnx"]
+    assert time.monotonic() - started < 5
+
+
+def test_a_tampered_artifact_is_caught_by_verify_and_rebuilt(project):
+    run(project)
+    plan = compile_project(project)
+    store = Store(plan.cache_dir)
+    merge = plan.step("merge")
+    good = artifact_bytes(store, merge.key)
+    target = store.path(merge.key) / "merge.txt"
+    target.write_bytes(target.read_bytes().replace(b"a", b"b", 1).replace(b"0", b"1", 1))
+    assert list(cache_verify(store)) == [merge.key]
+    before = len(builds(project))
+    result = run(project)
+    assert [o.id for o in result.outcomes if o.status == "built"] == ["merge"]  # downstream keys are unchanged
+    assert builds(project)[before:] == ["merge"]
+    assert artifact_bytes(store, merge.key) == good
+
+
+def test_ctrl_c_cancels_the_running_step_cleanly(project, tmp_path):
+    env = {**os.environ, "FAKE_SLOW": "train:1"}
+    runner = subprocess.Popen([sys.executable, str(HERE / "fake_stages.py"), "run", str(project)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker_pid = wait_for_build(project, "train")
+    runner.send_signal(signal.SIGINT)
+    runner.wait(30)
+    assert runner.returncode != 0
+    assert not alive(worker_pid)
+    store = Store(compile_project(project).cache_dir)
+    assert not store.has(compile_project(project).step("train").key)
+    assert list((store.root / "tmp").iterdir()) == []  # the worker removed its temporary dir on SIGTERM
+
+
+def wait_for_build(project: Path, step_id: str, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    log = project.parent / "builds.log"
+    while time.monotonic() < deadline:
+        if log.exists():
+            for line in log.read_text().splitlines():
+                if line.split()[0] == step_id:
+                    return int(line.split()[1])
+        time.sleep(0.02)
+    raise AssertionError(f"{step_id} never started")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours would still answer: only our runner's children can be, and it is gone
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} outlived its runner"
+        time.sleep(0.05)
+
+
+def assert_nothing_untrustworthy(store: Store) -> int:
+    """Every directory at a key's place is a complete, verified artifact; returns how many there are."""
+    committed = 0
+    for shard in store.root.iterdir():
+        if len(shard.name) == 2 and shard.is_dir():
+            for artifact in shard.iterdir():
+                assert store.verify(artifact.name) == [], f"untrustworthy artifact {artifact}"
+                committed += 1
+    return committed
+
+
+def test_kill_9_at_random_moments_never_leaves_a_trusted_partial_artifact(project, tmp_path, monkeypatch):
+    rounds = int(os.environ.get("TUNEPIPE_KILL_ROUNDS", "20"))
+    rng = random.Random(int(os.environ.get("TUNEPIPE_KILL_SEED", "7")))
+    monkeypatch.setenv("FAKE_SLOW", "train:0.04,merge:0.04,export:0.02")  # artifacts written file by file
+    env = dict(os.environ)
+    store = Store(compile_project(project).cache_dir)
+    kills = {"runner": 0, "worker": 0, "both": 0}
+    for _ in range(rounds):
+        runner = subprocess.Popen([sys.executable, str(HERE / "fake_stages.py"), "run", str(project)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 1.0))
+        log = project.parent / "builds.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        worker = int(lines[-1].split()[1]) if lines else None
+        victim = rng.choice(["runner", "worker", "both"]) if worker else "runner"
+        kills[victim] += 1
+        if victim in ("worker", "both") and alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        if victim in ("runner", "both"):
+            runner.kill()
+        runner.wait(30)
+        if worker:
+            wait_gone(worker)  # a worker whose runner died must not go on
+        assert_nothing_untrustworthy(store)
+        if runner.returncode == 0:  # it finished before the kill: start over for the next round
+            shutil.rmtree(store.root)
+    assert kills["worker"] + kills["both"] > 0 and kills["runner"] + kills["both"] > 0
+
+    final = run(project)
+    assert {o.status for o in final.outcomes} <= {"built", "cached"}
+    reference = tmp_path / "reference"
+    make_project(reference)
+    reference_plan = compile_project(reference)
+    run(reference)
+    plan = compile_project(project)
+    assert [s.key for s in plan.steps] == [s.key for s in reference_plan.steps]
+    for step in plan.steps:
+        assert artifact_bytes(store, step.key) == artifact_bytes(Store(reference_plan.cache_dir), step.key), step.id
+    store.gc({s.key for s in plan.steps})
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_two_concurrent_runs_build_once(project):
+    env = {**os.environ, "FAKE_SLOW": "train:0.1,merge:0.05"}
+    command = [sys.executable, str(HERE / "fake_stages.py"), "run", str(project)]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [r.communicate(60) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outputs
+    assert sorted(builds(project)) == sorted(ALL)  # each step built by exactly one of them
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    for step_id in ALL:  # one run built it, the other waited for it and reused it
+        assert sorted(r[step_id] for r in results) == ["built", "cached"], step_id
+
+
+NO_TORCH_CHECK = """
+import sys, json
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from fake_stages import compile_project
+from tunepipe.compiler.status import annotate
+from tunepipe.compiler.render import render
+from tunepipe.runner import run_plan
+plan = compile_project(Path({root!r}))
+render(plan, annotate(plan), "text")
+result = run_plan(plan)
+heavy = sorted(m for m in ("torch", "transformers", "peft", "numpy", "datasets") if m in sys.modules)
+print(json.dumps({{"heavy": heavy, "statuses": sorted({{o.status for o in result.outcomes}})}}))
+"""
+
+
+def test_plan_and_a_fully_cached_run_never_import_torch(project):
+    run(project)
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_CHECK.format(tests=str(HERE), root=str(project))],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {"heavy": [], "statuses": ["cached"]}

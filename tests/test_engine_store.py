@@ -1,0 +1,139 @@
+"""The artifact store: atomic commits, what is trusted, verify, gc, rm, materialise. In-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunepipe.runner import cache_gc, cache_ls, cache_rm, cache_verify
+from tunepipe.errors import UserError
+from tunepipe.runtime.store import Store
+
+KEY_A = "a" * 64
+KEY_B = "b" * 64
+
+
+def commit(store: Store, key: str, files: dict[str, bytes]):
+    tmp = store.begin(key)
+    for name, data in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
+    return store.commit(tmp, key, {"id": "train", "kind": "train"})
+
+
+def test_commit_makes_a_verified_artifact_with_its_manifest(tmp_path):
+    store = Store(tmp_path / "cache")
+    assert not store.has(KEY_A)
+    path = commit(store, KEY_A, {"model/weights.bin": b"\x00" * 100, "train.json": b"{}"})
+    assert path == tmp_path / "cache" / "aa" / KEY_A
+    assert store.has(KEY_A) and store.verify(KEY_A) == []
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["key"] == KEY_A and manifest["files"]["model/weights.bin"]["size"] == 100
+    assert [e.key for e in store.ls()] == [KEY_A]
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+def test_an_uncommitted_or_manifestless_directory_is_never_trusted(tmp_path):
+    store = Store(tmp_path / "cache")
+    tmp = store.begin(KEY_A)
+    (tmp / "half.bin").write_bytes(b"partial")
+    assert not store.has(KEY_A) and store.ls() == []
+    store.path(KEY_B).mkdir(parents=True)  # a directory in the right place, without a manifest
+    (store.path(KEY_B) / "weights.bin").write_bytes(b"?")
+    assert not store.has(KEY_B) and store.ls() == []
+    (store.path(KEY_B) / "manifest.json").write_text('{"key": "' + KEY_A + '"}')  # a manifest for another key
+    assert not store.has(KEY_B)
+
+
+def test_a_second_commit_of_a_key_keeps_the_first(tmp_path):
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"x": b"first"})
+    commit(store, KEY_A, {"x": b"second"})
+    assert (store.path(KEY_A) / "x").read_bytes() == b"first"
+    tmp = store.begin(KEY_A)
+    (tmp / "x").write_bytes(b"forced")
+    store.commit(tmp, KEY_A, {}, replace=True)
+    assert (store.path(KEY_A) / "x").read_bytes() == b"forced"
+    assert store.verify(KEY_A) == []
+
+
+def test_verify_catches_tampering_and_evicts(tmp_path):
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"weights.bin": b"abcd", "config.json": b"{}"})
+    commit(store, KEY_B, {"weights.bin": b"efgh"})
+    (store.path(KEY_A) / "weights.bin").write_bytes(b"abce")  # same size: only a re-hash sees it
+    assert store.has(KEY_A)
+    assert store.verify(KEY_A) == ["weights.bin: content changed (sha256 mismatch)"]
+    (store.path(KEY_B) / "extra.txt").write_text("planted")
+    assert store.verify(KEY_B) == ["extra.txt: not in manifest"]
+    (store.path(KEY_B) / "extra.txt").unlink()
+    (store.path(KEY_B) / "weights.bin").write_bytes(b"ef")  # truncated: even `has` sees that
+    assert not store.has(KEY_B)
+    assert set(cache_verify(store)) == {KEY_A, KEY_B}
+    assert store.ls() == []
+
+
+def test_gc_keeps_what_it_is_told_and_removes_leftovers_of_dead_writers(tmp_path):
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"x": b"1"})
+    commit(store, KEY_B, {"x": b"2"})
+    store.work_dir(KEY_B)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = os.uname().nodename
+    stale_tmp = store.root / "tmp" / f"{KEY_B}.{host}.{dead.stdout.strip()}.deadbeef"
+    stale_tmp.mkdir(parents=True)
+    live_tmp = store.begin(KEY_A)  # this process is alive: its tmp must stay
+    assert store.gc({KEY_A}) == [KEY_B]
+    assert store.has(KEY_A) and not store.has(KEY_B)
+    assert not stale_tmp.exists() and live_tmp.exists()
+    assert not (store.root / "work" / KEY_B).exists()
+
+
+def test_gc_skips_a_key_being_built(tmp_path):
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"x": b"1"})
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+from filelock import FileLock
+import sys, time
+lock = FileLock({str(store.root / "locks" / f"{KEY_A}.lock")!r}); lock.acquire()
+print("locked", flush=True); time.sleep(30)"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert store.gc(set()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.gc(set()) == [KEY_A]
+
+
+def test_materialise_copies_and_skips_unchanged_files(tmp_path):
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"model/weights.bin": b"w" * 10, "step.log": b"log"})
+    dest = tmp_path / "out"
+    store.materialise(KEY_A, dest)
+    assert (dest / "model" / "weights.bin").read_bytes() == b"w" * 10
+    assert not (dest / "step.log").exists()
+    assert (dest / "model" / "weights.bin").stat().st_ino != (store.path(KEY_A) / "model" / "weights.bin").stat().st_ino
+    before = (dest / "model" / "weights.bin").stat().st_mtime_ns
+    store.materialise(KEY_A, dest)
+    assert (dest / "model" / "weights.bin").stat().st_mtime_ns == before
+    (dest / "model" / "weights.bin").write_bytes(b"edited by the user")
+    store.materialise(KEY_A, dest)
+    assert (dest / "model" / "weights.bin").read_bytes() == b"w" * 10
+    assert (store.path(KEY_A) / "model" / "weights.bin").read_bytes() == b"w" * 10
+
+
+def test_cache_commands(tmp_path):
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"x": b"12345"})
+    commit(store, KEY_B, {"x": b"1"})
+    rows = cache_ls(store)
+    assert [(r["key"], r["id"], r["bytes"]) for r in rows] == [(KEY_A, "train", 5), (KEY_B, "train", 1)]
+    assert cache_rm(store, ["bbbb"]) == [KEY_B]
+    with pytest.raises(UserError, match="no artifact"):
+        cache_rm(store, ["bbbb"])
+    assert cache_gc(store) == [KEY_A]

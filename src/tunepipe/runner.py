@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from .compiler.lockfile import keys_in_lock, output_digest, read_lock, write_lock
@@ -69,7 +67,7 @@ class _Running:
     step: Step
     executor: Executor
     handle: Any
-    lock: FileLock
+    lock: Any  # the store's FileLock for the key, held until the step ends
     task: Any
     started: float
     command: str
@@ -190,78 +188,88 @@ class _Runner:
 
     # -- the real thing ------------------------------------------------------------------------
     def run(self, steps: list[Step], forced: set[str]) -> list[StepOutcome]:
-        selected = {step.id for step in steps}
+        self.selected = {step.id for step in steps}
+        self.forced = forced
+        self.running: dict[str, _Running] = {}
+        self.waiting: set[str] = set()  # steps whose key another run is building
+        self.failures: list[StepFailed] = []
+        self.frozen_mismatches: list[str] = []
+        self.progress = None  # created when the first step starts: a fully cached run needs none
         pending = list(steps)
-        running: dict[str, _Running] = {}
-        waiting: set[str] = set()
-        failures: list[StepFailed] = []
-        frozen_mismatches: list[str] = []
-        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                            console=self.console, transient=True)
         try:
-            with progress:
-                while pending or running:
-                    for step in list(pending):
-                        if len(running) >= self.jobs:
-                            break
-                        deps = {d: self.status(d) for d in step.deps if d in selected}
-                        broken = [d for d, state in deps.items() if state in ("failed", "skipped")]
-                        if broken:
-                            pending.remove(step)
-                            self.finish(step, "skipped", reason=f"{broken[0]} did not build")
-                            continue
-                        if any(state != "done" for state in deps.values()):
-                            continue
-                        if step.id not in forced and self.store.has(step.key):
-                            pending.remove(step)
-                            self.done(step, CACHED, frozen_mismatches)
-                            continue
-                        key_lock = self.store.lock(step.key)
-                        try:
-                            key_lock.acquire(blocking=False)
-                        except Timeout:
-                            if step.id not in waiting:
-                                waiting.add(step.id)
-                                self.console.print(Text(f"{step.id}: another run is building {step.key[:12]}; waiting for it"))
-                            continue
+            while pending or self.running:
+                for step in list(pending):
+                    if len(self.running) >= self.jobs:
+                        break
+                    if self.advance(step):
                         pending.remove(step)
-                        if step.id not in forced and self.store.has(step.key):  # that other run finished it
-                            key_lock.release()
-                            self.done(step, CACHED, frozen_mismatches)
-                            continue
-                        running[step.id] = self.start(step, key_lock, progress, force=step.id in forced)
-                    for step_id, job in list(running.items()):
-                        self.stream(job)
-                        returncode = job.executor.poll(job.handle)
-                        if returncode is None:
-                            continue
-                        self.stream(job, final=True)
-                        del running[step_id]
-                        job.lock.release()
-                        progress.remove_task(job.task)
-                        wall_s = time.monotonic() - job.started
-                        if returncode == 0 and self.store.has(job.step.key):
-                            self.done(job.step, "built", frozen_mismatches, wall_s=wall_s, command=job.command)
-                            continue
-                        failure = StepFailed(step_id, returncode, self.log_tail(job))
-                        self.finish(job.step, "failed", wall_s=wall_s, command=job.command, reason=f"exit status {returncode}")
-                        self.console.print(Text(f"✗ {step_id} failed with exit status {returncode}", style="bold red"))
-                        failures.append(failure)
-                        if not self.keep_going:
-                            raise failure
-                    if running or waiting & {s.id for s in pending}:
-                        time.sleep(POLL_S)
+                for job in list(self.running.values()):
+                    self.follow(job)
+                if self.running or self.waiting:
+                    time.sleep(POLL_S)
         except BaseException:  # a failure without --keep-going, Ctrl-C, or a bug: stop everything we started
-            for job in running.values():
+            for job in self.running.values():
                 job.executor.cancel(job.handle)
                 job.lock.release()
                 self.finish(job.step, "cancelled", command=job.command)
             raise
-        if failures:
-            raise failures[0]
-        if frozen_mismatches:
-            raise FrozenPlanError("--frozen: rebuilt artifacts differ from tunepipe.lock", frozen_mismatches)
+        finally:
+            if self.progress is not None:
+                self.progress.stop()
+        if self.failures:
+            raise self.failures[0]
+        if self.frozen_mismatches:
+            raise FrozenPlanError("--frozen: rebuilt artifacts differ from tunepipe.lock", self.frozen_mismatches)
         return [self.outcomes[step.id] for step in steps]
+
+    def advance(self, step: Step) -> bool:
+        """Skip, reuse or start `step` if its dependencies allow; returns whether it left the queue."""
+        deps = {d: self.status(d) for d in step.deps if d in self.selected}
+        broken = [d for d, state in deps.items() if state in ("failed", "skipped")]
+        if broken:
+            self.finish(step, "skipped", reason=f"{broken[0]} did not build")
+            return True
+        if any(state != "done" for state in deps.values()):
+            return False
+        if step.id not in self.forced and self.store.has(step.key):
+            self.done(step, CACHED)
+            return True
+        key_lock = self.store.lock(step.key)
+        try:
+            key_lock.acquire(blocking=False)
+        except TimeoutError:  # filelock.Timeout
+            if step.id not in self.waiting:
+                self.waiting.add(step.id)
+                self.console.print(Text(f"{step.id}: another run is building {step.key[:12]}; waiting for it"))
+            return False
+        self.waiting.discard(step.id)
+        if step.id not in self.forced and self.store.has(step.key):  # the run we waited for built it
+            key_lock.release()
+            self.done(step, CACHED)
+            return True
+        self.running[step.id] = self.start(step, key_lock)
+        return True
+
+    def follow(self, job: _Running) -> None:
+        """Stream a running step's log; when it has ended, record it as built or failed."""
+        self.stream(job)
+        returncode = job.executor.poll(job.handle)
+        if returncode is None:
+            return
+        self.stream(job, final=True)
+        del self.running[job.step.id]
+        job.lock.release()
+        self.progress.remove_task(job.task)
+        wall_s = time.monotonic() - job.started
+        if returncode == 0 and self.store.has(job.step.key):
+            self.done(job.step, "built", wall_s=wall_s, command=job.command)
+            return
+        failure = StepFailed(job.step.id, returncode, self.log_tail(job))
+        self.finish(job.step, "failed", wall_s=wall_s, command=job.command, reason=f"exit status {returncode}")
+        self.console.print(Text(f"✗ {job.step.id} failed with exit status {returncode}", style="bold red"))
+        self.failures.append(failure)
+        if not self.keep_going:
+            raise failure
 
     def status(self, step_id: str) -> str | None:
         outcome = self.outcomes.get(step_id)
@@ -269,20 +277,25 @@ class _Runner:
             return None
         return "done" if outcome.status in (CACHED, "built") else outcome.status
 
-    def start(self, step: Step, key_lock: FileLock, progress: Progress, force: bool) -> _Running:
-        launch = self.prepare(step)
-        run_dir = self.store.run_dir(step.key)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        payload = step_payload(self.plan, step, self.store, launch.log_path, force)
-        (run_dir / "STEP.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
-        executor = self.executor(step)
+    def start(self, step: Step, key_lock) -> _Running:
         try:
-            handle = executor.submit(launch)
+            launch = self.prepare(step)
+            run_dir = self.store.run_dir(step.key)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            payload = step_payload(self.plan, step, self.store, launch.log_path, step.id in self.forced)
+            (run_dir / "STEP.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+            handle = self.executor(step).submit(launch)
         except BaseException:
             key_lock.release()
             raise
-        task = progress.add_task(f"{step.id} [dim]{step.key[:12]}[/dim]", total=None)
-        return _Running(step, executor, handle, key_lock, task, time.monotonic(), str(launch))
+        if self.progress is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                     console=self.console, transient=True)
+            self.progress.start()
+        task = self.progress.add_task(f"{step.id} [dim]{step.key[:12]}[/dim]", total=None)
+        return _Running(step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch))
 
     def stream(self, job: _Running, final: bool = False) -> None:
         text, job.offset = job.executor.logs(job.handle, job.offset)
@@ -296,8 +309,7 @@ class _Runner:
         text, _ = job.executor.logs(job.handle, 0)
         return "\n".join(text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:])
 
-    def done(self, step: Step, status: str, frozen_mismatches: list[str], wall_s: float | None = None,
-             command: str | None = None) -> None:
+    def done(self, step: Step, status: str, wall_s: float | None = None, command: str | None = None) -> None:
         manifest = self.store.manifest(step.key) or {}
         answer = None
         if step.kind == "infer" and (self.store.path(step.key) / "answer.txt").is_file():
@@ -307,7 +319,7 @@ class _Runner:
         if self.frozen_lock is not None:
             locked = self.frozen_lock["steps"][step.id].get("outputs", {}).get("digest")
             if locked != output_digest(manifest)["digest"]:
-                frozen_mismatches.append(f"{step.id}: output differs from tunepipe.lock (same key, different bytes)")
+                self.frozen_mismatches.append(f"{step.id}: output differs from tunepipe.lock (same key, different bytes)")
         self.finish(step, status, wall_s=wall_s, metrics=manifest.get("metrics", {}), answer=answer, command=command)
         label = "cached" if status == CACHED else f"built in {wall_s:.1f}s"
         self.console.print(Text.assemble(("✓ " if status != CACHED else "• ", "green"), f"{step.id} ", (label, "dim")))

@@ -27,9 +27,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 MANIFEST = "manifest.json"
 STEP_LOG = "step.log"  # the step's output, copied into its artifact by the worker
@@ -157,6 +158,8 @@ class Store:
     # -- writing -------------------------------------------------------------------------------
     def lock(self, key: str) -> FileLock:
         """The per-key lock a runner holds while it builds `key` (blocking by default)."""
+        from filelock import FileLock  # imported on first use: a fully cached run takes no lock
+
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / "locks" / f"{key}.lock"))
 

@@ -239,11 +239,14 @@ def resize_vocab(model, params: dict, tokenizer) -> bool:
 
 
 def linear_module_names(model) -> list[str]:
-    """Leaf names of every nn.Linear but the output head: what `lora_target: all` means."""
+    """Leaf names of every linear layer but the output head: what `lora_target: all` means.
+    (GPT-2 style models store theirs as transformers' Conv1D, a linear layer with (in, out) weights.)"""
+    from transformers.pytorch_utils import Conv1D
+
     head = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 

@@ -160,7 +160,10 @@ def _model(ctx, tokenizer, max_length: int):
         return model, {"kind": "artifact", "path": str(ctx.inputs["base"]), "resized": resized}
     source = modeling.model_source(ctx)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    # The Trainer places the model itself; an explicit map (or force_auto_device) is for one process only.
     device_map = p.get("device_map") if single and p.get("device_map") not in (None, "auto") else None
+    if single and p.get("force_auto_device"):
+        device_map = "auto"
     config = modeling.load_config(source, p)
     rows = config.vocab_size
     model = modeling.load_model(
@@ -321,6 +324,7 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
         dataloader_pin_memory=bool(p.get("dataloader_pin_memory", True)) and not use_cpu,
         remove_unused_columns=False,
         label_names=["labels"],
+        debug="tpu_metrics_debug" if p.get("tpu_metrics_debug") else "",
         ddp_timeout=int(p.get("ddp_timeout", 1800)),
         ddp_find_unused_parameters=bool(p.get("ddp_find_unused_parameters")),
         deepspeed=_config_file(ctx, "deepspeed"),
@@ -424,7 +428,9 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
         config.base_model_name_or_path = str(p.get("model_name_or_path") or base["path"])
         if isinstance(config.target_modules, set):  # its order varies per process: save it sorted
             config.target_modules = sorted(config.target_modules)
-        model.save_pretrained(out / "adapter")
+        # A grown vocabulary is saved through modules_to_save; peft's default ("auto") would look the
+        # base config up, on the Hub when the base is not a local directory.
+        model.save_pretrained(out / "adapter", save_embedding_layers=False)
         (out / "adapter" / "README.md").unlink(missing_ok=True)  # peft's model-card stub
         if p.get("plot_lora_matrix"):
             plots.plot_lora_matrix(model, out / "lora_matrix.png", out / "lora_matrix.json")

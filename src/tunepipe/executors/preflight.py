@@ -1,0 +1,190 @@
+"""Preflight: can this host run a step the way its flags ask? Checked before any step starts.
+
+Spec validation never looks at the host; this does, for each stale step, before the runner
+launches anything (so a missing package fails in a second, not after the data was tokenized).
+It stays light: packages are looked up with `importlib.util.find_spec` (nothing is imported),
+and the devices are probed in a short `python -c "import torch; ..."` subprocess, only when a
+flag needs a device answer. Each problem is one message naming the flag and what to install
+or change.
+
+The SLURM executor's devices are on the compute nodes, not here: device checks are skipped for
+it (packages are still checked: the job runs this same environment).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# Flags that need a package: (import name, pip name, the hardware it also needs).
+GPU, TPU = "a CUDA GPU", "a TPU host"
+PACKAGES = {
+    "use_unsloth": ("unsloth", "unsloth", GPU),
+    "use_unsloth_gc": ("unsloth", "unsloth", GPU),
+    "enable_liger_kernel": ("liger_kernel", "liger-kernel", GPU),
+    "mixture_of_depths": ("MoD", "mixture-of-depth", None),
+    "deepspeed": ("deepspeed", "deepspeed", None),
+    "tpu_num_cores": ("torch_xla", "torch_xla", TPU),
+    "tpu_metrics_debug": ("torch_xla", "torch_xla", TPU),
+    "use_triton": ("triton", "triton", GPU),
+    "use_exllama": ("gptqmodel", "gptqmodel", GPU),
+}
+# Flags the train stage does not implement, whatever is installed.
+UNSUPPORTED = {
+    "use_unsloth": "Unsloth's patched models are not integrated in tunepipe's train stage (transformers Trainer + peft); remove it",
+    "use_unsloth_gc": "Unsloth's gradient checkpointing is not integrated in tunepipe; use gradient_checkpointing instead",
+    "shift_attn": "LongLoRA's shifted sparse attention (S²-Attn) has no implementation for transformers 5 models; remove it, or use rope_scaling for long context",
+    "mixture_of_depths": "Mixture-of-Depths conversion is not integrated in tunepipe's train stage; remove it",
+    "quant_lora": "quantized LoRA weights are not supported by peft's trainable adapters; remove it (quantization_bit gives QLoRA)",
+}
+INFER_BACKENDS = {"vllm": "vllm", "ctransformers": "ctransformers", "llama-cpp": "llama-cpp-python", "mlc": "mlc-llm"}
+FA2 = ("flash_attn", "flash-attn")
+
+
+def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_dir: str | Path | None = None) -> list[str]:
+    """Problems that stop `step_kind` with these params from running on this host, [] if none."""
+    executor = executor or {}
+    problems: list[str] = []
+    if step_kind in ("train", "merge", "infer"):
+        problems += _missing("torch, transformers, peft and accelerate", ("torch", "transformers", "peft", "accelerate"),
+                             "pip install 'tunepipe[train]'")  # fmt: skip
+    if step_kind == "train":
+        problems += _train(params, executor, spec_dir)
+    if step_kind == "infer" and (params.get("infer_backend") or "hf") != "hf":
+        backend = params["infer_backend"]
+        problems.append(
+            f"infer_backend {backend}: tunepipe's infer stage generates with transformers (hf) only; "
+            f"use infer_backend: hf ({INFER_BACKENDS.get(backend, backend)} is not integrated)"
+        )
+    if executor.get("kind") == "torchrun" and not _installed("torch"):
+        problems.append("executor torchrun: torch is not installed (it provides torchrun): pip install torch")
+    return problems
+
+
+def _train(params: dict, executor: dict, spec_dir) -> list[str]:
+    problems = []
+    needs_gpu: list[str] = []  # flags that only run on a CUDA GPU
+
+    for flag, (module, pip_name, hardware) in PACKAGES.items():
+        if not params.get(flag) or flag in UNSUPPORTED:
+            continue
+        if not _installed(module):
+            needs = f" and needs {hardware}" if hardware else ""
+            problems.append(f"{flag}: the {pip_name} package is not installed (pip install {pip_name}){needs}")
+        elif hardware == GPU:
+            needs_gpu.append(flag)
+    for flag, reason in UNSUPPORTED.items():
+        if params.get(flag):
+            module, pip_name, _ = PACKAGES.get(flag, (None, None, None))
+            absent = f" (the {pip_name} package is not installed here either)" if module and not _installed(module) else ""
+            problems.append(f"{flag}: {reason}{absent}")
+
+    if params.get("flash_attn") == "fa2" or params.get("attn_implementation") == "flash_attention_2":
+        flag = "flash_attn: fa2" if params.get("flash_attn") == "fa2" else "attn_implementation: flash_attention_2"
+        if not _installed(FA2[0]):
+            problems.append(f"{flag}: the {FA2[1]} package is not installed (pip install {FA2[1]}) and needs a CUDA GPU; "
+                            "use sdpa or eager on this host")  # fmt: skip
+        else:
+            needs_gpu.append(flag)
+
+    if params.get("quantization_bit") is not None:
+        method = params.get("quantization_method") or "bnb"
+        if method != "bnb":
+            problems.append(f"quantization_bit: only bitsandbytes (quantization_method: bnb) quantizes while loading; "
+                            f"a {method} model is loaded already quantized, without quantization_bit")  # fmt: skip
+        elif not _installed("bitsandbytes"):
+            problems.append(f"quantization_bit {params['quantization_bit']} (QLoRA): the bitsandbytes package is not "
+                            "installed (pip install bitsandbytes) and needs a CUDA GPU")  # fmt: skip
+        else:
+            needs_gpu.append("quantization_bit")
+    if (params.get("tuner_backend") or "peft") != "peft":
+        problems.append(f"tuner_backend {params['tuner_backend']}: tunepipe trains adapters with peft only; use tuner_backend: peft")
+
+    report_to = params.get("report_to") or "none"
+    if report_to in ("tensorboard", "all") and not (_installed("tensorboard") or _installed("tensorboardX")):
+        problems.append(f"report_to {report_to}: tensorboard is not installed (pip install tensorboard)")
+    if report_to in ("wandb", "all") and not _installed("wandb"):
+        problems.append(f"report_to {report_to}: wandb is not installed (pip install wandb)")
+    if params.get("torch_compile") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        problems.append("torch_compile: no C++ compiler (g++, c++ or clang++) on PATH for torch.compile's code "
+                        "generation; install one (apt-get install g++) or remove torch_compile")  # fmt: skip
+    for flag in ("deepspeed", "fsdp_config"):
+        if params.get(flag):
+            problems += _config_file(flag, params[flag], spec_dir)
+
+    if executor.get("kind") == "slurm":
+        return problems  # the GPUs are on the compute nodes: nothing to probe here
+    device_flags = needs_gpu + [f for f in ("bf16", "fp16", "tf32") if params.get(f)]
+    gpus_wanted = executor.get("kind") == "torchrun" and int(executor.get("nproc_per_node") or 1) > 1
+    if not (device_flags or gpus_wanted or str(params.get("device_map") or "").startswith("cuda")):
+        return problems
+    device = probe_devices(executor.get("python") or sys.executable)
+    if "error" in device:
+        return problems + [f"cannot probe the devices with {executor.get('python') or sys.executable}: {device['error']}"]
+    cuda = device["cuda"] and not params.get("no_cuda")
+    where = "no_cuda is set" if device["cuda"] and params.get("no_cuda") else "no CUDA GPU in this environment"
+    for flag in needs_gpu:
+        if not cuda:
+            problems.append(f"{flag}: needs a CUDA GPU, but {where}")
+    if params.get("bf16") and cuda and not device["bf16"]:
+        problems.append(f"bf16 requested but the GPU ({device['name']}) has no bfloat16 support; use fp16")
+    if params.get("tf32") and not (cuda and (device["capability"] or [0])[0] >= 8):
+        problems.append(f"tf32 requested but TensorFloat-32 needs an NVIDIA Ampere-or-newer GPU ({where if not cuda else device['name']}); remove tf32")
+    if str(params.get("device_map") or "").startswith("cuda") and not cuda:
+        problems.append(f"device_map {params['device_map']}: {where}")
+    if gpus_wanted and cuda and device["count"] < int(executor["nproc_per_node"]):
+        problems.append(f"executor nproc_per_node {executor['nproc_per_node']}: only {device['count']} CUDA GPU(s) here "
+                        "(one process per GPU); lower nproc_per_node or set no_cuda for CPU processes")  # fmt: skip
+    return problems
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _missing(what: str, modules: tuple[str, ...], install: str) -> list[str]:
+    absent = [m for m in modules if not _installed(m)]
+    return [f"{', '.join(absent)} not installed: this step needs {what} ({install})"] if absent else []
+
+
+def _config_file(flag: str, value, spec_dir) -> list[str]:
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute() and spec_dir is not None:
+        path = Path(spec_dir) / path
+    if not path.is_file():
+        return [f"{flag}: no such file {path}"]
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{flag}: {path} is not a valid JSON file ({exc})"]
+    return []
+
+
+PROBE = (
+    "import json, torch\n"
+    "c = torch.cuda.is_available()\n"
+    "print(json.dumps({'cuda': c, 'count': torch.cuda.device_count() if c else 0,"
+    " 'bf16': bool(c and torch.cuda.is_bf16_supported()),"
+    " 'capability': list(torch.cuda.get_device_capability(0)) if c else None,"
+    " 'name': torch.cuda.get_device_name(0) if c else None}))"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def probe_devices(python: str) -> dict:
+    """CUDA availability, count, bf16 and compute capability, as the step's interpreter sees them."""
+    try:
+        done = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": str(exc)}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["torch failed to import"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])

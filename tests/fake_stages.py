@@ -6,7 +6,7 @@ builds give identical artifacts. Knobs, by environment variable:
 
     FAKE_SLOW=train:0.05      write the artifact as 5 files with that many seconds between them
     FAKE_FAIL=train           exit with an error in that kind
-    FAKE_BUILDS=/path/file    append "<step id> <pid>" each time a stage runs (to count builds)
+    FAKE_BUILDS=/path/file    append "<step id> <pid> <start time>" each time a stage runs
 
 `python tests/fake_stages.py run PROJECT [run_plan keyword=JSON ...]` compiles PROJECT/spec.json
 with the fixture catalog and runs it: the entry point of the tests that kill or race runners.
@@ -146,7 +146,7 @@ def run(ctx) -> dict:
     builds = os.environ.get("FAKE_BUILDS")
     if builds:
         with open(builds, "a") as f:
-            f.write(f"{ctx.id} {os.getpid()}\n")
+            f.write(f"{ctx.id} {os.getpid()} {time.time()}\n")
     if kind in os.environ.get("FAKE_FAIL", "").split(","):
         print(f"fake {kind} is failing on purpose", flush=True)
         raise RuntimeError(f"fake failure in {kind}")

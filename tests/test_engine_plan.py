@@ -14,7 +14,7 @@ from tunepipe.compiler.lockfile import read_lock, write_lock
 from tunepipe.compiler.render import render
 from tunepipe.compiler.status import annotate, frozen_violations
 from tunepipe.errors import FrozenPlanError, UserError
-from tunepipe.runner import run_plan
+from tunepipe.runner import cache_gc, run_plan
 from tunepipe.runtime.store import Store
 
 
@@ -220,3 +220,28 @@ def test_the_lock_file_is_sorted_and_stable(project):
     assert lock["steps"]["data"]["inputs"]["dataset_dir"].keys() == {"dataset_info.json", "identity.json"}
     assert write_lock(plan, Store(plan.cache_dir)) is False  # unchanged: not rewritten
     assert plan.lock_path.read_text() == text
+
+
+def test_frozen_also_fails_when_an_artifact_differs_from_the_lock(project):
+    plan = compile_project(project)
+    build_in_process(plan)
+    run_plan(plan, frozen=True)  # every key and output as locked: nothing to do, no error
+    store, merge = Store(plan.cache_dir), plan.step("merge")
+    store.rm(merge.key)  # rebuilt (same key) with other bytes, as a non-deterministic stage would
+    tmp = store.begin(merge.key)
+    (tmp / "out.txt").write_text("other bytes")
+    store.commit(tmp, merge.key, {"id": "merge", "kind": "merge"})
+    with pytest.raises(FrozenPlanError) as failure:
+        run_plan(plan, frozen=True)
+    assert failure.value.details == ["merge: output differs from tunepipe.lock (same key, different bytes)"]
+
+
+def test_gc_keeps_the_plan_and_optionally_the_lock(project):
+    old = compile_project(project)
+    build_in_process(old)
+    edit(project, lambda s: s["export"][1].update(onnx_opset=18))
+    new = compile_project(project)
+    build_in_process(new)  # the lock now names the new keys; the old export.onnx is only in the cache
+    store = Store(new.cache_dir)
+    assert cache_gc(store, new, keep_lock=True) == sorted([old.step("export.onnx").key, old.step("verify.onnx").key])
+    assert all(store.has(step.key) for step in new.steps)

@@ -137,6 +137,25 @@ def test_until_only_force(project):
     assert builds(project)[before:] == ["train"]
 
 
+def test_only_rank_0_commits(project, monkeypatch):
+    from tunepipe.runner import step_payload
+    from tunepipe.runtime.worker import run_step
+
+    run(project, until="template")
+    plan = compile_project(project)
+    store = Store(plan.cache_dir)
+    train = plan.step("train")
+    payload = step_payload(plan, train, store, store.run_dir(train.key) / "step.log", force=False)
+    monkeypatch.setenv("RANK", "1")
+    run_step(payload)
+    assert builds(project)[-1] == "train"  # the stage ran on rank 1 ...
+    assert not store.has(train.key)  # ... which committed nothing
+    assert list((store.root / "tmp").iterdir()) == []
+    monkeypatch.setenv("RANK", "0")
+    run_step(payload)
+    assert store.has(train.key) and store.verify(train.key) == []
+
+
 def test_dry_run_builds_nothing_and_shows_commands(project):
     result = run(project, dry_run=True)
     assert builds(project) == []
@@ -149,11 +168,15 @@ def test_dry_run_builds_nothing_and_shows_commands(project):
 
 
 def test_parallel_siblings(project, monkeypatch):
-    monkeypatch.setenv("FAKE_SLOW", "export:0.1")
-    started = time.monotonic()
+    monkeypatch.setenv("FAKE_SLOW", "export:0.2")
     run(project, jobs=2, until=["export.gguf", "export.onnx"])
-    assert sorted(builds(project)[-2:]) == ["export.gguf", "export.onnx"]
-    assert time.monotonic() - started < 5
+    plan = compile_project(project)
+    store = Store(plan.cache_dir)
+    log = (project.parent / "builds.log").read_text().splitlines()
+    started = {line.split()[0]: float(line.split()[2]) for line in log}
+    first, second = sorted(["export.gguf", "export.onnx"], key=started.get)
+    first_ends = started[first] + store.manifest(plan.step(first).key)["wall_s"]
+    assert started[second] < first_ends  # the second export started while the first was running
 
 
 def test_a_tampered_artifact_is_caught_by_verify_and_rebuilt(project):

@@ -153,6 +153,28 @@ def run_plan(
     return RunResult(plan, outcomes, time.monotonic() - started, lock_written)
 
 
+def print_summary(result: RunResult, console: Console) -> None:
+    """The end of `tunepipe run`: counts and time, each built step's metrics, the infer answer."""
+    counts = {}
+    for outcome in result.outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    parts = ", ".join(f"{n} {status}" for status, n in counts.items())
+    console.print(Text(f"{result.plan.name}: {len(result.outcomes)} steps ({parts}) in {result.wall_s:.2f}s"), soft_wrap=True)
+    for outcome in result.with_status("built"):
+        shown = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        if shown:
+            console.print(Text(f"  {outcome.id}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items())), soft_wrap=True)
+    for outcome in result.outcomes:
+        if outcome.answer is not None:
+            console.print(Text(f"{outcome.id} answered: {outcome.answer.strip()}", style="bold"), soft_wrap=True)
+    if result.lock_written:
+        console.print(Text(f"wrote {result.plan.lock_path.name}", style="dim"))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 class _Runner:
     def __init__(self, plan: Plan, store: Store, console: Console, *, jobs: int, keep_going: bool,
                  executor_override: str | None, frozen_lock: dict | None):

@@ -12,11 +12,11 @@ FORMATS = ("text", "json", "mermaid", "dot")
 
 
 def render(plan: Plan, statuses: dict[str, StepStatus], fmt: str = "text", commands: dict[str, str] | None = None) -> str:
-    """`commands` ({step id: command line}, from a dry run) are shown with each step when given."""
+    """Ends with a newline. `commands` ({step id: command line}, from a dry run) are shown with each step."""
     renderers = {"text": render_text, "json": render_json, "mermaid": render_mermaid, "dot": render_dot}
     if fmt not in renderers:
         raise UserError(f"unknown plan format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    return renderers[fmt](plan, statuses, commands or {})
+    return renderers[fmt](plan, statuses, commands or {}) + "\n"
 
 
 def render_text(plan: Plan, statuses: dict[str, StepStatus], commands: dict[str, str]) -> str:

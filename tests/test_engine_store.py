@@ -137,3 +137,20 @@ def test_cache_commands(tmp_path):
     with pytest.raises(UserError, match="no artifact"):
         cache_rm(store, ["bbbb"])
     assert cache_gc(store) == [KEY_A]
+
+
+def test_concurrent_materialise_of_one_artifact(tmp_path):
+    """Two runs of one spec deliver the same output_dir at once: neither may trip over the other."""
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"model/weights.bin": os.urandom(1 << 20)})
+    script = f"""
+from pathlib import Path
+from tunepipe.runtime.store import Store
+store, dest = Store(Path({str(store.root)!r})), Path({str(tmp_path / "out")!r})
+for _ in range(100):
+    (dest / "model" / "weights.bin").unlink(missing_ok=True)  # so that every round copies
+    store.materialise({KEY_A!r}, dest)
+"""
+    racers = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [r.communicate(60)[1] for r in racers]
+    assert [r.returncode for r in racers] == [0, 0], errors

@@ -289,7 +289,7 @@ class Store:
             except OSError:
                 pass
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.tunepipe-partial")
+            partial = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # runs may race here
             shutil.copy2(source, partial)
             os.replace(partial, target)
 

@@ -179,23 +179,21 @@ class _Compiler:
         """One data + template pair per distinct configuration; returns each train entry's template step."""
         if not trains and self.spec.get("data") is None:
             return []
-        readers = trains or [{}]
-        candidates = []  # (group signature, entry) per reader, in order
-        for entry in readers:
+        signatures = []  # per train entry: what its data and template steps would read
+        first_reader: dict[str, dict] = {}  # signature -> the first entry that reads it (names the pair)
+        for entry in trains or [{}]:
             sections = {"data": self.data_config(entry), "train": entry}
-            data_params = self.params("data", sections)
-            template_params = self.params("template", sections)
-            candidates.append((canonical_json([data_params, template_params]), entry))
-        groups = list(dict.fromkeys(signature for signature, _ in candidates))
-        group_names = _names([next(e.get("name") or e.get("stage") for s, e in candidates if s == g) for g in groups])
-        by_signature = {}
-        for signature, name in zip(groups, group_names):
-            entry = next(e for s, e in candidates if s == signature)
+            signature = canonical_json([self.params("data", sections), self.params("template", sections)])
+            signatures.append(signature)
+            first_reader.setdefault(signature, entry)
+        names = _names([entry.get("name") or entry.get("stage") for entry in first_reader.values()])
+        template_steps = {}
+        for (signature, entry), name in zip(first_reader.items(), names):
+            suffix = "" if len(first_reader) == 1 else f".{name}"
             sections = {"data": self.data_config(entry), "train": entry}
-            suffix = "" if len(groups) == 1 else f".{name}"
             data = self.add("data", "data" + suffix, sections, {}, self.spec.get("data"))
-            by_signature[signature] = self.add("template", "template" + suffix, sections, {"data": data.id}, self.spec.get("template"))
-        return [by_signature[signature] for signature, _ in candidates]
+            template_steps[signature] = self.add("template", "template" + suffix, sections, {"data": data.id}, self.spec.get("template"))
+        return [template_steps[signature] for signature in signatures]
 
     # -- one step ------------------------------------------------------------------------------
     def sections(self, extra: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,14 @@ def _list_files(root: Path) -> list[str]:
     return sorted(names)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _children(path: Path) -> list[Path]:
     return sorted(path.iterdir()) if path.is_dir() else []
 
@@ -184,13 +192,13 @@ class Store:
         An intact artifact already there is kept (another process built the same key) unless
         `replace` (a forced rebuild); a damaged one is always replaced.
         """
-        files = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-                 for name in _list_files(tmp) if name != MANIFEST}
-        manifest = {**manifest, "key": key, "files": files}
+        names = [name for name in _list_files(tmp) if name != MANIFEST]
+        files = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in names}
         with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+            json.dump({**manifest, "key": key, "files": files}, f, indent=2, sort_keys=True)
+        # On disk before the rename makes them trusted: a power cut must not leave a named, empty file.
+        for name in [*names, MANIFEST]:
+            _fsync(tmp / name)
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists() and (replace or not self.has(key)):
@@ -201,6 +209,7 @@ class Store:
             if not self.has(key):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process committed the same key first
+        _fsync(final.parent)
         return final
 
     def abort(self, tmp: Path) -> None:
@@ -222,21 +231,16 @@ class Store:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def gc(self, keep: set[str]) -> list[str]:
-        """Remove artifacts not in `keep` (skipping any being built), and leftovers of dead processes."""
+        """Remove artifacts not in `keep` and leftovers of dead processes; keys being built are skipped.
+
+        An artifact that a run in progress reads as an input is not protected: gc what no running
+        spec uses (`cache_gc` keeps the spec's plan).
+        """
         removed = []
         for entry in self.ls():
-            if entry.key in keep:
-                continue
-            lock = self.lock(entry.key)
-            try:
-                lock.acquire(blocking=False)
-            except TimeoutError:
-                continue
-            try:
+            if entry.key not in keep and not self._busy(entry.key):
                 self.rm(entry.key)
                 removed.append(entry.key)
-            finally:
-                lock.release()
         for tmp in _children(self.root / "tmp"):
             if not self._writer_alive(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -257,6 +261,7 @@ class Store:
         return _pid_alive(pid)
 
     def _busy(self, key: str) -> bool:
+        """Whether a runner holds the key's lock, i.e. is building it now."""
         lock = self.lock(key)
         try:
             lock.acquire(blocking=False)
@@ -270,8 +275,8 @@ class Store:
         """Copy an artifact's files to `dest` (the user's output_dir / export_dir).
 
         Copies, never links, so that editing a delivered file cannot corrupt the store. The step's log
-        stays in the store. A file whose
-        size and mtime already match is left alone, which keeps a fully cached run instant.
+        stays in the store. A file whose size and mtime already match is left alone, which keeps a
+        fully cached run instant. Files in `dest` that the artifact lacks are left alone too.
         """
         manifest = self.manifest(key)
         if manifest is None:

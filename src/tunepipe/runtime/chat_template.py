@@ -12,6 +12,7 @@ as trained when its last character lies in an answer segment (character offsets 
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,18 +385,16 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source, new_target
 
 
-def _labels(ids: np.ndarray, offsets: np.ndarray, segments: Segments, cutoff_len: int) -> Encoded:
-    seg_ends = np.cumsum([len(t) for t, _ in segments])
+def _assemble(ids: np.ndarray, counts: np.ndarray, segments: Segments, cutoff_len: int) -> Encoded:
+    """ids + tokens per segment → labels on the answer segments, then balanced truncation per turn."""
     trained_seg = np.array([trained for _, trained in segments], dtype=bool)
-    # turn k = the k-th answer and the prompt text before it
-    turn_seg = np.cumsum(trained_seg) - trained_seg
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    last_char = np.where(ends > starts, ends - 1, starts)
-    seg = np.minimum(np.searchsorted(seg_ends, last_char, side="right"), len(segments) - 1)
-    trained = trained_seg[seg]
+    trained = np.repeat(trained_seg, counts)
     truncated = len(ids) > cutoff_len
     if truncated:
-        group = turn_seg[seg] * 2 + trained  # (turn, prompt|answer); contiguous in token order
+        # turn k = the k-th answer and the prompt text before it; (turn, prompt|answer) groups are
+        # contiguous in token order, so each keeps its first keep_len tokens
+        turn_seg = np.cumsum(trained_seg) - trained_seg
+        group = np.repeat(turn_seg * 2 + trained_seg, counts)
         sizes = np.bincount(group, minlength=2 * (int(turn_seg.max()) + 1))
         keep_len = np.zeros_like(sizes)
         total = 0
@@ -412,33 +411,58 @@ def _labels(ids: np.ndarray, offsets: np.ndarray, segments: Segments, cutoff_len
     return Encoded(ids.astype(np.int32), labels, truncated)
 
 
-def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, batch_size: int = 512) -> list[Encoded]:
-    """Conversations → ids and labels; one tokenizer call per batch of whole conversations."""
+def _segment_counts(encoding, segments: Segments) -> list[int]:
+    """Tokens per segment: a token belongs to the segment holding its last character (so a token that
+    BPE merged across a boundary goes with the text it ends in). Found with one char→token lookup per
+    segment boundary instead of reading every token's offsets."""
+    firsts, pos = [], 0  # first token of each segment; None if it has none
+    for text, _ in segments:
+        first = None
+        for char in range(pos, pos + len(text)):  # a char no token covers (trimmed space): try the next
+            first = encoding.char_to_token(char)
+            if first is not None:
+                break
+        firsts.append(first)
+        pos += len(text)
+    bounds = [len(encoding)] * (len(segments) + 1)
+    for j in range(len(segments) - 1, 0, -1):
+        bounds[j] = bounds[j + 1] if firsts[j] is None else min(firsts[j], bounds[j + 1])
+    bounds[0] = 0
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, batch_size: int = 1024) -> list[Encoded]:
+    """Conversations → ids and labels; one tokenizer call per batch of whole conversations, and the
+    labels of a batch computed in one pass over its tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     out = []
     for b in range(0, len(records), batch_size):
         batch = records[b: b + batch_size]
         segments = [renderer.segments(r["messages"], r.get("tools")) for r in batch]
-        texts = ["".join(t for t, _ in segs) for segs in segments]
         if backend is None:
             out += [_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]
             continue
-        for segs, enc in zip(segments, backend.encode_batch(texts, add_special_tokens=False)):
-            offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
-            out.append(_labels(np.array(enc.ids, dtype=np.int64), offsets, segs, cutoff_len))
+        encodings = backend.encode_batch(["".join(t for t, _ in segs) for segs in segments], add_special_tokens=False)
+        lengths = [len(e) for e in encodings]
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, count=sum(lengths))
+        counts = [c for e, segs in zip(encodings, segments) for c in _segment_counts(e, segs)]
+        flags = np.fromiter((trained for segs in segments for _, trained in segs), bool, count=len(counts))
+        labels = np.where(np.repeat(flags, counts), ids, IGNORE).astype(np.int32)
+        start, seg = 0, 0
+        for segs, n in zip(segments, lengths):
+            if n > cutoff_len:
+                out.append(_assemble(ids[start: start + n], np.array(counts[seg: seg + len(segs)]), segs, cutoff_len))
+            else:
+                out.append(Encoded(ids[start: start + n], labels[start: start + n], False))
+            start, seg = start + n, seg + len(segs)
     return out
 
 
 def _encode_slow(tokenizer, segments: Segments, cutoff_len: int) -> Encoded:
     """Tokenizers without offsets (slow ones): encode segment by segment."""
-    ids, offsets, segs, pos = [], [], [], 0
-    for text, trained in segments:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        ids += piece
-        offsets += [(pos, pos + len(text))] * len(piece)  # every token of a segment ends inside it
-        pos += len(text)
-        segs.append((text, trained))
-    return _labels(np.array(ids, dtype=np.int64), np.array(offsets, dtype=np.int64).reshape(-1, 2), segs, cutoff_len)
+    pieces = [tokenizer(text, add_special_tokens=False)["input_ids"] if text else [] for text, _ in segments]
+    ids = np.array([i for piece in pieces for i in piece], dtype=np.int32)
+    return _assemble(ids, np.array([len(p) for p in pieces], dtype=np.int64), segments, cutoff_len)
 
 
 def encode_texts(tokenizer, texts: list[str], batch_size: int = 1024) -> list[np.ndarray]:

@@ -34,8 +34,9 @@ from tunepipe.errors import UserError
 from tunepipe.runtime import modeling
 from tunepipe.runtime.collate import LengthGroupedSampler, PadCollator, TokenizedSplit
 
-# Keys of the Trainer's log history that hold wall-clock measurements: kept out of the artifact.
-TIMING_KEYS = ("runtime", "per_second")
+# Log-history keys kept out of the artifact: wall-clock measurements, and the summary's train_loss,
+# which averages over the steps of the last session only (a resumed run would differ).
+SESSION_KEYS = ("runtime", "per_second", "train_loss")
 # Model-section flags a LoRA artifact records so that its base can be rebuilt (modeling.load_trained).
 MODEL_FLAGS = (
     "rope_scaling", "moe_aux_loss_coef", "resize_vocab", "add_tokens", "add_special_tokens",
@@ -115,11 +116,12 @@ def run(ctx) -> dict:
         if resume:
             ctx.log.info("resuming from %s", resume)
         started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
         tokens = trainer.state.num_input_tokens_seen
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         metrics.update(
-            train_loss=output.training_loss,
+            train_loss=losses[-1] if losses else None,  # the last logged one: the same after a resume
             steps=trainer.state.global_step,
             epochs=trainer.state.epoch,
             tokens=tokens,
@@ -273,7 +275,7 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(logging_dir(ctx))
     eval_strategy = p.get("evaluation_strategy") or "no"
     gc = bool(p.get("gradient_checkpointing")) and not p.get("disable_gradient_checkpointing")
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(output_dir),
         seed=seed,
         data_seed=seed,
@@ -331,6 +333,10 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
         fsdp=p.get("fsdp") or None,
         fsdp_config=_config_file(ctx, "fsdp_config"),
     )
+    try:
+        return TrainingArguments(**arguments)
+    except ValueError as exc:  # transformers' own cross-checks (fsdp options, save/eval step multiples…)
+        raise UserError(f"train step {ctx.id}: {exc}") from exc
 
 
 def logging_dir(ctx) -> Path:
@@ -450,7 +456,7 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
     state = dataclasses.asdict(trainer.state)
     state["best_model_checkpoint"] = None  # a path in the work dir, which is gone after the commit
     state["log_history"] = [
-        {k: v for k, v in entry.items() if not any(t in k for t in TIMING_KEYS)} for entry in state["log_history"]
+        {k: v for k, v in entry.items() if not any(t in k for t in SESSION_KEYS)} for entry in state["log_history"]
     ]
     (out / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

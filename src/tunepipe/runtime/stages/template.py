@@ -185,13 +185,13 @@ def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, A
     return build_sft(encoded, cutoff_len, bool(params.get("packing")))
 
 
-def template_file(ctx: StepContext) -> Path | None:
-    if "template_file" in ctx.files:
-        return Path(ctx.files["template_file"])
-    value = ctx.params.get("template_file")
+def template_file_path(params: dict[str, Any], spec_dir: Path, files: dict[str, Any]) -> Path | None:
+    if "template_file" in files:
+        return Path(files["template_file"])
+    value = params.get("template_file")
     if not value:
         return None
-    path = (ctx.spec_dir / value).resolve()
+    path = (Path(spec_dir) / value).resolve()
     if not path.is_file():
         raise UserError(f"template.template_file: {value}: no such file")
     return path
@@ -204,7 +204,7 @@ def run(ctx: StepContext) -> dict:
     if (params.get("stage") or "sft") == "pt":  # plain text: no chat template involved
         renderer, info = None, {"name": "none", "source": "pt", "stop_words": [], "eos_token": tokenizer.eos_token}
     else:
-        renderer, info = ct.resolve(params, tokenizer, template_file(ctx))
+        renderer, info = ct.resolve(params, tokenizer, template_file_path(params, ctx.spec_dir, ctx.files))
     added = add_tokens(tokenizer, params, info["stop_words"])
     check_vocab(tokenizer, params, model_dir, added)
     info["stop_token_ids"] = sorted({tokenizer.convert_tokens_to_ids(w) for w in info["stop_words"]}

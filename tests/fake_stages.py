@@ -19,33 +19,19 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from tunepipe.spec.catalog import Catalog, Flag
 
 HERE = Path(__file__).resolve().parent
 
 
 # -- the fixture catalog -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Flag:
-    name: str
-    section: str
-    type: str
-    default: object = None
-    affects: str = "artifact"
-    used_by: tuple = ()
-
-
 def _flag(name, section, type, default=None, affects="artifact", used_by=None):
-    return Flag(name, section, type, default, affects, tuple(used_by or [section]))
+    return Flag(name=name, section=section, type=type, default=default, affects=affects, used_by=tuple(used_by or [section]))
 
 
-@dataclass
-class Catalog:
-    flags: dict
-
-
-CATALOG = Catalog({f.name: f for f in [
+CATALOG = Catalog(sections={}, flags={f.name: f for f in [
     _flag("name", "pipeline", "str", affects="runtime"),
     _flag("seed", "pipeline", "int", 42, used_by=["data", "template", "train"]),
     _flag("model_name_or_path", "model", "str", used_by=["template", "train", "merge", "infer"]),

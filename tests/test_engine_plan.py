@@ -209,6 +209,13 @@ def test_renderings(project):
         render(plan, statuses, "svg")
 
 
+def test_a_corrupt_lock_file_is_a_user_error(project):
+    plan = compile_project(project)
+    plan.lock_path.write_text("{not json")
+    with pytest.raises(UserError, match="tunepipe.lock: not a valid lock file"):
+        annotate(plan)
+
+
 def test_the_lock_file_is_sorted_and_stable(project):
     plan = compile_project(project)
     build_in_process(plan)

@@ -30,6 +30,7 @@ DEFAULT_COLUMNS = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": None,
                "system": None, "tools": None},
     "sharegpt": {"messages": "conversations", "system": None, "tools": None},
+    "openai": {"messages": "messages", "system": None, "tools": None},
 }
 DEFAULT_TAGS = {
     "sharegpt": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -93,14 +94,13 @@ def resolve(name: str, dataset_dir: Path, info: dict[str, Any], params: dict[str
         attr = DatasetAttr(name=name, path=path, formatting=_sniff_format(path))
     else:
         attr = _from_entry(name, entry, dataset_dir)
-    fmt = "alpaca" if attr.formatting == "alpaca" else "sharegpt"
-    attr.columns = {**DEFAULT_COLUMNS[fmt], **attr.columns}
-    if fmt == "sharegpt":
+    attr.columns = {**DEFAULT_COLUMNS[attr.formatting], **attr.columns}
+    if attr.formatting != "alpaca":
         attr.tags = {**DEFAULT_TAGS[attr.formatting], **attr.tags}
     # A column flag set to something other than its default overrides the registry's mapping.
     for flag, column in COLUMN_FLAGS.items():
         value = params.get(flag)
-        if value and value != COLUMN_FLAG_DEFAULTS[flag] and fmt == "alpaca":
+        if value and value != COLUMN_FLAG_DEFAULTS[flag] and attr.formatting == "alpaca":
             attr.columns[column] = value
     return attr
 
@@ -213,8 +213,9 @@ def _column(row: dict[str, Any], attr: DatasetAttr, key: str, required: bool = F
         return None
     if column not in row:
         if required:
+            flag = f" or set data.{key}_column" if f"{key}_column" in COLUMN_FLAGS else ""
             raise UserError(f"dataset {attr.name!r}: column {column!r} ({key}) is missing; it has {', '.join(sorted(row))}",
-                            [f"map the right column in dataset_info.json (\"columns\": {{\"{key}\": ...}}) or set {key}_column"])
+                            [f"map the right column in dataset_info.json (\"columns\": {{\"{key}\": ...}}){flag}"])
         return None
     return row[column]
 

@@ -125,6 +125,61 @@ def schema(
         typer.echo(text, nl=False)
 
 
+class PlanFormat(str, Enum):
+    text = "text"
+    json = "json"
+    mermaid = "mermaid"
+    dot = "dot"
+
+
+def compile_spec(spec: Path, ctx: typer.Context, sets: list[str]):
+    from .compiler.plan import compile_plan
+
+    resolved = load(spec, ctx, sets)
+    return compile_plan(resolved.data, resolved.path)
+
+
+@app.command(context_settings=OVERRIDES)
+def plan(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="text tree, json, mermaid or dot."),
+) -> None:
+    """Show the DAG of steps, each cached or stale — and why, compared with tunepipe.lock."""
+    from .compiler.render import render
+    from .compiler.status import annotate
+
+    compiled = compile_spec(spec, ctx, sets)
+    typer.echo(render(compiled, annotate(compiled), fmt.value), nl=False)
+
+
+@app.command(context_settings=OVERRIDES)
+def run(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan and the exact commands; run nothing."),
+    frozen: bool = typer.Option(False, "--frozen", help="CI: exit 3 if any step differs from tunepipe.lock."),
+    force: list[str] = typer.Option([], "--force", help="Rebuild this step (id or kind), or 'all'."),
+    until: Optional[str] = typer.Option(None, "--until", help="Build this step and what it needs, nothing after."),
+    only: Optional[str] = typer.Option(None, "--only", help="Build only this step (its inputs must be cached)."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="After a failure, finish the independent steps."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Independent steps to run at once."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Run every step with this executor kind."),
+) -> None:
+    """Build what is stale, reuse what is cached, write tunepipe.lock."""
+    from .runner import print_summary, run_plan
+
+    compiled = compile_spec(spec, ctx, sets)
+    console = _console(stderr=True)
+    result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
+                      keep_going=keep_going, jobs=jobs, executor_override=executor, console=console)
+    print_summary(result, console)
+    if result.with_status("failed"):
+        raise typer.Exit(1)
+
+
 class FlagsFormat(str, Enum):
     table = "table"
     json = "json"
@@ -169,6 +224,118 @@ def flags(
         table.add_row(name, flag.section, describe_type(flag), repr(flag.default) if flag.default is not None else "—",
                       "key" if flag.affects == "artifact" else "", f"{flag.en}\n[dim]{flag.zh}[/]")
     _console().print(table)
+
+
+@app.command()
+def templates() -> None:
+    """List the built-in chat templates."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .runtime.template_registry import list_templates
+
+    rows = list_templates()
+    table = Table(title=f"{len(rows)} templates (template: NAME; template_file: PATH for your own)")
+    for column in ("name", "mirrors", "stop words", "default system", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        cells = (row["name"], row["mirrors"] or "", ", ".join(row["stop_words"]),
+                 (row["default_system"] or "")[:60], row["description"])
+        table.add_row(*map(Text, cells))  # Text: template strings like [/INST] are not rich markup
+    _console().print(table)
+
+
+@app.command(context_settings=OVERRIDES)
+def preview(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    n: int = typer.Option(3, "-n", min=1, help="Samples to show per dataset."),
+) -> None:
+    """Show the first training samples as the model sees them: trained tokens vs masked ones."""
+    from .runtime.preview import preview as show
+
+    resolved = load(spec, ctx, sets)
+    show(resolved.data, resolved.spec_dir, n, _console())
+
+
+def _store_and_plan(spec: Optional[Path], cache: Optional[Path]):
+    """The store a cache command works on: --cache, else the spec's, else ./.tunepipe/cache."""
+    from .runtime.store import Store, default_cache_dir
+
+    plan_ = None
+    if spec is not None:
+        from .compiler.plan import compile_plan
+        from .spec import load_spec
+
+        resolved = load_spec(spec)
+        plan_ = compile_plan(resolved.data, resolved.path, cache_dir=cache)
+        return Store(plan_.cache_dir), plan_
+    return Store(cache.resolve() if cache else default_cache_dir(Path.cwd())), plan_
+
+
+SPEC_OPT = typer.Option(None, "--spec", "-s", help="Use this spec's cache (and step ids).")
+CACHE_OPT = typer.Option(None, "--cache", help="The cache directory (default: $TUNEPIPE_CACHE or ./.tunepipe/cache).")
+
+
+@cache_app.command("ls")
+def cache_ls(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_OPT,
+             fmt: FlagsFormat = typer.Option(FlagsFormat.table, "--format", "-f")) -> None:
+    """List the artifacts in the store."""
+    from . import runner
+
+    store, _ = _store_and_plan(spec, cache)
+    rows = runner.cache_ls(store)
+    if fmt == FlagsFormat.json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{store.root}: {len(rows)} artifacts")
+    for column in ("key", "step", "kind", "files", "MB", "built", "wall s"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["key"][:12], str(row["id"]), str(row["kind"]), str(row["files"]), f"{row['bytes'] / 1e6:.2f}",
+                      str(row["created"] or ""), f"{row['wall_s']:.1f}" if row["wall_s"] is not None else "")
+    _console().print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_OPT) -> None:
+    """Re-hash every artifact; damaged ones are removed (the next run rebuilds them). Exit 1 if any was damaged."""
+    from . import runner
+
+    store, _ = _store_and_plan(spec, cache)
+    damaged = runner.cache_verify(store)
+    for key, problems in damaged.items():
+        typer.echo(f"{key[:12]}: damaged, removed: {'; '.join(problems)}", err=True)
+    count = len(runner.cache_ls(store))
+    typer.echo(f"{count} artifacts verified, {len(damaged)} damaged")
+    if damaged:
+        raise typer.Exit(1)
+
+
+@cache_app.command("gc")
+def cache_gc(spec: Path = typer.Argument(..., help="Keep this spec's artifacts, remove the rest."),
+             keep_lock: bool = typer.Option(False, "--keep-lock", help="Also keep what tunepipe.lock names."),
+             cache: Optional[Path] = CACHE_OPT) -> None:
+    """Remove every artifact the spec's current plan does not use."""
+    from . import runner
+
+    store, plan_ = _store_and_plan(spec, cache)
+    removed = runner.cache_gc(store, plan_, keep_lock=keep_lock)
+    typer.echo(f"removed {len(removed)} artifacts from {store.root}")
+
+
+@cache_app.command("rm")
+def cache_rm(names: list[str] = typer.Argument(..., help="Step ids (with --spec), keys or key prefixes."),
+             spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_OPT) -> None:
+    """Remove artifacts from the store."""
+    from . import runner
+
+    store, plan_ = _store_and_plan(spec, cache)
+    for key in runner.cache_rm(store, names, plan_):
+        typer.echo(f"removed {key[:12]}")
 
 
 def main() -> None:

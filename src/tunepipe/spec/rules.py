@@ -7,6 +7,7 @@ where the user wrote that key (file:line:col or the CLI override).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -164,6 +165,18 @@ def train_stages_need_data(ctx: RuleContext) -> None:
             ctx.error(where, "training needs a dataset: add data: {dataset: NAME, dataset_dir: DIR}")
 
 
+def template_known(ctx: RuleContext) -> None:
+    from ..runtime.template_registry import template_names  # light: reads templates.yaml
+
+    template = ctx.data.get("template") or {}
+    name = template.get("template")
+    if name and not template.get("template_file") and name not in template_names():
+        close = difflib.get_close_matches(name, template_names(), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        ctx.error(("template", "template"), f"unknown template {name!r}: {hint}see `tunepipe templates`, "
+                  "or use template_file for your own")
+
+
 def input_files_exist(ctx: RuleContext) -> None:
     """Files the spec names must exist now, not hours into a run. Paths are relative to the spec."""
     base = ctx.spec.spec_dir
@@ -205,6 +218,7 @@ RULES: list[Callable[[RuleContext], None]] = [
     max_steps_override_epochs,
     export_needs_format,
     train_stages_need_data,
+    template_known,
     input_files_exist,
 ]
 

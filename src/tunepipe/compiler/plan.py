@@ -231,6 +231,11 @@ class _Compiler:
                     self.digest_input(kind, flag, role, value, params, files, digests)
                 continue
             key_params[flag.name] = value
+        executor = {**(self.spec.get("executor") or {}), **(own.get("executor") or {})}
+        if kind == "train":
+            # Executor flags are runtime, but the number of processes sets the global batch size and
+            # so the weights: the world size is part of a train step's key.
+            key_params["world_size"] = world_size(executor)
         upstream = {role: self.plan.step(dep).key for role, dep in inputs.items()}
         version = STAGE_VERSIONS[kind]
         material = {"kind": kind, "stage_version": version, "params": key_params, "upstream": upstream, "inputs": digests}
@@ -245,7 +250,7 @@ class _Compiler:
             files=files,
             digests=digests,
             upstream=upstream,
-            executor={**(self.spec.get("executor") or {}), **(own.get("executor") or {})},
+            executor=executor,
             stage_version=version,
             deliver=self.delivery(kind, own),
         )
@@ -289,6 +294,12 @@ class _Compiler:
                 return step, entry
         known = ", ".join(quantize_steps) or "none"
         raise UserError(f"{step_id}: quantized: {name} names no quantize entry (known: {known})")
+
+
+def world_size(executor: dict[str, Any]) -> int:
+    if executor.get("kind", "local") == "local":
+        return 1
+    return int(executor.get("nproc_per_node") or 1) * int(executor.get("nnodes") or 1)
 
 
 def _normalise(flag, value: Any) -> Any:

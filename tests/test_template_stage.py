@@ -1,0 +1,236 @@
+"""The template stage on the bundled tiny-llama tokenizer: artifact contents, workers, packing, pt blocks,
+template files (and their sandbox), errors, the light registry, and `tunepipe preview`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from tunepipe.errors import UserError  # noqa: E402
+from tunepipe.runtime import chat_template as ct  # noqa: E402
+from tunepipe.runtime import template_registry  # noqa: E402
+from tunepipe.runtime.context import StepContext  # noqa: E402
+from tunepipe.runtime.stages import data, template  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+MODEL = EXAMPLES / "models" / "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Data artifacts built once: sft (identity + tiny_chat, 10% val) and pt (tiny_corpus)."""
+    dirs = {}
+    for name, datasets, stage in (("sft", ["identity", "tiny_chat"], "sft"), ("pt", ["tiny_corpus"], "pt")):
+        out = tmp_path_factory.mktemp(f"data-{name}")
+        ctx = StepContext(id="data", kind="data", key="k", params={"dataset": datasets, "val_size": 0.1, "stage": stage},
+                          inputs={}, files={"dataset_dir": EXAMPLES / "data"}, seed=42, spec_dir=EXAMPLES, out=out,
+                          work=out / "work", log=logging.getLogger("test"))
+        data.run(ctx)
+        dirs[name] = out
+    return dirs
+
+
+def run_template(tmp_path: Path, data_dir: Path, files: dict | None = None, **params) -> Path:
+    out = tmp_path / f"tpl-{len(list(tmp_path.glob('tpl-*')))}"
+    out.mkdir()
+    params = {"template": "chatml", "cutoff_len": 128, "stage": "sft", **params}
+    ctx = StepContext(id="template", kind="template", key="k", params=params, inputs={"data": data_dir},
+                      files={"model": MODEL, **(files or {})}, seed=42, spec_dir=tmp_path, out=out, work=out / "work",
+                      log=logging.getLogger("test"))
+    template.run(ctx)
+    return out
+
+
+def load(out: Path, split: str = "train") -> dict[str, np.ndarray]:
+    return {p.name.split(".")[1]: np.load(p) for p in out.glob(f"{split}.*.npy")}
+
+
+def samples(arrays: dict[str, np.ndarray]) -> list[tuple[tuple, tuple]]:
+    """(ids, labels) per sample; packed rows are split where the position ids restart."""
+    ids, labels = arrays["input_ids"], arrays["labels"]
+    if "position_ids" in arrays:
+        starts = list(np.flatnonzero(arrays["position_ids"] == 0)) + [len(ids)]
+    else:
+        starts = arrays["offsets"].tolist()
+    return [(tuple(ids[a:b].tolist()), tuple(labels[a:b].tolist())) for a, b in zip(starts, starts[1:])]
+
+
+def digest(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and "work" not in p.parts}
+
+
+def test_artifact_layout_and_labels(tmp_path, data_dirs):
+    out = run_template(tmp_path, data_dirs["sft"])
+    stats = json.loads((out / "stats.json").read_text())
+    train = load(out)
+    assert set(train) == {"input_ids", "labels", "offsets"}
+    assert train["input_ids"].dtype == np.int32 and train["labels"].dtype == np.int32 and train["offsets"].dtype == np.int64
+    assert stats["train"]["samples"] == 62 and stats["val"]["samples"] == 7
+    assert train["offsets"][-1] == len(train["input_ids"]) == stats["train"]["tokens"]
+    assert int((train["labels"] != -100).sum()) == stats["train"]["trained_tokens"]
+    assert sum(stats["train"]["length_histogram"]["counts"]) == stats["train"]["rows"]
+    # the first identity sample, token by token: only the answer and its <|im_end|>\n are trained
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    ids, labels = samples(train)[0]
+    assert tok.decode(ids) == ("<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
+                               "I am TinyPipe, a tiny model trained by tunepipe.<|im_end|>\n")
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "I am TinyPipe, a tiny model trained by tunepipe.<|im_end|>\n"
+    info = json.loads((out / "template.json").read_text())
+    assert info["name"] == "chatml" and info["stop_words"] == ["<|im_end|>"] and info["eos_token"] == "<|endoftext|>"
+    assert info["stop_token_ids"] == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
+    # inference prompts the way training rendered, through the saved tokenizer and its chat template
+    messages = [{"role": "user", "content": "Who are you?"}]
+    prompt = ct.encode_prompt(tok, info, messages)
+    assert prompt == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert tok.decode(prompt) == "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_one_or_two_workers_give_the_same_bytes(tmp_path, data_dirs):
+    for name, extra in (("sft", {}), ("sft", {"packing": True}), ("pt", {"stage": "pt"})):
+        one = run_template(tmp_path, data_dirs[name], preprocessing_num_workers=1, **extra)
+        two = run_template(tmp_path, data_dirs[name], preprocessing_num_workers=2, **extra)
+        assert digest(one) == digest(two)
+
+
+def test_packing_fills_rows_and_restarts_positions(tmp_path, data_dirs):
+    plain = load(run_template(tmp_path, data_dirs["sft"], cutoff_len=64))
+    packed = load(run_template(tmp_path, data_dirs["sft"], cutoff_len=64, packing=True))
+    rows = np.diff(packed["offsets"])
+    assert rows.max() <= 64 and len(rows) < len(np.diff(plain["offsets"]))
+    assert np.array_equal(packed["input_ids"].size, plain["input_ids"].size)
+    # position ids count 0.. within every packed sample, and every row starts a sample
+    pos = packed["position_ids"]
+    assert all(pos[a] == 0 for a in packed["offsets"][:-1])
+    starts = np.flatnonzero(pos == 0)
+    for a, b in zip(starts, list(starts[1:]) + [len(pos)]):
+        assert pos[a:b].tolist() == list(range(b - a))
+    # the same samples, ids and labels, only regrouped
+    assert sorted(samples(packed)) == sorted(samples(plain))
+
+
+def test_truncation_respects_cutoff_and_is_counted(tmp_path, data_dirs):
+    out = run_template(tmp_path, data_dirs["sft"], cutoff_len=24)
+    train, stats = load(out), json.loads((out / "stats.json").read_text())["train"]
+    assert np.diff(train["offsets"]).max() <= 24
+    assert stats["truncated"] > 0
+    assert all(any(label != -100 for label in labels) for _, labels in samples(train))
+
+
+def test_pt_concatenates_with_eos_and_cuts_blocks(tmp_path, data_dirs):
+    out = run_template(tmp_path, data_dirs["pt"], stage="pt", cutoff_len=100)
+    train = load(out)
+    blocks = np.diff(train["offsets"])
+    assert (blocks[:-1] == 100).all() and 0 < blocks[-1] <= 100
+    assert np.array_equal(train["labels"], train["input_ids"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    texts = [json.loads(line)["text"] for line in (data_dirs["pt"] / "train.jsonl").read_text().splitlines()]
+    assert tok.decode(train["input_ids"][:200]).startswith(texts[0] + "<|endoftext|>" + texts[1] + "<|endoftext|>")
+
+
+def test_auto_uses_the_tokenizers_chat_template(tmp_path, data_dirs):
+    auto = run_template(tmp_path, data_dirs["sft"], template="auto")
+    chatml = run_template(tmp_path, data_dirs["sft"], template="chatml")
+    for name in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(load(auto)[name], load(chatml)[name])
+
+
+def test_default_system_and_completion(tmp_path, data_dirs):
+    from transformers import AutoTokenizer
+
+    out = run_template(tmp_path, data_dirs["sft"], template="qwen", default_system="You are TinyPipe.")
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    ids, _ = samples(load(out))[0]
+    assert tok.decode(ids).startswith("<|im_start|>system\nYou are TinyPipe.<|im_end|>\n<|im_start|>user\nWho are you?")
+    out = run_template(tmp_path, data_dirs["sft"], template_type="completion")
+    ids, labels = samples(load(out))[0]
+    assert tok.decode(ids) == "Who are you?I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+
+
+def test_template_files_yaml_and_jinja(tmp_path, data_dirs):
+    from transformers import AutoTokenizer
+
+    slots = tmp_path / "mine.yaml"
+    slots.write_text('user: "Q: {{content}}\\n"\nassistant_header: "A:"\nassistant: " {{content}}{{eos_token}}\\n"\n')
+    out = run_template(tmp_path, data_dirs["sft"], files={"template_file": slots}, template="auto")
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    ids, labels = samples(load(out))[0]
+    assert tok.decode(ids) == "Q: Who are you?\nA: I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>\n"
+    assert json.loads((out / "template.json").read_text())["name"] == "mine"
+
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text("{% for m in messages %}{% if m['role'] == 'user' %}<<{{ m['content'] }}>>{% else %}"
+                     "{{ m['content'] + eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{% endif %}")
+    out = run_template(tmp_path, data_dirs["sft"], files={"template_file": jinja})
+    ids, labels = samples(load(out))[0]
+    assert tok.decode(ids) == "<<Who are you?>>I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+
+
+def test_sandbox_stops_templates_reaching_python_internals(tmp_path, data_dirs):
+    evil = tmp_path / "evil.jinja"
+    evil.write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError, match="evil.jinja: the template tried to reach Python internals"):
+        run_template(tmp_path, data_dirs["sft"], files={"template_file": evil})
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m['content'] }")
+    with pytest.raises(UserError, match="broken.jinja:2: Jinja syntax error"):
+        run_template(tmp_path, data_dirs["sft"], files={"template_file": broken})
+    bad_keys = tmp_path / "bad.yaml"
+    bad_keys.write_text("usr: '{{content}}'\n")
+    with pytest.raises(UserError, match="unknown template keys usr"):
+        run_template(tmp_path, data_dirs["sft"], files={"template_file": bad_keys})
+
+
+def test_template_errors(tmp_path, data_dirs):
+    with pytest.raises(UserError, match="unknown template 'chatgpt'") as err:
+        run_template(tmp_path, data_dirs["sft"], template="chatgpt")
+    assert "qwen" in " ".join(err.value.details)
+    # llama3's stop word is not in tiny-llama's vocabulary: adding it needs a bigger embedding
+    with pytest.raises(UserError, match="grows to 1418 tokens .added <.eot_id.>. but the model's embedding holds 1417") as err:
+        run_template(tmp_path, data_dirs["sft"], template="llama3")
+    assert "resize_vocab" in " ".join(err.value.details)
+    out = run_template(tmp_path, data_dirs["sft"], template="llama3", resize_vocab=True)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["added_tokens"] == ["<|eot_id|>"] and stats["vocab_size"] == 1418
+
+
+def test_registry_is_light_and_listed():
+    code = ("import sys; from tunepipe.runtime import template_registry as r; rows = r.list_templates(); "
+            "print(len(rows), 'torch' in sys.modules, 'transformers' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) >= 21 and out[1:] == ["False", "False", "False"]
+    rows = {r["name"]: r for r in template_registry.list_templates()}
+    assert rows["qwen"]["default_system"].startswith("You are Qwen") and rows["llama3"]["stop_words"] == ["<|eot_id|>"]
+    assert "auto" in template_registry.template_names() and "chatml" in template_registry.template_names()
+
+
+def test_preview_shows_trained_and_masked_tokens():
+    from rich.console import Console
+
+    from tunepipe.runtime.preview import preview
+    from tunepipe.spec import load_spec
+
+    spec = load_spec(EXAMPLES / "quickstart.yaml")
+    buffer = io.StringIO()
+    preview(spec.data, EXAMPLES, 2, Console(file=buffer, no_color=True, width=120))
+    text = buffer.getvalue()
+    assert "template.sft · template chatml · sample 1 of" in text
+    assert "<|im_start|>user↵\nWho are you?<|im_end|>↵\n<|im_start|>assistant↵\n⟦I am TinyPipe" in text
+    assert "trained by tunepipe.<|im_end|>↵\n⟧" in text

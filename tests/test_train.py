@@ -109,7 +109,7 @@ def test_none_trains_nothing_and_keeps_the_model(tmp_path, pretrained, data):
 
 def test_pretrain_from_scratch_then_sft_continues_it(tmp_path):
     """A spec with two train steps: pt (full, from a config only) then sft (LoRA) on its model."""
-    corpus = tokenized(tmp_path / "pt-data", objective="pt", n=48, packed=128)
+    corpus = tokenized(tmp_path / "pt-data", objective="pt", n=48, packed=128)  # rows of 128 tokens
     chat = tokenized(tmp_path / "sft-data", n=16)
     from test_train_support import TINY
 

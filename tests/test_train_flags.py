@@ -237,9 +237,7 @@ def test_added_tokens_resize_the_vocabulary(tmp_path, pretrained):
 
 
 def test_resized_vocabulary_trains_and_reloads_with_lora(tmp_path, pretrained):
-    tokenizer = modeling.load_tokenizer(pretrained, {"add_special_tokens": ["<|tool|>"]})
-    tokenizer.save_pretrained(tmp_path / "tok")
-    data = tokenized(tmp_path / "data", tmp_path / "tok", n=8)
+    data = tokenized(tmp_path / "data", pretrained, n=8, add_special_tokens=["<|tool|>"], resize_vocab=True)
     out, _ = run_train(tmp_path, pretrained, data, resize_vocab=True, max_steps=2)
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     # the grown embedding and head train in full (modules_to_save) and are saved with the adapter

@@ -17,14 +17,6 @@ from tunepipe.runtime.context import StepContext
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "models" / "tiny-llama"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-TEMPLATE = {
-    "name": "chatml",
-    "stop_words": ["<|im_end|>"],
-    "eos": "<|im_end|>",
-    "system": None,
-    "format_user": "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-    "format_assistant": "{content}<|im_end|>\n",
-}
 QA = [
     ("Who are you?", "I am TinyPipe, a tiny model trained by tunepipe."),
     ("What is 2 plus 3?", "2 plus 3 is 5."),
@@ -55,56 +47,36 @@ def tiny_model(directory: Path, seed: int = 0, **config_overrides) -> Path:
     return directory
 
 
-def tokenized(directory: Path, model_dir: Path = TINY, *, objective: str = "sft", n: int = 24,
-              val: int = 0, packed: int | None = None) -> Path:  # fmt: skip
-    """A template artifact: sft = the QA conversations with prompt tokens masked; pt = plain
-    text lines of examples/data/tiny_corpus.jsonl; packed = rows of that many tokens with
-    position_ids reset at each sample."""
-    from transformers import AutoTokenizer
+def tokenized(directory: Path, model_dir: Path = TINY, *, objective: str = "sft", n: int = 24, val: int = 0,
+              packed: int | None = None, **template_flags) -> Path:  # fmt: skip
+    """A template artifact, made by the template stage itself: sft = the QA conversations in chatml
+    (prompt tokens masked); pt = lines of examples/data/tiny_corpus.jsonl in rows of `packed` (or
+    512) tokens; `packed` with sft = conversations packed into rows of that many tokens."""
+    from tunepipe.runtime.stages import template
+    from tunepipe.spec.catalog import load_catalog
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = []
     if objective == "sft":
-        for i in range(n + val):
-            q, a = QA[i % len(QA)]
-            prompt = tokenizer(TEMPLATE["format_user"].format(content=q))["input_ids"]
-            answer = tokenizer(TEMPLATE["format_assistant"].format(content=a))["input_ids"]
-            samples.append((prompt + answer, [-100] * len(prompt) + answer))
+        records = [
+            {"messages": [{"role": "user", "content": QA[i % len(QA)][0]},
+                          {"role": "assistant", "content": QA[i % len(QA)][1]}], "tools": None}
+            for i in range(n + val)
+        ]  # fmt: skip
     else:
         lines = (REPO / "examples" / "data" / "tiny_corpus.jsonl").read_text().splitlines()
-        for line in lines[: n + val]:
-            ids = tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id]
-            samples.append((ids, list(ids)))
+        records = [{"text": json.loads(line)["text"]} for line in lines[: n + val]]
+    raw = directory.parent / f"{directory.name}-records"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", records[:n]), ("val", records[n:])):
+        (raw / f"{split}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    params = {f.name: f.default for f in load_catalog().flags.values() if "template" in f.used_by}
+    params.update(template="chatml", stage=objective, packing=bool(packed and objective == "sft"),
+                  cutoff_len=packed or 512, **template_flags)  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
-    splits = {"train": samples[:n], "val": samples[n:]}
-    for split, rows in splits.items():
-        positions = None
-        if packed:
-            rows, positions = _pack(rows, packed)
-        ids = np.array([t for r in rows for t in r[0]], dtype=np.int32)
-        labels = np.array([t for r in rows for t in r[1]], dtype=np.int32)
-        offsets = np.cumsum([0] + [len(r[0]) for r in rows]).astype(np.int64)
-        np.save(directory / f"{split}.input_ids.npy", ids)
-        np.save(directory / f"{split}.labels.npy", labels)
-        np.save(directory / f"{split}.offsets.npy", offsets)
-        if positions is not None:
-            np.save(directory / f"{split}.position_ids.npy", np.array(positions, dtype=np.int32))
-    tokenizer.save_pretrained(directory / "tokenizer")
-    (directory / "template.json").write_text(json.dumps(TEMPLATE))
+    ctx = StepContext(id="template", kind="template", key="1" * 64, params=params, inputs={"data": raw},
+                      files={"model": Path(model_dir)}, seed=42, spec_dir=directory.parent, out=directory,
+                      work=raw, log=logging.getLogger("template"))  # fmt: skip
+    template.run(ctx)
     return directory
-
-
-def _pack(rows, width):
-    """Greedy packing into rows of at most `width` tokens: (rows, flat position_ids)."""
-    packed, positions = [], []
-    for ids, labels in rows:
-        ids, labels = ids[:width], labels[:width]
-        if not packed or len(packed[-1][0]) + len(ids) > width:
-            packed.append(([], []))
-        packed[-1][0].extend(ids)
-        packed[-1][1].extend(labels)
-        positions.extend(range(len(ids)))
-    return packed, positions
 
 
 def train_params(**overrides) -> dict:
@@ -172,18 +144,19 @@ def test_packed_rows_keep_samples_apart(tmp_path):
     and a sample's first token is never a target predicted from the previous sample."""
     from tunepipe.runtime.collate import PadCollator, TokenizedSplit
 
-    data = tokenized(tmp_path / "data", objective="pt", n=12, packed=64)
-    split = TokenizedSplit(data, "train", "pt")
+    data = tokenized(tmp_path / "data", n=12, packed=96)
+    split = TokenizedSplit(data, "train", "sft")
     item = split[0]
     starts = np.flatnonzero(item["position_ids"] == 0)
-    assert len(starts) >= 2  # several samples in the row
+    assert len(starts) >= 2  # several conversations in the row
     assert (item["labels"][starts] == -100).all()
     batch = PadCollator(0)([split[0], split[len(split) - 1]])
     assert "attention_mask" not in batch
     width = batch["input_ids"].shape[1]
     short = len(split[len(split) - 1]["input_ids"])
-    if short < width:  # the padding tail is its own block, starting at position 0
-        assert batch["position_ids"][1, short].item() == 0
+    assert short < width  # the last row is not full: its padding tail is its own block from position 0
+    assert batch["position_ids"][1, short:].tolist() == list(range(width - short))
+    assert (batch["labels"][1, short:] == -100).all()
 
 
 def test_length_grouped_order_depends_only_on_seed_and_epoch():

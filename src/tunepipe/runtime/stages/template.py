@@ -50,7 +50,6 @@ def add_tokens(tokenizer, params: dict[str, Any], stop_words: list[str]) -> list
     from tokenizers import AddedToken
 
     vocab = tokenizer.get_vocab()
-    added = []
     plain = [t for t in _as_list(params.get("add_tokens")) if t not in vocab]
     special = [t for t in _as_list(params.get("add_special_tokens")) + stop_words if t not in vocab]
     special = list(dict.fromkeys(special))
@@ -58,10 +57,9 @@ def add_tokens(tokenizer, params: dict[str, Any], stop_words: list[str]) -> list
         tokenizer.add_tokens([AddedToken(t, normalized=False) for t in plain])
     if special:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
-    added = plain + special
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return added
+    return plain + special
 
 
 def _as_list(value: Any) -> list[str]:

@@ -137,6 +137,8 @@ def run_plan(
     else:
         selected = [s.id for s in plan.steps]
     forced = set(selected) if force in ("all", ["all"]) else set(select_steps(plan, force))
+    # overwrite_cache (a runtime flag: it never changes the bytes) forces the data stages to rebuild.
+    forced |= {s.id for s in plan.steps if s.id in selected and s.params.get("overwrite_cache")}
     for step_id in selected:
         for dep in plan.step(step_id).deps:
             if dep not in selected and not store.has(plan.step(dep).key):

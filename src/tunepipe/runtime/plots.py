@@ -48,11 +48,13 @@ def plot_loss(log_history: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def _ema(values, weight: float = 0.9) -> list[float]:
-    out, last = [], values[0]
-    for v in values:
+def _ema(values) -> list[float]:
+    """TensorBoard's debiased exponential moving average: no lag towards the first value."""
+    weight = 0.8 if len(values) < 100 else 0.95
+    out, last = [], 0.0
+    for i, v in enumerate(values, start=1):
         last = weight * last + (1 - weight) * v
-        out.append(last)
+        out.append(last / (1 - weight**i))
     return out
 
 
@@ -91,9 +93,10 @@ def _layer_index(name: str) -> int | None:
 
 
 def plot_lora_matrix(peft_model, png: Path, summary: Path) -> dict:
-    """lora_matrix.png: top, ‖ΔW‖/‖W‖ per layer × module on a log scale (dead adapters are
-    blank-dark cells, exploding ones bright, both named in the title); below, the ΔW heatmap
-    of each module kind at the layer where it moved most. lora_matrix.json holds the numbers."""
+    """lora_matrix.png: top, ‖ΔW‖/‖W‖ per layer × module on a log colour scale spanning this
+    model's range, so a lagging or runaway layer stands out; cells below DEAD read "dead", above
+    EXPLODING carry a "!", and the title counts both. Below, the ΔW heatmap of each module kind
+    at the layer where it moved most. lora_matrix.json holds the numbers."""
     rows = lora_updates(peft_model)
     kinds = sorted({r["kind"] for r in rows})
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None}) or [None]
@@ -127,7 +130,7 @@ def plot_lora_matrix(peft_model, png: Path, summary: Path) -> dict:
         ax = fig.add_subplot(2, ncols, ncols + k + 1)
         delta = _downsample(best["delta"])
         limit = float(np.abs(delta).max()) or 1.0
-        ax.imshow(delta, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.imshow(delta, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
         ax.set_title(f"ΔW {kind}, layer {best['layer']}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -144,7 +147,7 @@ def plot_lora_matrix(peft_model, png: Path, summary: Path) -> dict:
     return report
 
 
-def _downsample(delta: torch.Tensor, size: int = 128) -> np.ndarray:
+def _downsample(delta: torch.Tensor, size: int = 64) -> np.ndarray:
     """Block-average a big ΔW to at most size×size cells so the heatmap stays readable."""
     rows, cols = delta.shape
     fr, fc = math.ceil(rows / size), math.ceil(cols / size)

@@ -115,6 +115,7 @@ def run(ctx) -> dict:
         resume = last_checkpoint(checkpoints)
         if resume:
             ctx.log.info("resuming from %s", resume)
+        before = json.loads((Path(resume) / "trainer_state.json").read_text())["num_input_tokens_seen"] if resume else 0
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
@@ -126,7 +127,7 @@ def run(ctx) -> dict:
             epochs=trainer.state.epoch,
             tokens=tokens,
         )
-        timings = {"train_runtime_s": seconds, "tokens_per_s": tokens / seconds if seconds else None}
+        timings = {"train_runtime_s": seconds, "tokens_per_s": (tokens - before) / seconds if seconds else None}
     else:
         timings = {}
     if eval_set is not None:

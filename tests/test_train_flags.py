@@ -122,6 +122,40 @@ def test_bf16_autocast_with_upcast_layernorm_and_reentrant_checkpointing(tmp_pat
     assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
 
 
+def test_fp16_autocast_trains_on_cpu(tmp_path, pretrained, data):
+    out, metrics = run_train(tmp_path, pretrained, data, fp16=True, max_steps=2)
+    assert math.isfinite(metrics["train_loss"])
+    model = load(pretrained, fp16=True)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float16  # frozen weights in half
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, pretrained, data):
+    ctx = make_ctx(tmp_path, train_params(save_steps=1, save_total_limit=2, max_steps=4), data=data, model=pretrained)
+    train.run(ctx)
+    assert sorted(p.name for p in (ctx.work / "trainer").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    assert not any("checkpoint" in p.as_posix() for p in ctx.out.rglob("*"))  # never in the artifact
+
+
+def test_lora_all_and_fan_in_fan_out_on_conv1d_layers(tmp_path, data):
+    """GPT-2 keeps its linear layers as Conv1D with (in, out) weights: `all` covers them and
+    lora_fan_in_fan_out is how peft must read them."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=1417, n_positions=512, eos_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TINY / name, tmp_path / "gpt2" / name)
+    out, _ = run_train(tmp_path, tmp_path / "gpt2", data, lora_fan_in_fan_out=True, max_steps=2)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    assert config["target_modules"] == ["c_attn", "c_fc", "c_proj"]
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (8, 32)
+    assert adapter["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 8)
+
+
 def test_early_stopping_and_best_model(tmp_path, pretrained, data):
     """Eval every step; an impossible improvement threshold stops training after `patience` evals
     without improvement; greater_is_better picks the highest eval loss as the best."""

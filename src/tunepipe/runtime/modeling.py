@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +303,3 @@ def merge_adapter(model, path: str):
 
     return PeftModel.from_pretrained(model, path).merge_and_unload()
 
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

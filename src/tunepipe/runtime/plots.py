@@ -64,12 +64,12 @@ def lora_updates(peft_model) -> list[dict]:
     for name, module in peft_model.named_modules():
         if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
             continue
-        a = module.lora_A["default"].weight.detach().float()
-        b = module.lora_B["default"].weight.detach().float()
+        a = module.lora_A["default"].weight.detach().float().cpu()
+        b = module.lora_B["default"].weight.detach().float().cpu()
         delta = module.scaling["default"] * (b @ a)
         if getattr(module, "fan_in_fan_out", False):
             delta = delta.T
-        weight = module.get_base_layer().weight.detach().float()
+        weight = module.get_base_layer().weight.detach().float().cpu()
         rows.append(
             {
                 "module": name.removeprefix("base_model.model."),

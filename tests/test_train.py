@@ -90,6 +90,16 @@ def test_freeze_trains_exactly_the_top_layers_and_the_head(tmp_path, pretrained,
         run_train(tmp_path, pretrained, data, step_id="three", finetuning_type="freeze", freeze_trainable_layers=3)
 
 
+def test_freeze_trains_a_tied_head(tmp_path, data):
+    """With tie_word_embeddings the head is the input embedding matrix: training the head trains it."""
+    tied = tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    before = weights(tied)
+    out, _ = run_train(tmp_path, tied, data, finetuning_type="freeze", freeze_trainable_layers=1, max_steps=2)
+    assert changed(before, weights(out / "model")) == {
+        k for k in before if k.startswith("model.layers.1.") or k == "model.embed_tokens.weight"
+    }
+
+
 def test_full_trains_every_tensor(tmp_path, pretrained, data):
     before = weights(pretrained)
     out, metrics = run_train(tmp_path, pretrained, data, finetuning_type="full", max_steps=3)

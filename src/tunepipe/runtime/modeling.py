@@ -259,12 +259,12 @@ def decoder_layers(model) -> tuple[str, int]:
     raise UserError(f"cannot find the decoder layers of model type {model.config.model_type} for freeze tuning")
 
 
-def head_prefix(model) -> str:
-    head = model.get_output_embeddings()
-    for name, module in model.named_modules():
-        if module is head:
+def module_name(model, module) -> str:
+    """The dotted name of `module` inside `model` (e.g. the output head: "lm_head")."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
             return name
-    raise UserError("the model has no output head")
+    raise UserError(f"{type(module).__name__} is not part of this {model.config.model_type} model")
 
 
 # ---------------------------------------------------------------- trained artifacts

@@ -229,8 +229,8 @@ def _lora(model, p: dict, adapters: list[str], resized: bool):
         raise UserError(f"lora_target: no module named {', '.join(missing)} in this model (linear layers: {', '.join(linear)})")
     modules_to_save = None
     if resized:  # new token rows must train and be saved with the adapter
-        embed = modeling.head_prefix(model), _module_name(model, model.get_input_embeddings())
-        modules_to_save = sorted({name.rsplit(".", 1)[-1] for name in embed})
+        layers = model.get_input_embeddings(), model.get_output_embeddings()
+        modules_to_save = sorted({modeling.module_name(model, m).rsplit(".", 1)[-1] for m in layers})
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=int(p.get("lora_rank", 8)),
@@ -244,18 +244,16 @@ def _lora(model, p: dict, adapters: list[str], resized: bool):
     return get_peft_model(model, config)
 
 
-def _module_name(model, module) -> str:
-    return next(name for name, m in model.named_modules() if m is module)
-
-
 def _freeze(model, layers: int) -> None:
     """Train only the top `layers` decoder layers and the output head."""
     prefix, total = modeling.decoder_layers(model)
     if not 1 <= layers <= total:
         raise UserError(f"freeze_trainable_layers must be between 1 and {total} (the model's layers), got {layers}")
-    trainable = tuple(f"{prefix}.{i}." for i in range(total - layers, total)) + (modeling.head_prefix(model) + ".",)
+    top = tuple(f"{prefix}.{i}." for i in range(total - layers, total))
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(trainable))
+        param.requires_grad_(name.startswith(top))
+    # By module, not name: a head tied to the input embeddings is listed under their name only.
+    model.get_output_embeddings().requires_grad_(True)
 
 
 # ---------------------------------------------------------------- trainer

@@ -62,7 +62,8 @@ def test_missing_package_or_hardware_is_named(host, flags, expected):
 def test_what_works_on_this_cpu_host_passes(host):
     """The flags the train tests exercise on CPU (bf16/fp16 autocast, torch.compile, tensorboard,
     2-process torchrun) raise nothing."""
-    for flags in ({}, {"bf16": True}, {"fp16": True}, {"torch_compile": True}, {"report_to": "tensorboard"},
+    host["missing"].add("wandb")
+    for flags in ({}, {"bf16": True}, {"fp16": True}, {"torch_compile": True}, {"report_to": "tensorboard"}, {"report_to": "all"},
                   {"finetuning_type": "lora", "gradient_checkpointing": True}, {"flash_attn": "sdpa"}):  # fmt: skip
         assert preflight("train", flags, {"kind": "local"}) == [], flags
     assert preflight("train", {}, {"kind": "torchrun", "nproc_per_node": 2}) == []

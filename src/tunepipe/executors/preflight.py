@@ -105,11 +105,11 @@ def _train(params: dict, executor: dict, spec_dir) -> list[str]:
     if (params.get("tuner_backend") or "peft") != "peft":
         problems.append(f"tuner_backend {params['tuner_backend']}: tunepipe trains adapters with peft only; use tuner_backend: peft")
 
-    report_to = params.get("report_to") or "none"
-    if report_to in ("tensorboard", "all") and not (_installed("tensorboard") or _installed("tensorboardX")):
-        problems.append(f"report_to {report_to}: tensorboard is not installed (pip install tensorboard)")
-    if report_to in ("wandb", "all") and not _installed("wandb"):
-        problems.append(f"report_to {report_to}: wandb is not installed (pip install wandb)")
+    report_to = params.get("report_to") or "none"  # `all` means every tracker that is installed: nothing to check
+    if report_to == "tensorboard" and not (_installed("tensorboard") or _installed("tensorboardX")):
+        problems.append("report_to tensorboard: tensorboard is not installed (pip install tensorboard)")
+    if report_to == "wandb" and not _installed("wandb"):
+        problems.append("report_to wandb: wandb is not installed (pip install wandb)")
     if params.get("torch_compile") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         problems.append("torch_compile: no C++ compiler (g++, c++ or clang++) on PATH for torch.compile's code "
                         "generation; install one (apt-get install g++) or remove torch_compile")  # fmt: skip

@@ -40,7 +40,7 @@ SESSION_KEYS = ("runtime", "per_second", "train_loss")
 # Model-section flags a LoRA artifact records so that its base can be rebuilt (modeling.load_trained).
 MODEL_FLAGS = (
     "rope_scaling", "moe_aux_loss_coef", "resize_vocab", "add_tokens", "add_special_tokens",
-    "use_cache", "trust_remote_code", "model_revision", "cache_dir", "use_safetensors", "strict_dtype",
+    "use_cache", "trust_remote_code", "model_revision", "use_safetensors", "strict_dtype",
     "bf16", "fp16",
 )  # fmt: skip
 

@@ -147,12 +147,27 @@ def run_plan(
     runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going, executor_override=executor_override,
                      frozen_lock=lock if frozen else None)
     steps = [plan.step(step_id) for step_id in selected]
+    check_preflight([s for s in steps if s.id in forced or not store.has(s.key)], plan, executor_override)
     if dry_run:
         outcomes = runner.dry_run(steps, annotate(plan, store, lock), forced)
         return RunResult(plan, outcomes, time.monotonic() - started)
     outcomes = runner.run(steps, forced)
     lock_written = False if frozen else write_lock(plan, store)
     return RunResult(plan, outcomes, time.monotonic() - started, lock_written)
+
+
+def check_preflight(steps: list[Step], plan: Plan, executor_override: str | None) -> None:
+    """Host and stack problems of every step about to run, all at once, before any of them starts."""
+    if not steps:
+        return
+    from .executors.preflight import preflight
+
+    problems = []
+    for step in steps:
+        executor = {**step.executor, **({"kind": executor_override} if executor_override else {})}
+        problems += [f"{step.id}: {problem}" for problem in preflight(step.kind, step.params, executor, plan.spec_dir)]
+    if problems:
+        raise UserError(f"preflight: {len(problems)} problem(s) on this host; nothing was run", problems)
 
 
 def print_summary(result: RunResult, console: Console) -> None:

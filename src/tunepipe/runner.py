@@ -171,21 +171,38 @@ def check_preflight(steps: list[Step], plan: Plan, executor_override: str | None
 
 
 def print_summary(result: RunResult, console: Console) -> None:
-    """The end of `tunepipe run`: counts and time, each built step's metrics, the infer answer."""
-    counts = {}
+    """The end of `tunepipe run`: counts and time; per model-producing step its loss and where it is; the answer."""
+    counts: dict[str, int] = {}
     for outcome in result.outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     parts = ", ".join(f"{n} {status}" for status, n in counts.items())
-    console.print(Text(f"{result.plan.name}: {len(result.outcomes)} steps ({parts}) in {result.wall_s:.2f}s"), soft_wrap=True)
-    for outcome in result.with_status("built"):
-        shown = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-        if shown:
-            console.print(Text(f"  {outcome.id}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items())), soft_wrap=True)
+    console.print(Text(f"\n{result.plan.name}: {len(result.outcomes)} steps ({parts}) in {result.wall_s:.2f}s", style="bold"))
+    store = Store(result.plan.cache_dir)
+    for outcome in result.outcomes:
+        if outcome.kind in ("data", "template", "infer") or outcome.status not in ("built", CACHED):
+            continue
+        m = outcome.metrics
+        found = [" ".join(str(m[k]) for k in ("finetuning_type", "stage") if m.get(k))]
+        found += [f"train loss {_short(m['train_loss'])}"] if "train_loss" in m else []
+        found += [f"eval loss {_short(m['eval_loss'])}"] if "eval_loss" in m else []
+        found += [f"{m['steps']} steps"] if "steps" in m else []
+        path = store.path(outcome.key)
+        pictures = ", ".join(p.name for p in sorted(path.glob("*.png")))
+        console.print(Text.assemble(f"  {outcome.id}: ", (" · ".join(f for f in found if f), "bold")))
+        console.print(Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True)
     for outcome in result.outcomes:
         if outcome.answer is not None:
-            console.print(Text(f"{outcome.id} answered: {outcome.answer.strip()}", style="bold"), soft_wrap=True)
+            prompt = result.plan.step(outcome.id).params.get("prompt")
+            console.print(Text.assemble(("\n> ", "dim"), (str(prompt), "bold"), "\n", (outcome.answer.strip(), "bold green")))
     if result.lock_written:
-        console.print(Text(f"wrote {result.plan.lock_path.name}", style="dim"))
+        console.print(Text(f"wrote {_relative(result.plan.lock_path)}", style="dim"))
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _short(value: Any) -> str:

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ from .. import __version__
 from ..errors import UserError
 from .context import StepContext
 from .store import STEP_LOG, Store
+
+# peft calls a transformers API that transformers 5 deprecates; the warning says nothing to a user.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # Recorded in the manifest when the stage imported them (the worker never imports them itself).
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors",

@@ -287,8 +287,8 @@ def load_trained(artifact: Path, params: dict | None = None, **model_kwargs):
         raise UserError(f"{artifact} holds neither model/ nor adapter/: not a trained model")
     base = info["base"]
     flags = {**info.get("model_flags", {}), **(params or {})}
-    if base["kind"] == "artifact":
-        model, _ = load_trained(Path(base["path"]), flags, **model_kwargs)
+    if base["kind"] == "artifact":  # a sibling in the same store: <root>/<key[:2]>/<key>
+        model, _ = load_trained(artifact.parent.parent / base["key"][:2] / base["key"], flags, **model_kwargs)
         apply_model_flags(model, flags, tokenizer)
     else:
         path = str(artifact / base["path"]) if base["kind"] == "own" else base["path"]

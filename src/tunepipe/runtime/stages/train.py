@@ -160,7 +160,8 @@ def _model(ctx, tokenizer, max_length: int):
         rows = model.get_input_embeddings().weight.shape[0]
         modeling.apply_model_flags(model, p, tokenizer)
         resized = model.get_input_embeddings().weight.shape[0] != rows
-        return model, {"kind": "artifact", "path": str(ctx.inputs["base"]), "resized": resized}
+        # The upstream artifact by key, not by path: the same spec gives the same bytes in any checkout.
+        return model, {"kind": "artifact", "key": Path(ctx.inputs["base"]).name, "resized": resized}
     source = modeling.model_source(ctx)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     # The Trainer places the model itself; an explicit map (or force_auto_device) is for one process only.
@@ -430,7 +431,7 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
     if isinstance(model, PeftModel):
         # A stable base name instead of an absolute path: the same spec gives the same bytes anywhere.
         config = model.peft_config["default"]
-        config.base_model_name_or_path = str(p.get("model_name_or_path") or base["path"])
+        config.base_model_name_or_path = str(p.get("model_name_or_path") or base.get("path") or base.get("key"))
         if isinstance(config.target_modules, set):  # its order varies per process: save it sorted
             config.target_modules = sorted(config.target_modules)
         # A grown vocabulary is saved through modules_to_save; peft's default ("auto") would look the

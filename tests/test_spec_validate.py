@@ -181,6 +181,7 @@ RULE_CASES = [
     ("export_needs_format", "export: [{format: gguf, quantized: q2}]\n", "export.quantized: names no quantize target"),
     ("train_stages_need_data", "", "training needs a dataset"),
     ("input_files_exist", "  deepspeed: ds_missing.json\n", "train.deepspeed: ds_missing.json: no such file"),
+    ("datasets_known", "", "data.dataset: unknown dataset 'identty': did you mean identity?"),
     ("template_known", "", "template.template: unknown template 'chatm': did you mean chatml?"),
 ]
 
@@ -199,6 +200,8 @@ def _rule_spec(rule: str, extra: str) -> str:
         spec = spec.replace("finetuning_type: lora", "finetuning_type: full\n  lora_rank: 4")
     if rule == "merge_needs_lora":
         spec = spec.replace("finetuning_type: lora", "finetuning_type: full") + "merge: {}\n"
+    if rule == "datasets_known":
+        spec = spec.replace("dataset: identity", "dataset: identty")
     if rule == "template_known":
         spec = spec.replace("template: chatml", "template: chatm")
     if rule == "train_stages_need_data":

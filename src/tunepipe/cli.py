@@ -354,7 +354,7 @@ def main() -> None:
         err = _console(stderr=True)
         err.print(f"[bold red]step {exc.step_id} failed[/] (exit status {exc.returncode}); last lines of its log:")
         err.print(exc.log_tail, markup=False)
-        sys.exit(exc.exit_code)
+        sys.exit(2 if exc.returncode == 2 else exc.exit_code)  # a stage's user error (bad input) stays exit 2
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/]")
         sys.exit(130)

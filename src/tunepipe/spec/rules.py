@@ -8,6 +8,7 @@ where the user wrote that key (file:line:col or the CLI override).
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -165,6 +166,29 @@ def train_stages_need_data(ctx: RuleContext) -> None:
             ctx.error(where, "training needs a dataset: add data: {dataset: NAME, dataset_dir: DIR}")
 
 
+def datasets_known(ctx: RuleContext) -> None:
+    """Each dataset is an entry of dataset_info.json or a file inside dataset_dir (LLaMA-Factory's rule)."""
+    top = ctx.data.get("data") or {}
+    configs = [(("data", "dataset"), top)] if top else []
+    configs += [((*prefix, "data", "dataset"), {**top, **entry["data"]})
+                for prefix, entry in ctx.train_entries() if entry.get("data", {}).get("dataset")]
+    for path, config in configs:
+        base = ctx.spec.spec_dir / (config.get("dataset_dir") or "")  # unset: the spec's own directory
+        if not base.is_dir():
+            continue  # input_files_exist reports the directory
+        try:
+            registry = json.loads((base / "dataset_info.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            registry = {}
+        for name in config.get("dataset") or []:
+            if name in registry or (base / name).exists():
+                continue
+            close = difflib.get_close_matches(name, list(registry), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            ctx.error(path, f"unknown dataset {name!r}: {hint}not in {base / 'dataset_info.json'} "
+                      f"and no such file in {base}")
+
+
 def template_known(ctx: RuleContext) -> None:
     from ..runtime.template_registry import template_names  # light: reads templates.yaml
 
@@ -218,6 +242,7 @@ RULES: list[Callable[[RuleContext], None]] = [
     max_steps_override_epochs,
     export_needs_format,
     train_stages_need_data,
+    datasets_known,
     template_known,
     input_files_exist,
 ]

@@ -142,11 +142,14 @@ def _sniff_format(path: Path) -> str:
 def _first_record(path: Path) -> Any:
     if path.is_dir() or path.suffix not in (".json", ".jsonl"):
         return None
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            line = f.readline()
-            return json.loads(line) if line.strip() else None
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                line = f.readline()
+                return json.loads(line) if line.strip() else None
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
     return data[0] if isinstance(data, list) and data else None
 
 

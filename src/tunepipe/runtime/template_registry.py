@@ -9,7 +9,7 @@ import functools
 from importlib import resources
 from typing import Any
 
-from ruamel.yaml import YAML
+import yaml
 
 # Every slot a template may define, and its default.
 SLOTS: dict[str, Any] = {
@@ -27,7 +27,7 @@ AUTO = "auto"
 @functools.lru_cache(maxsize=1)
 def _registry() -> dict[str, dict[str, Any]]:
     text = resources.files("tunepipe.runtime").joinpath("templates.yaml").read_text(encoding="utf-8")
-    data = YAML(typ="safe", pure=True).load(text)
+    data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C loader: validate stays fast
     return {name: dict(entry) for name, entry in data.items()}
 
 

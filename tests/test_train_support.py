@@ -4,6 +4,8 @@ Also the tests of the data plumbing (collate.py) that the training tests build o
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 import shutil
@@ -96,7 +98,9 @@ def train_params(**overrides) -> dict:
 
 def make_ctx(tmp: Path, params: dict, *, data: Path, model: Path | None = None, base: Path | None = None,
              step_id: str = "train", kind: str = "train") -> StepContext:  # fmt: skip
-    out, work = tmp / f"out-{step_id}", tmp / f"work-{step_id}"
+    # Artifacts sit where the store puts them (<root>/<key[:2]>/<key>): train.json names a base by key.
+    key = hashlib.sha256(step_id.encode()).hexdigest()
+    out, work = tmp / "store" / key[:2] / key, tmp / f"work-{step_id}"
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     inputs = {"template": data} if data is not None else {}
@@ -104,7 +108,7 @@ def make_ctx(tmp: Path, params: dict, *, data: Path, model: Path | None = None, 
         inputs["base"] = base
     files = {"model": model} if model is not None else {}
     return StepContext(
-        id=step_id, kind=kind, key="0" * 64, params=params, inputs=inputs, files=files,
+        id=step_id, kind=kind, key=key, params=params, inputs=inputs, files=files,
         seed=int(params.get("seed", 42)), spec_dir=tmp, out=out, work=work, log=logging.getLogger("test"),
     )  # fmt: skip
 

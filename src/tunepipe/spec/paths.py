@@ -1,0 +1,27 @@
+"""How a path written in a spec is found: the one rule validate, the compiler and the stages share.
+
+Relative paths are relative to the spec's directory; `~` is expanded first. A model or adapter
+value that does not exist locally may be a hub id (`org/name`), unless its first folder exists
+beside the spec — then it is a mistyped local path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# `org/name`: one slash at most.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def resolve(spec_dir: Path, value: str | Path) -> Path:
+    """The absolute path a spec value names (it may not exist)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(spec_dir) / path
+
+
+def is_hub_id(spec_dir: Path, value: str) -> bool:
+    """True when `value` does not exist locally and reads as a hub id rather than a mistyped path."""
+    if resolve(spec_dir, value).exists() or not HUB_ID.fullmatch(value):
+        return False
+    return not resolve(spec_dir, value.split("/")[0]).exists()

@@ -78,7 +78,7 @@ def load(spec: Path, ctx: typer.Context, sets: list[str]):
     if resolved.warnings:
         err = _console(stderr=True)
         for warning in resolved.warnings:
-            err.print(f"[yellow]{warning}[/]", markup=True)
+            err.print(str(warning), style="yellow", markup=False)
     return resolved
 
 
@@ -338,37 +338,43 @@ def cache_rm(names: list[str] = typer.Argument(..., help="Step ids (with --spec)
         typer.echo(f"removed {key[:12]}")
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a command-line usage error (typer ≥ 0.16 vendors click as typer._click)."""
+    types: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(types)
+
+
 def main() -> None:
     """Entry point: user errors print a clear message and exit 2 (frozen plan: 3), never a traceback."""
+    from rich.text import Text  # messages may hold [brackets]: print them as text, never as markup
+
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code in this mode
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as exc:
         err = _console(stderr=True)
-        err.print(f"[bold red]error:[/] {exc.message}")
+        err.print(Text.assemble(("error: ", "bold red"), exc.message))
         for line in exc.details:
             err.print(line, markup=False)
         sys.exit(exc.exit_code)
     except StepFailed as exc:
         err = _console(stderr=True)
-        err.print(f"[bold red]step {exc.step_id} failed[/] (exit status {exc.returncode}); last lines of its log:")
+        err.print(Text.assemble((f"step {exc.step_id} failed", "bold red"),
+                                f" (exit status {exc.returncode}); last lines of its log:"))
         err.print(exc.log_tail, markup=False)
         sys.exit(2 if exc.returncode == 2 else exc.exit_code)  # a stage's user error (bad input) stays exit 2
     except KeyboardInterrupt:
-        _console(stderr=True).print("[yellow]interrupted[/]")
+        _console(stderr=True).print(Text("interrupted", style="yellow"))
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click's own usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except _usage_errors() as exc:  # a missing argument, a bad option value, an unknown command: exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

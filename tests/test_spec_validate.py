@@ -182,6 +182,8 @@ RULE_CASES = [
     ("train_stages_need_data", "", "training needs a dataset"),
     ("input_files_exist", "  deepspeed: ds_missing.json\n", "train.deepspeed: ds_missing.json: no such file"),
     ("datasets_known", "", "data.dataset: unknown dataset 'identty': did you mean identity?"),
+    ("tokenizer_needed", "", "model.model_name_or_path: tokenizing and training need a model"),
+    ("val_size_is_a_ratio_or_a_count", "", "data.val_size: 2.5 is a float, so a ratio"),
     ("template_known", "", "template.template: unknown template 'chatm': did you mean chatml?"),
 ]
 
@@ -202,6 +204,10 @@ def _rule_spec(rule: str, extra: str) -> str:
         spec = spec.replace("finetuning_type: lora", "finetuning_type: full") + "merge: {}\n"
     if rule == "datasets_known":
         spec = spec.replace("dataset: identity", "dataset: identty")
+    if rule == "tokenizer_needed":
+        spec = spec.replace("model: {model_name_or_path: $EXAMPLES/models/tiny-llama}\n", "")
+    if rule == "val_size_is_a_ratio_or_a_count":
+        spec = spec.replace("dataset: identity,", "dataset: identity, val_size: 2.5,")
     if rule == "template_known":
         spec = spec.replace("template: chatml", "template: chatm")
     if rule == "train_stages_need_data":
@@ -222,6 +228,39 @@ def test_every_rule_has_a_case():
     from tunepipe.spec.rules import RULES
 
     assert {r.__name__ for r in RULES} == {c[0] for c in RULE_CASES} | {"max_steps_override_epochs", "warmup_ratio_wins"}
+
+
+def test_warmup_steps_alone_means_steps(write_spec):
+    only_steps = load_spec(write_spec(BASE + "  warmup_steps: 10\n")).data["train"][0]
+    assert only_steps["warmup_steps"] == 10 and only_steps["warmup_ratio"] == 0.0
+    both = load_spec(write_spec(BASE + "  warmup_steps: 10\n  warmup_ratio: 0.1\n")).data["train"][0]
+    assert both["warmup_ratio"] == 0.1  # the ratio wins, with a warning
+    default = load_spec(write_spec(BASE)).data["train"][0]
+    assert default["warmup_ratio"] == 0.03 and default["warmup_steps"] == 0
+
+
+def test_quantize_targets_are_named_as_the_compiler_names_them(cli, write_spec):
+    base = BASE + "quantize: [{name: small, type: q4_0}, {type: q8_0}]\n"
+    for quantized in ("small", "q8_0", "quantize.small"):
+        code, _, err = cli("validate", write_spec(base + f"export: {{format: gguf, quantized: {quantized}}}\n"))
+        assert code == 0, err
+
+
+def test_a_dataset_file_outside_dataset_dir_is_refused(cli, tmp_path, write_spec):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text('{"leak": {"file_name": "../secret.json"}}', encoding="utf-8")
+    spec = write_spec(BASE.replace("dataset: identity, dataset_dir: $EXAMPLES/data", "dataset: leak, dataset_dir: data"))
+    code, _, err = cli("validate", spec)
+    assert code == 2 and "points outside dataset_dir" in err
+
+
+def test_model_paths_expand_the_home_directory(cli, write_spec, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(EXAMPLES))
+    code, _, err = cli("validate", write_spec(BASE.replace("$EXAMPLES/models/tiny-llama", "~/models/tiny-llama")))
+    assert code == 0, err
+    code, _, err = cli("validate", write_spec(BASE.replace("$EXAMPLES/models/tiny-llama", "~/models/tiny-lama")))
+    assert code == 2 and "no such model directory" in err
 
 
 def test_warnings_do_not_fail(cli, write_spec):

@@ -429,7 +429,7 @@ def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
 
 def load_spec(path: str | Path, overrides: list[Override] | None = None) -> ResolvedSpec:
     """Load, validate and resolve a spec; raises SpecError listing every problem."""
-    from .rules import check_rules
+    from .rules import check_rules, resolve_interactions
 
     path = Path(path)
     catalog = load_catalog()
@@ -455,6 +455,7 @@ def load_spec(path: str | Path, overrides: list[Override] | None = None) -> Reso
     data = resolve(loader, raw)
     spec = ResolvedSpec(path=path.resolve(), data=data, explicit=loader.explicit, locations=loader.locations)
     if not any(d.severity == "error" for d in loader.diagnostics):
+        resolve_interactions(spec)
         for diagnostic in check_rules(spec, catalog):
             loader.diagnostics.append(diagnostic)
     errors = [d for d in loader.diagnostics if d.severity == "error"]

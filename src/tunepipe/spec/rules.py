@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from .catalog import Catalog
 from .loader import Diagnostic, Location, ResolvedSpec, display_path
+from .paths import is_hub_id, resolve
 
 
 @dataclass
@@ -147,13 +148,16 @@ def max_steps_override_epochs(ctx: RuleContext) -> None:
 
 
 def export_needs_format(ctx: RuleContext) -> None:
-    quantize_names = {q.get("type") for q in ctx.data.get("quantize") or []}
+    quantize_names = set()  # what the compiler accepts: a target's name, type or method, or its step id
+    for q in ctx.data.get("quantize") or []:
+        name = q.get("name") or q.get("type") or q.get("method")
+        quantize_names |= {name, f"quantize.{name}"}
     for index, entry in enumerate(ctx.data.get("export") or []):
         if entry.get("format") is None:
             ctx.error(("export", index, "format"), "every export needs a format: gguf, onnx or mlc")
         quantized = entry.get("quantized")
         if quantized is not None and quantized not in quantize_names:
-            known = ", ".join(sorted(n for n in quantize_names if n)) or "none"
+            known = ", ".join(sorted(n for n in quantize_names if n and "." not in n)) or "none"
             ctx.error(("export", index, "quantized"), f"names no quantize target (known: {known})")
 
 
@@ -173,7 +177,7 @@ def datasets_known(ctx: RuleContext) -> None:
     configs += [((*prefix, "data", "dataset"), {**top, **entry["data"]})
                 for prefix, entry in ctx.train_entries() if entry.get("data", {}).get("dataset")]
     for path, config in configs:
-        base = ctx.spec.spec_dir / (config.get("dataset_dir") or "")  # unset: the spec's own directory
+        base = resolve(ctx.spec.spec_dir, config.get("dataset_dir") or ".")  # unset: the spec's own directory
         if not base.is_dir():
             continue  # input_files_exist reports the directory
         try:
@@ -181,7 +185,12 @@ def datasets_known(ctx: RuleContext) -> None:
         except (OSError, ValueError):
             registry = {}
         for name in config.get("dataset") or []:
-            if name in registry or (base / name).exists():
+            entry = registry.get(name)
+            file_name = entry.get("file_name") if isinstance(entry, dict) else None
+            if file_name and not resolve(base, file_name).resolve().is_relative_to(base.resolve()):
+                ctx.error(path, f"dataset {name!r}: file_name {file_name!r} points outside dataset_dir {base}")
+                continue
+            if entry is not None or (base / name).exists():
                 continue
             close = difflib.get_close_matches(name, list(registry), n=1)
             hint = f"did you mean {close[0]}? " if close else ""
@@ -216,15 +225,32 @@ def input_files_exist(ctx: RuleContext) -> None:
     for path, value, kind in checks:
         if not value:
             continue
-        target = Path(value) if Path(value).is_absolute() else base / value
+        target = resolve(base, value)
         ok = target.is_file() if kind == "file" else target.is_dir()
         if not ok:
             ctx.error(path, f"{value}: no such {'file' if kind == 'file' else 'directory'} "
                       f"(relative paths are resolved from the spec's directory)")
     model_path = (ctx.data.get("model") or {}).get("model_name_or_path")
-    if model_path and (model_path.startswith((".", "/", "~")) or model_path.count("/") > 1):
-        if not (base / model_path).expanduser().is_dir():
-            ctx.error(("model", "model_name_or_path"), f"{model_path}: no such model directory")
+    if model_path and not resolve(base, model_path).is_dir() and not is_hub_id(base, model_path):
+        ctx.error(("model", "model_name_or_path"), f"{model_path}: no such model directory "
+                  "(and not a hub id of the form org/name)")
+
+
+def tokenizer_needed(ctx: RuleContext) -> None:
+    if (ctx.data.get("template") is not None or ctx.data.get("train")) and \
+            not (ctx.data.get("model") or {}).get("model_name_or_path"):
+        ctx.error(("model", "model_name_or_path"), "tokenizing and training need a model (its config and "
+                  "tokenizer): set model.model_name_or_path")
+
+
+def val_size_is_a_ratio_or_a_count(ctx: RuleContext) -> None:
+    configs = [(("data", "val_size"), ctx.data.get("data") or {})]
+    configs += [((*prefix, "data", "val_size"), entry["data"]) for prefix, entry in ctx.train_entries()
+                if "val_size" in entry.get("data", {})]
+    for path, config in configs:
+        value = config.get("val_size")
+        if isinstance(value, float) and value >= 1:
+            ctx.error(path, f"{value} is a float, so a ratio: it must be below 1 (write an integer for a count)")
 
 
 RULES: list[Callable[[RuleContext], None]] = [
@@ -245,7 +271,20 @@ RULES: list[Callable[[RuleContext], None]] = [
     datasets_known,
     template_known,
     input_files_exist,
+    tokenizer_needed,
+    val_size_is_a_ratio_or_a_count,
 ]
+
+
+def resolve_interactions(spec: ResolvedSpec) -> None:
+    """Flag interactions settled before anything reads the spec.
+
+    warmup_ratio (default 0.03) takes precedence over warmup_steps, as the seed says — but only when
+    the user wrote it: `warmup_steps: 10` alone means ten warmup steps, so the ratio becomes 0."""
+    for index, entry in enumerate(spec.data.get("train") or []):
+        prefix = ("train", index)
+        if (*prefix, "warmup_steps") in spec.explicit and (*prefix, "warmup_ratio") not in spec.explicit:
+            entry["warmup_ratio"] = 0.0
 
 
 def check_rules(spec: ResolvedSpec, catalog: Catalog) -> list[Diagnostic]:

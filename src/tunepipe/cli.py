@@ -31,6 +31,8 @@ app.add_typer(cache_app, name="cache")
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 SET_HELP = "Override a flag: section.key=value (section.N.key for one entry of a list section)."
+FLAG_EPILOG = ("Any catalog flag may follow the spec, in either spelling: --lora-rank 16, --lora_rank=16, "
+               "--no-use-cache, --fp16. `tunepipe flags` lists them.")
 
 
 def _console(stderr: bool = False):
@@ -82,7 +84,7 @@ def load(spec: Path, ctx: typer.Context, sets: list[str]):
     return resolved
 
 
-@app.command(context_settings=OVERRIDES)
+@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
 def validate(
     ctx: typer.Context,
     spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
@@ -139,7 +141,7 @@ def compile_spec(spec: Path, ctx: typer.Context, sets: list[str]):
     return compile_plan(resolved.data, resolved.path)
 
 
-@app.command(context_settings=OVERRIDES)
+@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
 def plan(
     ctx: typer.Context,
     spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
@@ -154,7 +156,7 @@ def plan(
     typer.echo(render(compiled, annotate(compiled), fmt.value), nl=False)
 
 
-@app.command(context_settings=OVERRIDES)
+@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
 def run(
     ctx: typer.Context,
     spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
@@ -245,7 +247,7 @@ def templates() -> None:
     _console().print(table)
 
 
-@app.command(context_settings=OVERRIDES)
+@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
 def preview(
     ctx: typer.Context,
     spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),

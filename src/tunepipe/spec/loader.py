@@ -360,8 +360,9 @@ def _validate_entry(loader: _Loader, section: str, entry: dict, prefix: tuple, f
     nested = {k: entry.pop(k) for k in list(entry) if k in NESTED_SECTIONS}
     step_name = entry.pop("name", None) if section in LIST_SECTIONS else None
     try:
-        model = section_model(section).model_validate(entry)
-        result = model.model_dump(exclude_unset=not fill_defaults)
+        given = section_model(section, frozenset(entry)).model_validate(entry).model_dump()
+        defaults = {f.name: f.default for f in catalog.section_flags(section)} if fill_defaults else {}
+        result = {**defaults, **given}
     except ValidationError as exc:
         seen: set[str] = set()
         for err in exc.errors():

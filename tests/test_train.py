@@ -181,13 +181,51 @@ def test_continue_from_adapters(tmp_path, pretrained, data):
     (folder / "2-second").symlink_to(b)
     out, _ = run_train(tmp_path, pretrained, data, step_id="e", adapter_folder="adapters", learning_rate=0.0, max_steps=1)
     assert _same_adapter(out / "adapter", b)
-    assert json.loads((out / "train.json").read_text())["base"]["merged_adapters"] == [str(folder / "1-first")]
+    assert json.loads((out / "train.json").read_text())["base"]["merged_adapters"] == ["adapters/1-first"]  # as written
 
     out, _ = run_train(tmp_path, pretrained, data, step_id="f", lora_weight_path=str(a), learning_rate=1e-2, max_steps=2)
     assert not _same_adapter(out / "adapter", a)  # and with a learning rate it trains on
 
     with pytest.raises(UserError, match="adapter_config.json missing"):
         run_train(tmp_path, pretrained, data, step_id="g", lora_weight_path="nowhere")
+
+
+def test_lora_on_a_local_model_gives_the_same_bytes_in_any_checkout(tmp_path, pretrained, data):
+    """train.json names the base model and merged adapters as the spec wrote them (relative to the
+    spec), never by absolute path; load_trained finds them through model_dir / spec_dir."""
+    import shutil
+
+    from tunepipe.runtime.modeling import load_trained
+
+    adapter, _ = run_train(tmp_path, pretrained, data, step_id="a", max_steps=1)
+    outs = []
+    for checkout in ("one", "two"):
+        root = tmp_path / checkout
+        shutil.copytree(pretrained, root / "models" / "tiny")
+        for name in ("first", "second"):
+            shutil.copytree(adapter / "adapter", root / "adapters" / name)
+        params = dict(model_name_or_path="models/tiny", adapter_name_or_path=["adapters/first", "adapters/second"],
+                      max_steps=2)  # fmt: skip
+        ctx = make_ctx(root, train_params(**params), data=data, model=(root / "models" / "tiny").resolve(), step_id="sft")
+        train.run(ctx)
+        outs.append(ctx.out)
+    one, two = outs
+    info = json.loads((one / "train.json").read_text())
+    assert info["base"]["kind"] == "model" and info["base"]["path"] == "models/tiny"
+    assert info["base"]["merged_adapters"] == ["adapters/first"]
+    assert (one / "train.json").read_bytes() == (two / "train.json").read_bytes()
+    assert (one / "adapter" / "adapter_config.json").read_bytes() == (two / "adapter" / "adapter_config.json").read_bytes()
+
+    # The first checkout's model moves away: load_trained is told where the model and adapters are now.
+    shutil.move(tmp_path / "one", tmp_path / "moved")
+    moved = tmp_path / "moved"
+    model, _ = load_trained(two, model_dir=moved / "models" / "tiny", spec_dir=moved)
+    reference, _ = load_trained(two, model_dir=tmp_path / "two" / "models" / "tiny", spec_dir=tmp_path / "two")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    shutil.rmtree(tmp_path / "two" / "models")
+    with pytest.raises(UserError):  # nothing recorded points at the first machine's directories
+        load_trained(two, spec_dir=tmp_path / "two")
 
 
 def _same_adapter(x, y) -> bool:

@@ -270,12 +270,25 @@ def module_name(model, module) -> str:
 # ---------------------------------------------------------------- trained artifacts
 
 
-def load_trained(artifact: Path, params: dict | None = None, **model_kwargs):
+def load_trained(
+    artifact: Path,
+    params: dict | None = None,
+    *,
+    model_dir: str | Path | None = None,
+    spec_dir: str | Path | None = None,
+    **model_kwargs,
+):
     """(model, tokenizer) of a train or merge artifact, LoRA adapters merged in.
 
     A LoRA artifact's train.json says how its base was built (see docs/internals.md):
     an upstream artifact (loaded recursively), a model directory or hub id with the
     model flags replayed, or the artifact's own `base/` (a from-scratch init).
+
+    train.json records the base model and merged adapters as the spec wrote them, not
+    where they lay on the machine that trained: `model_dir` is the local directory of the
+    base model (the reading step's `files["model"]`; used for a `model` base, also one
+    reached through upstream artifacts), `spec_dir` the directory relative paths are
+    resolved against (otherwise the value is used as written: a hub id, an absolute path).
     """
     artifact = Path(artifact)
     info = json.loads((artifact / "train.json").read_text()) if (artifact / "train.json").is_file() else {}
@@ -288,14 +301,29 @@ def load_trained(artifact: Path, params: dict | None = None, **model_kwargs):
     base = info["base"]
     flags = {**info.get("model_flags", {}), **(params or {})}
     if base["kind"] == "artifact":  # a sibling in the same store: <root>/<key[:2]>/<key>
-        model, _ = load_trained(artifact.parent.parent / base["key"][:2] / base["key"], flags, **model_kwargs)
+        sibling = artifact.parent.parent / base["key"][:2] / base["key"]
+        model, _ = load_trained(sibling, flags, model_dir=model_dir, spec_dir=spec_dir, **model_kwargs)
         apply_model_flags(model, flags, tokenizer)
     else:
-        path = str(artifact / base["path"]) if base["kind"] == "own" else base["path"]
+        if base["kind"] == "own":
+            path = str(artifact / base["path"])
+        elif model_dir is not None:
+            path = str(model_dir)
+        else:
+            path = _spec_path(base["path"], spec_dir)
         model = load_model(path, flags, tokenizer, max_length=base.get("max_length"), **model_kwargs)
-    for adapter in [*base.get("merged_adapters", []), str(artifact / "adapter")]:
+    for adapter in [*(_spec_path(a, spec_dir) for a in base.get("merged_adapters", [])), str(artifact / "adapter")]:
         model = merge_adapter(model, adapter)
     return model, tokenizer
+
+
+def _spec_path(value: str, spec_dir: str | Path | None) -> str:
+    """A model or adapter value as train.json records it (the spec's string) → what to load."""
+    from tunepipe.spec import paths
+
+    if spec_dir is None or paths.is_hub_id(Path(spec_dir), value):
+        return value
+    return str(paths.resolve(Path(spec_dir), value))
 
 
 def merge_adapter(model, path: str):

@@ -26,7 +26,10 @@ def run(ctx) -> dict:
     if not prompt:
         raise UserError("infer.prompt is required: the text to answer")
     artifact = Path(ctx.inputs["model"])
-    model, tokenizer = modeling.load_trained(artifact, _model_flags(p))
+    # train.json names a local base model as the spec wrote it: this step's files["model"] is where it is.
+    model, tokenizer = modeling.load_trained(
+        artifact, _model_flags(p), model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir
+    )
     device = "cuda" if torch.cuda.is_available() and not p.get("no_cuda") else "cpu"
     model.to(device).eval()
 

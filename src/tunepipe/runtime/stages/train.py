@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from tunepipe.errors import UserError
 from tunepipe.runtime import modeling
 from tunepipe.runtime.collate import LengthGroupedSampler, PadCollator, TokenizedSplit
+from tunepipe.spec import paths
 
 # Log-history keys kept out of the artifact: wall-clock measurements, and the summary's train_loss,
 # which averages over the steps of the last session only (a resumed run would differ).
@@ -65,15 +66,15 @@ def run(ctx) -> dict:
     model, base = _model(ctx, tokenizer, max_length)
 
     # 3. What trains.
-    adapters = _adapter_paths(ctx)
+    written, adapters = _adapter_paths(ctx)
     resized = base.pop("resized")
     if finetuning == "lora":
         model = _lora(model, p, adapters, resized)
-        base.update(merged_adapters=adapters[:-1], max_length=max_length)
+        base.update(merged_adapters=written[:-1], max_length=max_length)
     else:
         for adapter in adapters:
             model = modeling.merge_adapter(model, adapter)
-        base["merged_adapters"] = adapters
+        base["merged_adapters"] = written
         if finetuning == "freeze":
             _freeze(model, int(p.get("freeze_trainable_layers", 2)))
         elif finetuning == "full":
@@ -156,7 +157,9 @@ def _model(ctx, tokenizer, max_length: int):
     when there is one (`inputs.base`); otherwise loads, or initialises, the model file."""
     p = ctx.params
     if "base" in ctx.inputs:
-        model, _ = modeling.load_trained(Path(ctx.inputs["base"]), p)
+        model, _ = modeling.load_trained(
+            Path(ctx.inputs["base"]), p, model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir
+        )
         rows = model.get_input_embeddings().weight.shape[0]
         modeling.apply_model_flags(model, p, tokenizer)
         resized = model.get_input_embeddings().weight.shape[0] != rows
@@ -181,33 +184,38 @@ def _model(ctx, tokenizer, max_length: int):
     resized = model.get_input_embeddings().weight.shape[0] != rows
     if p.get("train_from_scratch"):
         return model, {"kind": "own", "path": "base", "resized": resized}
-    return model, {"kind": "model", "path": source, "resized": resized}
+    # The spec's own string (a hub id, or a path relative to the spec), not the resolved directory:
+    # the same spec gives the same bytes in any checkout. Readers get the directory from their
+    # step's files["model"] (modeling.load_trained(model_dir=...)).
+    return model, {"kind": "model", "path": str(p.get("model_name_or_path") or source), "resized": resized}
 
 
-def _adapter_paths(ctx) -> list[str]:
-    """lora_weight_path, adapter_name_or_path (in order), then adapter_folder's adapters."""
+def _adapter_paths(ctx) -> tuple[list[str], list[str]]:
+    """lora_weight_path, adapter_name_or_path (in order), then adapter_folder's adapters:
+    (as written in the spec — what train.json records —, their local directories)."""
     p = ctx.params
+    written: list[str] = []
 
     def resolve(value) -> str:
-        path = Path(str(value)).expanduser()
-        path = path if path.is_absolute() else Path(ctx.spec_dir) / path
+        path = paths.resolve(ctx.spec_dir, str(value))
         if not (path / "adapter_config.json").is_file():
             raise UserError(f"{value}: no LoRA adapter there (adapter_config.json missing)")
+        written.append(str(value))
         return str(path)
 
-    paths = [resolve(p["lora_weight_path"])] if p.get("lora_weight_path") else []
-    paths += [resolve(a) for a in p.get("adapter_name_or_path") or []]
+    local = [resolve(p["lora_weight_path"])] if p.get("lora_weight_path") else []
+    local += [resolve(a) for a in p.get("adapter_name_or_path") or []]
     if p.get("adapter_folder"):
-        folder = Path(str(p["adapter_folder"])).expanduser()
-        folder = folder if folder.is_absolute() else Path(ctx.spec_dir) / folder
+        value = str(p["adapter_folder"])
+        folder = paths.resolve(ctx.spec_dir, value)
         if (folder / "adapter_config.json").is_file():
-            paths.append(str(folder))
+            local.append(resolve(value))
         else:
-            found = sorted(str(d) for d in folder.glob("*") if (d / "adapter_config.json").is_file())
+            found = sorted(d.name for d in folder.glob("*") if (d / "adapter_config.json").is_file())
             if not found:
-                raise UserError(f"adapter_folder {p['adapter_folder']}: no adapters in it")
-            paths += found
-    return paths
+                raise UserError(f"adapter_folder {value}: no adapters in it")
+            local += [resolve(f"{value.rstrip('/')}/{name}") for name in found]
+    return written, local
 
 
 def _lora(model, p: dict, adapters: list[str], resized: bool):

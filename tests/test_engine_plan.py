@@ -257,3 +257,48 @@ def test_gc_keeps_the_plan_and_optionally_the_lock(project):
     store = Store(new.cache_dir)
     assert cache_gc(store, new, keep_lock=True) == sorted([old.step("export.onnx").key, old.step("verify.onnx").key])
     assert all(store.has(step.key) for step in new.steps)
+
+
+def test_an_unset_dataset_dir_digests_the_datasets_beside_the_spec(project):
+    """No data.dataset_dir means the spec's directory (the data stage's rule): its dataset files are inputs."""
+    for name in ("dataset_info.json", "identity.json", "corpus.txt"):
+        shutil.move(project / "data" / name, project / name)
+    edit(project, lambda s: s["data"].pop("dataset_dir"))
+    plan = compile_project(project)
+    assert plan.step("data").files["dataset_dir"] == project
+    assert plan.step("data").digests["dataset_dir"].keys() == {"dataset_info.json", "identity.json"}
+    build_in_process(plan)
+    assert stale(compile_project(project)) == {}  # tunepipe.lock and .tunepipe/ are not inputs
+    (project / "identity.json").write_text('[{"instruction": "who?", "output": "someone else"}]')
+    assert stale(compile_project(project))["data"] == ["input dataset_dir: identity.json changed"]
+
+
+def test_a_bare_dataset_file_is_digested_alone(project):
+    """`dataset: identity.json` with no registry entry: that file is the input, never the whole directory."""
+    (project / "data" / "dataset_info.json").unlink()
+    shutil.move(project / "data" / "identity.json", project / "identity.json")
+    edit(project, lambda s: s["data"].update(dataset=["identity.json"], dataset_dir="."))
+    plan = compile_project(project)
+    assert plan.step("data").digests["dataset_dir"].keys() == {"identity.json"}
+    build_in_process(plan)
+    (project / "notes.txt").write_text("beside the spec, read by no dataset")
+    assert stale(compile_project(project)) == {}  # the lock written by the build, .tunepipe/, notes.txt: not inputs
+    (project / "identity.json").write_text('[{"instruction": "who?", "output": "someone else"}]')
+    assert stale(compile_project(project))["data"] == ["input dataset_dir: identity.json changed"]
+
+
+def test_a_registry_entry_may_name_a_directory(project):
+    (project / "data" / "shards").mkdir()
+    (project / "data" / "shards" / "a.json").write_text("[]")
+    info = json.loads((project / "data" / "dataset_info.json").read_text())
+    info["sharded"] = {"file_name": "shards"}
+    (project / "data" / "dataset_info.json").write_text(json.dumps(info))
+    edit(project, lambda s: s["data"].update(dataset=["sharded"]))
+    assert compile_project(project).step("data").digests["dataset_dir"].keys() == {"dataset_info.json", "shards/a.json"}
+
+
+def test_spec_paths_expand_home_before_joining(project, monkeypatch):
+    monkeypatch.setenv("HOME", str(project / "models"))
+    edit(project, lambda s: s["model"].update(model_name_or_path="~/tiny"))
+    plan = compile_project(project)
+    assert plan.step("train").files["model"] == project / "models" / "tiny"

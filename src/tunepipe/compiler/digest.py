@@ -47,7 +47,8 @@ class DigestMemo:
     def tree(self, root: Path, names: list[str] | None = None) -> dict[str, str]:
         """{relative posix name: sha256} for the files under `root` (all but hidden ones, or `names`).
 
-        A name may be a directory, whose files are all included.
+        A name may be a directory, whose files are all included. Hidden names (`.tunepipe/`, `.git`) and
+        lock files (`*.lock`: tunepipe.lock is the spec's own output) are never digested.
         """
         digests: dict[str, str] = {}
         for name in names if names is not None else [""]:
@@ -60,7 +61,7 @@ class DigestMemo:
             for dirpath, dirnames, filenames in os.walk(start, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for filename in filenames:
-                    if not filename.startswith("."):
+                    if not _skipped(filename):
                         file = Path(dirpath, filename)
                         digests[file.relative_to(root).as_posix()] = self.file(file)
         return dict(sorted(digests.items()))
@@ -78,26 +79,62 @@ class DigestMemo:
         self.dirty = False
 
 
-def dataset_files(dataset_dir: Path, datasets: list[str] | None) -> list[str] | None:
-    """Names, relative to dataset_dir, of `dataset_info.json` and the files of the named datasets.
+def _skipped(name: str) -> bool:
+    """Names never digested: hidden files, and lock files (the spec's own tunepipe.lock)."""
+    return name.startswith(".") or name.endswith(".lock")
 
-    None (= digest the whole directory) when the names cannot be resolved: no dataset_info.json,
-    an unknown dataset, or one that does not name a local file.
+
+def dataset_names(datasets) -> list[str]:
+    """`data.dataset` as a list: a list, or a comma-separated string (as the data stage reads it)."""
+    if not datasets:
+        return []
+    if isinstance(datasets, str):
+        return [n.strip() for n in datasets.split(",") if n.strip()]
+    return [str(n) for n in datasets]
+
+
+def dataset_files(dataset_dir: Path, datasets) -> list[str]:
+    """Names, relative to dataset_dir, of the files the data stage reads for `data.dataset`.
+
+    `dataset_info.json` when it exists, and per dataset (runtime/datasets.py `resolve`): its registry
+    entry's `file_name` (a file or a directory inside dataset_dir), else a bare file or directory of
+    that name inside dataset_dir. A hub entry adds nothing but its registry entry; a name that resolves
+    to nothing (the data stage will say so) or escapes dataset_dir adds nothing either. Never the
+    whole directory: it may hold the spec, tunepipe.lock and .tunepipe/.
     """
+    dataset_dir = Path(dataset_dir)
+    names = []
+    info: dict = {}
     info_path = dataset_dir / "dataset_info.json"
-    if not datasets or not info_path.is_file():
-        return None
-    try:
-        info = json.loads(info_path.read_text())
-    except ValueError:
-        return None
-    names = ["dataset_info.json"]
-    for dataset in datasets:
-        entry = info.get(dataset) if isinstance(info, dict) else None
-        file_name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not file_name or not (dataset_dir / file_name).exists():
-            if isinstance(entry, dict) and any(k.endswith("_url") for k in entry):
-                continue  # a hub dataset: its dataset_info.json entry is all we can digest
-            return None
-        names.append(file_name)
+    if info_path.is_file():
+        names.append("dataset_info.json")
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+    for dataset in dataset_names(datasets):
+        entry = info.get(dataset)
+        if entry is None:
+            file_name = dataset  # a bare file (or directory) inside dataset_dir
+        elif isinstance(entry, dict) and entry.get("file_name"):
+            file_name = str(entry["file_name"])
+        else:
+            continue  # a hub dataset or a malformed entry: dataset_info.json is all there is to digest
+        relative = _inside(dataset_dir, file_name)
+        if relative is not None and relative != "." and (dataset_dir / relative).exists():
+            names.append(relative)
     return sorted(set(names))
+
+
+def _inside(dataset_dir: Path, file_name: str) -> str | None:
+    """`file_name` relative to dataset_dir when it stays inside it (as runtime/datasets.py `inside`), else None."""
+    root = dataset_dir.resolve()
+    try:
+        path = (root / file_name).resolve()
+    except (OSError, RuntimeError):
+        return None
+    if path != root and root not in path.parents:
+        return None
+    return path.relative_to(root).as_posix()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,11 @@ from typing import Any
 from ..errors import UserError
 from ..runtime.stages import STAGE_VERSIONS
 from ..runtime.store import default_cache_dir
+from ..spec.paths import is_hub_id, resolve
 from .digest import MEMO_NAME, DigestMemo, dataset_files
 
 # Flags whose value is a local path *or* a hub id; every artifact flag of type `path` is an input too.
 PATH_OR_HUB_ID = {"model_name_or_path": "model", "adapter_name_or_path": "adapter"}
-# `org/name`: one slash at most; and `models/x` where ./models exists is a mistyped path, not a hub id.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Where the user wants a step's result copied; read only from the step's own section.
 DELIVERY_FLAGS = ("output_dir", "export_dir")
 
@@ -226,6 +224,8 @@ class _Compiler:
             if flag.affects != "artifact":
                 continue
             if flag.name in PATH_OR_HUB_ID or flag.type == "path":
+                if kind == "data" and flag.name == "dataset_dir" and value in (None, "", []):
+                    value = "."  # the data stage's rule: no dataset_dir means the spec's directory
                 if value not in (None, "", []):
                     role = PATH_OR_HUB_ID.get(flag.name, flag.name)
                     self.digest_input(kind, flag, role, value, params, files, digests)
@@ -258,13 +258,13 @@ class _Compiler:
         return step
 
     def digest_input(self, kind, flag, role, value, params, files, digests) -> None:
+        spec_dir = self.plan.spec_dir
         values = value if isinstance(value, list) else [value]
         for i, item in enumerate(values):
             item_role = role if len(values) == 1 else f"{role}.{i}"
-            path = (self.plan.spec_dir / str(item)).expanduser()
+            path = resolve(spec_dir, str(item))
             if not path.exists():
-                first = str(item).split("/")[0]
-                if flag.name in PATH_OR_HUB_ID and HUB_ID.fullmatch(str(item)) and not (self.plan.spec_dir / first).exists():
+                if flag.name in PATH_OR_HUB_ID and is_hub_id(spec_dir, str(item)):
                     digests[item_role] = {"hub": str(item)}  # a hub id: its name (and revision param) is the input
                     continue
                 raise UserError(f"{flag.section}.{flag.name}: {item}: no such file or directory (needed by step {kind})")
@@ -280,7 +280,7 @@ class _Compiler:
     def delivery(self, kind: str, own: dict[str, Any]) -> Path | None:
         for name in DELIVERY_FLAGS:
             if own.get(name) and any(f.name == name and f.section == kind for f in self.flags_by_kind.get(kind, [])):
-                return (self.plan.spec_dir / own[name]).resolve()
+                return resolve(self.plan.spec_dir, str(own[name])).resolve()
         return None
 
     def require(self, model_step: Step | None, step_id: str) -> Step:

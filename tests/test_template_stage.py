@@ -198,6 +198,44 @@ def test_sandbox_stops_templates_reaching_python_internals(tmp_path, data_dirs):
         run_template(tmp_path, data_dirs["sft"], files={"template_file": bad_keys})
 
 
+def test_bad_template_files_are_user_errors_naming_file_and_slot(tmp_path, data_dirs):
+    """A mistyped slot or a file that is not UTF-8 is a UserError (exit 2) naming the file (and
+    slot), not a TypeError / UnicodeDecodeError from deep inside the stage."""
+    from tunepipe.runtime.template_registry import check_template_file
+
+    stop = tmp_path / "stop.yaml"
+    stop.write_text("user: '{{content}}'\nstop_words: 5\n")
+    with pytest.raises(UserError, match=r"stop.yaml: slot stop_words must be a list of strings, got int 5"):
+        run_template(tmp_path, data_dirs["sft"], files={"template_file": stop})
+    items = tmp_path / "items.yaml"
+    items.write_text("stop_words: ['<|im_end|>', 3]\nstrip_content: 'yes please'\nuser: [a]\nfunction: null\n")
+    with pytest.raises(UserError, match="items.yaml: slot stop_words must be a list of strings") as err:
+        run_template(tmp_path, data_dirs["sft"], files={"template_file": items})
+    rest = " ".join(err.value.details)
+    assert "slot strip_content must be true or false" in rest and "slot user must be a string" in rest
+    assert "function" not in rest  # null is what function's default is
+    latin = tmp_path / "latin.jinja"
+    latin.write_bytes("{% for m in messages %}{{ m['content'] }} é{% endfor %}".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin.jinja: not UTF-8 text \(byte 0xe9"):
+        run_template(tmp_path, data_dirs["sft"], files={"template_file": latin})
+
+    # The same checks, light, for `validate`: problems as text, no exception.
+    assert check_template_file(stop) == [f"{stop}: slot stop_words must be a list of strings, got int 5"]
+    assert len(check_template_file(items)) == 3
+    assert check_template_file(latin)[0].startswith(f"{latin}: not UTF-8 text")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m['content'] }")
+    assert check_template_file(broken) == [f"{broken}:2: Jinja syntax error: unexpected '}}'"]
+    assert check_template_file(tmp_path / "missing.jinja")[0].startswith(f"{tmp_path / 'missing.jinja'}: cannot read")
+    good = tmp_path / "good.yaml"
+    good.write_text('user: "Q: {{content}}\\n"\nstop_words: ["</s>"]\nsystem_in_user: true\n')
+    assert check_template_file(good) == []
+    code = ("import sys; from tunepipe.runtime.template_registry import check_template_file as c; "
+            f"assert c({str(broken)!r}) and not c({str(good)!r}); "
+            "assert not {'torch', 'transformers', 'numpy'} & set(sys.modules), sorted(sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
 def test_template_errors(tmp_path, data_dirs):
     with pytest.raises(UserError, match="unknown template 'chatgpt'") as err:
         run_template(tmp_path, data_dirs["sft"], template="chatgpt")

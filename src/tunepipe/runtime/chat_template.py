@@ -159,18 +159,8 @@ def tool_calls(content: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- jinja templates
-def sandbox_env():
-    """The environment user templates run in: no access to Python internals (jinja2's sandbox)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise UserError(f"chat template raised: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
-    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals["raise_exception"] = raise_exception
-    return env
+# The sandbox lives with the registry (light), so that validation compiles templates the same way.
+sandbox_env = template_registry.sandbox_env
 
 
 def compile_jinja(source: str, where: str):
@@ -309,11 +299,14 @@ def resolve(params: dict[str, Any], tokenizer, template_file: Path | None) -> tu
         name, template_file = "empty", None
     if template_file is not None:
         where = str(template_file)
-        text = template_file.read_text(encoding="utf-8")
-        if template_file.suffix in (".yaml", ".yml", ".json"):
-            renderer = SlotRenderer.build(_slot_file(text, where), bos, eos, default_system)
+        content, problems = template_registry.read_template_file(template_file)
+        if problems:  # unreadable, not UTF-8, bad YAML, unknown or mistyped slots
+            raise UserError(f"template_file {problems[0]}", problems[1:])
+        if isinstance(content, dict):
+            renderer = SlotRenderer.build(content, bos, eos, default_system)
             info.update(name=template_file.stem, source="file", slots=renderer.slots)
         else:
+            text = content
             renderer = file_jinja(text, where, tokenizer)
             info.update(name=template_file.stem, source="file", chat_template=text, stop_words=[])
     elif name == template_registry.AUTO:
@@ -332,22 +325,6 @@ def resolve(params: dict[str, Any], tokenizer, template_file: Path | None) -> tu
         info["default_system"] = renderer.slots["default_system"]
         info["generation_prompt"] = renderer.slots["assistant_header"] + renderer.slots["last_assistant_prefix"]
     return renderer, info
-
-
-def _slot_file(text: str, where: str) -> dict[str, Any]:
-    from ruamel.yaml import YAML
-
-    try:
-        entry = YAML(typ="safe", pure=True).load(text)
-    except Exception as e:
-        raise UserError(f"{where}: not valid YAML/JSON ({e})") from None
-    if not isinstance(entry, dict):
-        raise UserError(f"{where}: a template file holds a mapping of slots (see templates.yaml)")
-    bad = template_registry.unknown_keys(entry)
-    if bad:
-        raise UserError(f"{where}: unknown template keys {', '.join(bad)}",
-                        ["known: " + ", ".join(template_registry.SLOTS)])
-    return entry
 
 
 def renderer_from_json(info: dict[str, Any], tokenizer):

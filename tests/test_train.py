@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,12 @@ def test_evaluation_needs_a_validation_split(tmp_path, pretrained):
     no_val = tokenized(tmp_path / "data", n=8)
     with pytest.raises(UserError, match="validation split"):
         run_train(tmp_path, pretrained, no_val, evaluation_strategy="steps")
+
+
+def test_artifact_bytes_do_not_depend_on_the_step_id(tmp_path, pretrained, data):
+    """The step id is not in the cache key, so no byte may depend on it (loss.png's title did)."""
+    a, _ = run_train(tmp_path, pretrained, data, step_id="train.sft", max_steps=2, plot_loss=True)
+    b, _ = run_train(tmp_path, pretrained, data, step_id="train.renamed", max_steps=2, plot_loss=True)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert Path("loss.png") in files and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert [f for f in files if (a / f).read_bytes() != (b / f).read_bytes()] == []

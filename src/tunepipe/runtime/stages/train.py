@@ -469,4 +469,5 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
     (out / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if p.get("plot_loss"):
-        plots.plot_loss(state["log_history"], out / "loss.png", title=f"{ctx.id} ({info['stage']}, {info['finetuning_type']})")
+        # Titled by what is in the cache key (never the step id: renaming an entry keeps the key).
+        plots.plot_loss(state["log_history"], out / "loss.png", title=f"loss ({info['stage']}, {info['finetuning_type']})")

@@ -302,3 +302,17 @@ def test_spec_paths_expand_home_before_joining(project, monkeypatch):
     edit(project, lambda s: s["model"].update(model_name_or_path="~/tiny"))
     plan = compile_project(project)
     assert plan.step("train").files["model"] == project / "models" / "tiny"
+
+
+def test_odd_model_directories_are_user_errors_not_crashes(project):
+    model = project / "models" / "tiny"
+    (model / "loop").symlink_to(model)  # a symlink loop: walked once
+    plan = compile_project(project)
+    assert set(plan.step("train").digests["model"]) == {"config.json", "weights.bin"}
+    (model / "gone.bin").symlink_to(model / "missing.bin")  # a dangling symlink
+    with pytest.raises(UserError, match="gone.bin"):
+        compile_project(project)
+    (model / "gone.bin").unlink()
+    (model / "self.bin").symlink_to(model / "self.bin")  # a link to itself
+    with pytest.raises(UserError, match="self.bin"):
+        compile_project(project)

@@ -48,22 +48,37 @@ class DigestMemo:
         """{relative posix name: sha256} for the files under `root` (all but hidden ones, or `names`).
 
         A name may be a directory, whose files are all included. Hidden names (`.tunepipe/`, `.git`) and
-        lock files (`*.lock`: tunepipe.lock is the spec's own output) are never digested.
+        lock files (`*.lock`: tunepipe.lock is the spec's own output) are never digested. A symlink loop
+        is walked once; a dangling link or an unreadable file is a UserError naming it.
         """
         digests: dict[str, str] = {}
         for name in names if names is not None else [""]:
-            start = root / name
-            if start.is_file():
-                digests[Path(name).as_posix()] = self.file(start)
-                continue
-            if not start.is_dir():
-                raise UserError(f"input not found: {start}")
-            for dirpath, dirnames, filenames in os.walk(start, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for filename in filenames:
-                    if not _skipped(filename):
-                        file = Path(dirpath, filename)
-                        digests[file.relative_to(root).as_posix()] = self.file(file)
+            start = file = root / name
+            try:
+                if start.is_file():
+                    digests[Path(name).as_posix()] = self.file(start)
+                    continue
+                if not start.is_dir():
+                    raise UserError(f"input not found: {start}")
+                file = start
+                visited = {os.path.realpath(start)}
+                for dirpath, dirnames, filenames in os.walk(start, followlinks=True, onerror=_raise):
+                    kept = []
+                    for d in sorted(dirnames):
+                        real = os.path.realpath(os.path.join(dirpath, d))
+                        if not d.startswith(".") and real not in visited:  # a link back up would loop forever
+                            visited.add(real)
+                            kept.append(d)
+                    dirnames[:] = kept
+                    for filename in filenames:
+                        if not _skipped(filename):
+                            file = Path(dirpath, filename)
+                            digests[file.relative_to(root).as_posix()] = self.file(file)
+            except (OSError, RuntimeError) as e:  # RuntimeError: Path.resolve on a symlink loop
+                filename = getattr(e, "filename", None)
+                also = f" ({filename})" if filename and str(filename) != str(file) else ""
+                raise UserError(f"cannot read input {file}: {getattr(e, 'strerror', None) or e}{also}",
+                                ["a dangling symlink, a symlink loop or an unreadable file; fix or remove it"]) from None
         return dict(sorted(digests.items()))
 
     def save(self) -> None:
@@ -82,6 +97,10 @@ class DigestMemo:
 def _skipped(name: str) -> bool:
     """Names never digested: hidden files, and lock files (the spec's own tunepipe.lock)."""
     return name.startswith(".") or name.endswith(".lock")
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def dataset_names(datasets) -> list[str]:

@@ -316,3 +316,17 @@ def test_odd_model_directories_are_user_errors_not_crashes(project):
     (model / "self.bin").symlink_to(model / "self.bin")  # a link to itself
     with pytest.raises(UserError, match="self.bin"):
         compile_project(project)
+
+
+def test_an_executor_override_enters_the_train_key(project):
+    edit(project, lambda s: s["executor"].update(nproc_per_node=2))
+    local = compile_project(project)
+    assert local.step("train").key_params["world_size"] == 1
+    torchrun = compile_project(project, executor_override="torchrun")
+    assert all(step.executor["kind"] == "torchrun" for step in torchrun.steps)
+    assert torchrun.step("train").key_params["world_size"] == 2
+    assert torchrun.step("train").key != local.step("train").key
+    assert torchrun.step("template").key == local.step("template").key  # only the process count matters
+    edit(project, lambda s: s["executor"].update(kind="torchrun"))
+    back = compile_project(project, executor_override="local")
+    assert back.step("train").key == local.step("train").key

@@ -95,8 +95,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def compile_plan(spec: dict[str, Any], spec_path: Path, *, catalog=None, cache_dir: Path | None = None) -> Plan:
-    """Compile a resolved spec (docs/internals.md) into a Plan. Pure Python; reads input files to digest them."""
+def compile_plan(spec: dict[str, Any], spec_path: Path, *, catalog=None, cache_dir: Path | None = None,
+                 executor_override: str | None = None) -> Plan:
+    """Compile a resolved spec (docs/internals.md) into a Plan. Pure Python; reads input files to digest them.
+
+    `executor_override` (`run --executor`) replaces every step's executor kind, before the keys are
+    computed: a train step's `world_size` follows the executor that will really run it.
+    """
     if catalog is None:
         from ..spec.catalog import load_catalog
 
@@ -105,14 +110,15 @@ def compile_plan(spec: dict[str, Any], spec_path: Path, *, catalog=None, cache_d
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(spec_path.parent)
     memo = DigestMemo(cache_dir / MEMO_NAME)
     plan = Plan(name=spec.get("name") or spec_path.stem, spec_path=spec_path, cache_dir=cache_dir, seed=spec.get("seed"))
-    _Compiler(spec, plan, catalog, memo).build()
+    _Compiler(spec, plan, catalog, memo, executor_override).build()
     memo.save()
     return plan
 
 
 class _Compiler:
-    def __init__(self, spec: dict[str, Any], plan: Plan, catalog, memo: DigestMemo):
+    def __init__(self, spec: dict[str, Any], plan: Plan, catalog, memo: DigestMemo, executor_override: str | None = None):
         self.spec = spec
+        self.executor_override = executor_override
         self.plan = plan
         self.memo = memo
         self.flags_by_kind: dict[str, list] = {}
@@ -232,6 +238,8 @@ class _Compiler:
                 continue
             key_params[flag.name] = value
         executor = {**(self.spec.get("executor") or {}), **(own.get("executor") or {})}
+        if self.executor_override:
+            executor["kind"] = self.executor_override
         if kind == "train":
             # Executor flags are runtime, but the number of processes sets the global batch size and
             # so the weights: the world size is part of a train step's key.

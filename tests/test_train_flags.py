@@ -93,8 +93,11 @@ def test_deepspeed_and_fsdp_config_files_are_checked(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="deepspeed: no such file"):
         args_for(tmp_path, deepspeed="ds.json")
-    with pytest.raises(UserError, match="fsdp_config: .*bad.json is not valid JSON"):
+    with pytest.raises(UserError, match="fsdp_config: .*bad.json is not a valid JSON file"):
         args_for(tmp_path, fsdp="full_shard", fsdp_config="bad.json")
+    (tmp_path / "latin.json").write_bytes('{"a": "é"}'.encode("latin-1"))  # was a UnicodeDecodeError traceback
+    with pytest.raises(UserError, match="deepspeed: .*latin.json is not a valid JSON file"):
+        args_for(tmp_path, deepspeed="latin.json")
     (tmp_path / "fsdp.json").write_text(json.dumps({"min_num_params": 1000}))
     args = args_for(tmp_path, fsdp="full_shard", fsdp_config="fsdp.json")
     assert args.fsdp_config["min_num_params"] == 1000  # relative to the spec, read by transformers

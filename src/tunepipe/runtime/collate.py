@@ -56,9 +56,6 @@ class TokenizedSplit(Dataset):
             item["position_ids"] = positions
         return item
 
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1] - self.offsets[0])
-
 
 class PadCollator:
     """Right-pads a batch to its longest sample.

@@ -349,25 +349,21 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
 
 def logging_dir(ctx) -> Path:
     """TensorBoard events: logs, not artifact bytes. Relative paths are relative to the spec."""
-    path = Path(str(ctx.params.get("logging_dir") or "runs")).expanduser()
-    path = path if path.is_absolute() else Path(ctx.spec_dir) / path
-    return path / ctx.id
+    return paths.resolve(ctx.spec_dir, str(ctx.params.get("logging_dir") or "runs")) / ctx.id
 
 
 def _config_file(ctx, flag: str) -> str | None:
-    """deepspeed / fsdp_config: a JSON file, checked before it reaches accelerate."""
+    """deepspeed / fsdp_config: a JSON file, checked before it reaches accelerate — by the same
+    function the runner's preflight uses, so a step fails here exactly when preflight would."""
+    from tunepipe.executors.preflight import _config_file as config_file_problems  # light
+
     value = ctx.params.get(flag)
     if not value:
         return None
-    path = Path(str(value)).expanduser()
-    path = path if path.is_absolute() else Path(ctx.spec_dir) / path
-    if not path.is_file():
-        raise UserError(f"{flag}: no such file {path}")
-    try:
-        json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{flag}: {path} is not valid JSON ({exc})") from exc
-    return str(path)
+    problems = config_file_problems(flag, value, ctx.spec_dir)
+    if problems:
+        raise UserError(problems[0])
+    return str(paths.resolve(ctx.spec_dir, str(value)))
 
 
 class RecipeTrainer(Trainer):

@@ -72,11 +72,24 @@ def worker_argv(step_json: Path, python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "tunepipe.runtime.worker", str(step_json)]
 
 
+# The executor modules of this version; `base` and `preflight` live beside them but are not executors.
+EXECUTORS = ("local", "torchrun")
+PLANNED = {"slurm": "planned"}
+
+
+def executor_problem(kind: str) -> str | None:
+    """Why `kind` is not an executor of this version, or None when it is one."""
+    if kind in EXECUTORS:
+        return None
+    known = ", ".join(EXECUTORS)
+    if kind in PLANNED:
+        return f"executor {kind!r} is not available in this version of tunepipe ({PLANNED[kind]}); use {' or '.join(EXECUTORS)}"
+    return f"unknown executor {kind!r} (known: {known})"
+
+
 def get_executor(kind: str) -> Executor:
-    try:
-        module = importlib.import_module(f"tunepipe.executors.{kind}")
-    except ModuleNotFoundError as e:
-        if e.name != f"tunepipe.executors.{kind}":
-            raise
-        raise UserError(f"unknown executor {kind!r} (known: local, torchrun, slurm)") from None
+    problem = executor_problem(kind)
+    if problem is not None:
+        raise UserError(problem)
+    module = importlib.import_module(f"tunepipe.executors.{kind}")
     return module.EXECUTOR()

@@ -325,3 +325,13 @@ def test_plan_and_a_fully_cached_run_never_import_torch(project):
     out = subprocess.run([sys.executable, "-c", NO_TORCH_CHECK.format(tests=str(HERE), root=str(project))],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {"heavy": [], "statuses": ["cached"]}
+
+
+def test_a_stage_this_version_lacks_fails_preflight_before_anything_runs(project, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", "data=fake_stages,template=fake_stages,train=fake_stages,infer=fake_stages")
+    with pytest.raises(UserError) as error:
+        run(project)
+    assert "nothing was run" in error.value.message
+    assert "merge: this version of tunepipe has no merge stage yet; remove the merge section" in error.value.details
+    assert "quantize: this version of tunepipe has no quantize stage yet; remove the quantize section" in error.value.details
+    assert builds(project) == []

@@ -88,9 +88,26 @@ def test_gpu_answers(host):
     assert preflight("train", {"no_cuda": True, "bf16": True}, {}) == []
 
 
-def test_slurm_skips_device_checks(host):
-    assert preflight("train", {"tf32": True}, {"kind": "slurm"}) == []
-    assert host["probes"] == 0
+def test_an_executor_this_version_lacks_is_a_problem(host):
+    problems = preflight("train", {"tf32": True}, {"kind": "slurm"})
+    assert problems == ["executor 'slurm' is not available in this version of tunepipe (planned); use local or torchrun"]
+    assert host["probes"] == 0  # slurm's devices would be remote: never probed here
+    assert preflight("data", {}, {"kind": "kubernetes"}) == ["unknown executor 'kubernetes' (known: local, torchrun)"]
+
+
+@pytest.mark.parametrize("kind, section", [("merge", "merge"), ("quantize", "quantize"), ("export", "export"), ("verify", "export")])
+def test_a_stage_this_version_lacks_is_a_problem(host, monkeypatch, kind, section):
+    monkeypatch.delenv("TUNEPIPE_STAGE_MODULES", raising=False)
+    assert preflight(kind, {}, {}) == [f"this version of tunepipe has no {kind} stage yet; remove the {section} section"]
+    monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", f"{kind}=fake_stages")  # tests supply their own stage
+    assert preflight(kind, {}, {}) == []
+    monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", "*=fake_stages")
+    assert preflight(kind, {}, {}) == []
+
+
+def test_the_stages_that_exist_pass(host, monkeypatch):
+    monkeypatch.delenv("TUNEPIPE_STAGE_MODULES", raising=False)
+    assert preflight("data", {}, {}) == [] and preflight("template", {}, {}) == []
 
 
 def test_config_files_are_validated(tmp_path, host):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,14 @@ def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_d
     """Problems that stop `step_kind` with these params from running on this host, [] if none."""
     executor = executor or {}
     problems: list[str] = []
+    from .base import executor_problem
+
+    executor_kind = executor.get("kind") or "local"
+    if executor_problem(executor_kind):
+        problems.append(executor_problem(executor_kind))
+    if not _has_stage(step_kind):
+        section = {"verify": "export"}.get(step_kind, step_kind)  # verify steps come from export entries
+        return problems + [f"this version of tunepipe has no {step_kind} stage yet; remove the {section} section"]
     if step_kind in ("train", "merge", "infer"):
         problems += _missing("torch, transformers, peft and accelerate", ("torch", "transformers", "peft", "accelerate"),
                              "pip install 'tunepipe[train]'")  # fmt: skip
@@ -141,6 +150,15 @@ def _train(params: dict, executor: dict, spec_dir) -> list[str]:
         problems.append(f"executor nproc_per_node {executor['nproc_per_node']}: only {device['count']} CUDA GPU(s) here "
                         "(one process per GPU); lower nproc_per_node or set no_cuda for CPU processes")  # fmt: skip
     return problems
+
+
+def _has_stage(kind: str) -> bool:
+    """Whether the worker can import a stage for `kind`: its module exists, or $TUNEPIPE_STAGE_MODULES
+    (runtime/worker.py; tests) names one for it."""
+    overrides = dict(item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item)
+    if overrides.get(kind) or overrides.get("*"):
+        return True
+    return _installed(f"tunepipe.runtime.stages.{kind}")
 
 
 def _installed(module: str) -> bool:

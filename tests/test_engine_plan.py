@@ -330,3 +330,10 @@ def test_an_executor_override_enters_the_train_key(project):
     edit(project, lambda s: s["executor"].update(kind="torchrun"))
     back = compile_project(project, executor_override="local")
     assert back.step("train").key == local.step("train").key
+
+
+def test_infer_without_a_model_is_a_user_error(project):
+    edit(project, lambda s: [s.pop(k) for k in ("train", "merge", "quantize", "export")])
+    with pytest.raises(UserError, match="infer needs a model to work on: add a train or merge section") as error:
+        compile_project(project)
+    assert error.value.exit_code == 2

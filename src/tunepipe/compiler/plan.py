@@ -172,7 +172,7 @@ class _Compiler:
             self.add("verify", "verify" + step_id[len("export"):], verify_sections, verify_inputs, entry)
 
         if spec.get("infer") is not None:
-            inputs = {"model": model_step.id} if model_step else {}
+            inputs = {"model": self.require(model_step, "infer").id}
             self.add("infer", "infer", {"train": last_train}, inputs, spec["infer"])
 
     # -- data and template ---------------------------------------------------------------------

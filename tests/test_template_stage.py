@@ -272,3 +272,28 @@ def test_preview_shows_trained_and_masked_tokens():
     assert "template.sft · template chatml · sample 1 of" in text
     assert "<|im_start|>user↵\nWho are you?<|im_end|>↵\n<|im_start|>assistant↵\n⟦I am TinyPipe" in text
     assert "trained by tunepipe.<|im_end|>↵\n⟧" in text
+
+
+def test_preview_tokenizes_as_the_template_stage_does():
+    """preview goes through template.prepare + tokenize_split: packing shows packed rows, and a
+    stop word the vocabulary lacks fails preview as it would fail the template step."""
+    import copy
+
+    from rich.console import Console
+
+    from tunepipe.runtime.preview import preview
+    from tunepipe.spec import load_spec
+
+    spec = load_spec(EXAMPLES / "quickstart.yaml").data
+    packed = copy.deepcopy(spec)
+    packed["template"]["packing"] = True
+    buffer = io.StringIO()
+    preview(packed, EXAMPLES, 1, Console(file=buffer, no_color=True, width=160))
+    text = buffer.getvalue()
+    assert "template.sft · template chatml · row 1 (samples packed into 128-token rows)" in text
+    assert text.count("<|im_start|>user") >= 2  # several conversations in the one row shown
+
+    llama3 = copy.deepcopy(spec)
+    llama3["template"]["template"] = "llama3"
+    with pytest.raises(UserError, match="grows to 1418 tokens"):
+        preview(llama3, EXAMPLES, 1, Console(file=io.StringIO(), no_color=True, width=160))

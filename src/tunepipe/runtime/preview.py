@@ -35,6 +35,8 @@ def preview(spec: dict[str, Any], spec_dir: Path, n: int, console) -> None:
 
 
 def _preview_step(step, data_step, plan, n: int, console, plain: bool) -> None:
+    """The template stage's own code path (template.prepare + template.tokenize_split: stop words
+    added, vocabulary checked, truncation, packing), on the first records of the train split."""
     from tunepipe.runtime import chat_template as ct
     from tunepipe.runtime.stages import data, template
 
@@ -42,29 +44,32 @@ def _preview_step(step, data_step, plan, n: int, console, plain: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train, _, _ = data.load(data_step.params, Path(data_step.files.get("dataset_dir") or plan.spec_dir),
                                 plan.seed if plan.seed is not None else 42, Path(tmp))
-    model_dir = step.files.get("model") or params.get("model_name_or_path")
-    tokenizer = template.load_tokenizer(params, model_dir)
+    tokenizer, renderer, info, _ = template.prepare(params, step.files, plan.spec_dir)
     cutoff_len = int(params.get("cutoff_len") or 512)
     stage = params.get("stage") or "sft"
+    packing = stage == "pt" or bool(params.get("packing"))
     if stage == "pt":
         name, unit = "none (pt)", f"block {{i}} (texts + eos, {cutoff_len}-token blocks)"
-        arrays, _ = template.tokenize_split(train[: max(n * 8, 16)], tokenizer, None, params)
-        offsets = arrays["offsets"].tolist()
-        samples = [(arrays["input_ids"][a:b].tolist(), arrays["labels"][a:b].tolist(), False)
-                   for a, b in zip(offsets[:n], offsets[1: n + 1])]
+    elif packing:
+        name, unit = info["name"], f"row {{i}} (samples packed into {cutoff_len}-token rows)"
     else:
-        renderer, info = ct.resolve(params, tokenizer, template.template_file_path(params, plan.spec_dir, step.files))
-        template.add_tokens(tokenizer, params, info["stop_words"])
         name, unit = info["name"], f"sample {{i}} of {len(train)}"
-        samples = [(e.input_ids.tolist(), e.labels.tolist(), e.truncated)
-                   for e in ct.encode(tokenizer, renderer, train[:n], cutoff_len)]
+    records = train[: max(n * 8, 16)] if packing else train[:n]
+    arrays, stats = template.tokenize_split(records, tokenizer, renderer, params)
+    offsets = arrays["offsets"].tolist()
+    rows = [(arrays["input_ids"][a:b].tolist(), arrays["labels"][a:b].tolist(),
+             int((arrays["position_ids"][a:b] == 0).sum()) if "position_ids" in arrays else 1)
+            for a, b in zip(offsets[:n], offsets[1: n + 1])]  # fmt: skip
     specials = set(tokenizer.all_special_ids)
-    for i, (ids, labels, truncated) in enumerate(samples, 1):
+    for i, (ids, labels, packed) in enumerate(rows, 1):
         trained = sum(label != ct.IGNORE for label in labels)
         title = (f"{step.id} · template {name} · {unit.format(i=i)} · {len(ids)} tokens, {trained} trained, "
-                 f"{len(ids) - trained} masked" + (" · truncated" if truncated else ""))
+                 f"{len(ids) - trained} masked" + (f" · {packed} samples" if stage != "pt" and packing else ""))
         console.rule(Text(title), align="left")
         console.print(render_tokens(tokenizer, ids, labels, specials, plain))
+    if stats["truncated"] or stats["dropped"]:
+        console.print(f"of the first {stats['samples']} samples: {stats['truncated']} truncated to cutoff_len "
+                      f"{cutoff_len}, {stats['dropped']} dropped (nothing left to train on)")
 
 
 def render_tokens(tokenizer, ids: list[int], labels: list[int], specials: set[int], plain: bool) -> Text:

@@ -189,24 +189,34 @@ def template_file_path(params: dict[str, Any], spec_dir: Path, files: dict[str, 
     value = params.get("template_file")
     if not value:
         return None
-    path = (Path(spec_dir) / value).resolve()
+    from tunepipe.spec import paths
+
+    path = paths.resolve(spec_dir, str(value)).resolve()
     if not path.is_file():
         raise UserError(f"template.template_file: {value}: no such file")
     return path
 
 
-def run(ctx: StepContext) -> dict:
-    params = ctx.params
-    model_dir = Path(ctx.files["model"]) if "model" in ctx.files else None
+def prepare(params: dict[str, Any], files: dict[str, Any], spec_dir: Path) -> tuple[Any, Any, dict, list[str]]:
+    """(tokenizer, renderer, template.json, added tokens): the tokenizer with the template's stop
+    words and the flags' tokens added and checked against the model's vocabulary. The template stage
+    and `tunepipe preview` both start here, then call `tokenize_split`."""
+    model_dir = Path(files["model"]) if "model" in files else None
     tokenizer = load_tokenizer(params, model_dir or params.get("model_name_or_path"))
     if (params.get("stage") or "sft") == "pt":  # plain text: no chat template involved
         renderer, info = None, {"name": "none", "source": "pt", "stop_words": [], "eos_token": tokenizer.eos_token}
     else:
-        renderer, info = ct.resolve(params, tokenizer, template_file_path(params, ctx.spec_dir, ctx.files))
+        renderer, info = ct.resolve(params, tokenizer, template_file_path(params, spec_dir, files))
     added = add_tokens(tokenizer, params, info["stop_words"])
     check_vocab(tokenizer, params, model_dir, added)
     info["stop_token_ids"] = sorted({tokenizer.convert_tokens_to_ids(w) for w in info["stop_words"]}
                                     | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    return tokenizer, renderer, info, added
+
+
+def run(ctx: StepContext) -> dict:
+    params = ctx.params
+    tokenizer, renderer, info, added = prepare(params, ctx.files, ctx.spec_dir)
 
     stats: dict[str, Any] = {"template": info["name"], "stage": params.get("stage") or "sft",
                              "cutoff_len": int(params.get("cutoff_len") or 512), "packing": bool(params.get("packing")),

@@ -110,7 +110,7 @@ def test_changing_an_export_flag_leaves_every_upstream_step_cached(project):
     edit(project, lambda s: s["export"][1].update(onnx_opset=18))
     plan = compile_project(project)
     assert stale(plan) == {"export.onnx": ["param onnx_opset: 17 → 18"], "verify.onnx": ["upstream export.onnx changed"]}
-    violations = frozen_violations(plan, read_lock(plan.lock_path))
+    violations = frozen_violations(plan, read_lock(plan.lock_path, "spec.json"))
     assert violations == {"export.onnx": ["param onnx_opset: 17 → 18"], "verify.onnx": ["upstream export.onnx changed"]}
     with pytest.raises(FrozenPlanError) as failure:
         run_plan(plan, frozen=True)
@@ -220,7 +220,7 @@ def test_the_lock_file_is_sorted_and_stable(project):
     plan = compile_project(project)
     build_in_process(plan)
     text = plan.lock_path.read_text()
-    lock = json.loads(text)
+    lock = json.loads(text)["specs"]["spec.json"]
     assert list(lock["steps"]) == sorted(lock["steps"])
     assert str(project) not in text  # no absolute paths
     assert lock["steps"]["train"]["params"]["learning_rate"] == 1e-3
@@ -337,3 +337,40 @@ def test_infer_without_a_model_is_a_user_error(project):
     with pytest.raises(UserError, match="infer needs a model to work on: add a train or merge section") as error:
         compile_project(project)
     assert error.value.exit_code == 2
+
+
+def test_two_specs_in_one_directory_keep_their_own_lock_sections(project):
+    from fake_stages import CATALOG
+    from tunepipe.compiler.lockfile import keys_in_lock
+    from tunepipe.compiler.plan import compile_plan
+
+    spec = read_spec(project)
+    spec["train"][0]["learning_rate"] = 2e-3
+    (project / "other.json").write_text(json.dumps(spec))
+    first = compile_project(project)
+    build_in_process(first)
+    other = compile_plan(spec, project / "other.json", catalog=CATALOG)
+    build_in_process(other)  # writes its own section, keeps spec.json's
+    lock = json.loads(first.lock_path.read_text())
+    assert lock["version"] == 2 and list(lock["specs"]) == ["other.json", "spec.json"]
+    assert lock["specs"]["spec.json"]["steps"]["train"]["key"] == first.step("train").key
+    assert lock["specs"]["other.json"]["steps"]["train"]["key"] == other.step("train").key
+    assert frozen_violations(first, read_lock(first.lock_path, "spec.json")) == {}
+    run_plan(compile_project(project), frozen=True)  # spec.json is still frozen after other.json ran
+    assert stale(compile_project(project)) == {}
+    assert read_lock(first.lock_path, "third.json") is None
+    assert keys_in_lock(first.lock_path, "spec.json") == {s.key for s in first.steps}
+    assert keys_in_lock(first.lock_path) == {s.key for s in first.steps} | {s.key for s in other.steps}
+    text = first.lock_path.read_text()
+    build_in_process(compile_project(project))
+    assert first.lock_path.read_text() == text  # unchanged: not rewritten
+
+
+def test_a_version_1_lock_reads_as_the_spec_section_and_is_upgraded(project):
+    plan = compile_project(project)
+    build_in_process(plan)
+    section = json.loads(plan.lock_path.read_text())["specs"]["spec.json"]
+    plan.lock_path.write_text(json.dumps({"version": 1, **section}))
+    assert frozen_violations(plan, read_lock(plan.lock_path, "spec.json")) == {}
+    assert write_lock(plan, Store(plan.cache_dir)) is True
+    assert json.loads(plan.lock_path.read_text()) == {"version": 2, "specs": {"spec.json": section}}

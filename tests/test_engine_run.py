@@ -95,7 +95,7 @@ def test_an_export_flag_rebuilds_only_that_export_and_its_verify(project):
     write_spec(project, spec)
     result = run(project)
     assert [o.id for o in result.outcomes if o.status == "built"] == ["export.onnx", "verify.onnx"]
-    lock = json.loads((project / "tunepipe.lock").read_text())
+    lock = json.loads((project / "tunepipe.lock").read_text())["specs"]["spec.json"]
     assert lock["steps"]["export.onnx"]["params"]["onnx_opset"] == 18
 
 
@@ -125,7 +125,7 @@ def test_keep_going_builds_the_other_branches(project, monkeypatch):
 def test_until_only_force(project):
     result = run(project, until="train")
     assert [o.id for o in result.outcomes] == ["data", "template", "train"]
-    assert set(json.loads((project / "tunepipe.lock").read_text())["steps"]) == {"data", "template", "train"}
+    assert set(json.loads((project / "tunepipe.lock").read_text())["specs"]["spec.json"]["steps"]) == {"data", "template", "train"}
     with pytest.raises(UserError, match="quantize needs merge, which is not built"):
         run(project, only="quantize")
     assert statuses(run(project, only="merge")) == {"merge": "built"}

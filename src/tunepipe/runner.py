@@ -120,7 +120,7 @@ def run_plan(
     started = time.monotonic()
     console = console or Console(stderr=True)
     store = Store(plan.cache_dir)
-    lock = read_lock(plan.lock_path)
+    lock = read_lock(plan.lock_path, plan.spec_path.name)
     if frozen:
         violations = frozen_violations(plan, lock)
         if violations:

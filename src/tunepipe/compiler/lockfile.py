@@ -1,8 +1,14 @@
-"""tunepipe.lock: what the last successful run built, per step. Sorted JSON, one value per line.
+"""tunepipe.lock: what the last successful run built, per spec file and step. Sorted JSON, one value per line.
 
-    {"version": 1, "name": ..., "steps": {"<step id>": {
+One file beside the specs, one section per spec file of that directory, so that running one spec
+never rewrites what another one locked:
+
+    {"version": 2, "specs": {"<spec file name>": {"name": ..., "steps": {"<step id>": {
         "kind", "key", "stage_version", "params" (key params), "inputs" ({role: {name: sha256}}),
-        "upstream" ({role: {"step", "key"}}), "outputs" ({"digest", "files", "bytes"}), "versions"}}}
+        "upstream" ({role: {"step", "key"}}), "outputs" ({"digest", "files", "bytes"}), "versions"}}}}}
+
+A version 1 file (`{"version": 1, "name", "steps"}`, one spec) reads as the section of whichever
+spec asks, and is rewritten in the version 2 form by the next write.
 
 No timestamps or absolute paths: the same build gives the same file on any machine, so a diff of it
 in review shows exactly what changed.
@@ -10,20 +16,24 @@ in review shows exactly what changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from ..errors import UserError
 from ..runtime.store import STEP_LOG, Store, tree_digest
 from .plan import Plan, Step
 
-LOCK_VERSION = 1
+LOCK_VERSION = 2
 
 
-def read_lock(path: Path) -> dict[str, Any] | None:
-    """The lock file's content, or None when there is none."""
+def read_lock_file(path: Path) -> dict[str, Any] | None:
+    """The whole lock file, as `{"version", "specs": {spec file: section}}` (a version 1 file under
+    the key None), or None when there is none."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -32,14 +42,29 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         lock = json.loads(text)
     except ValueError as e:
         raise UserError(f"{path}: not a valid lock file ({e}); delete it to start afresh") from None
-    if not isinstance(lock, dict) or not isinstance(lock.get("steps"), dict):
-        raise UserError(f"{path}: not a valid lock file (no steps); delete it to start afresh")
+    if isinstance(lock, dict) and isinstance(lock.get("steps"), dict) and "specs" not in lock:
+        return {"version": lock.get("version"), "specs": {None: lock}}  # version 1: one spec's steps
+    if not isinstance(lock, dict) or not isinstance(lock.get("specs"), dict) or not all(
+        isinstance(section, dict) and isinstance(section.get("steps"), dict) for section in lock["specs"].values()
+    ):
+        raise UserError(f"{path}: not a valid lock file (no specs with steps); delete it to start afresh")
     return lock
 
 
-def keys_in_lock(path: Path) -> set[str]:
-    lock = read_lock(path) or {"steps": {}}
-    return {entry["key"] for entry in lock["steps"].values() if "key" in entry}
+def read_lock(path: Path, spec_file: str) -> dict[str, Any] | None:
+    """The section of `spec_file` (a spec's file name) in the lock file: `{"name", "steps"}`, or None."""
+    lock = read_lock_file(path)
+    if lock is None:
+        return None
+    specs = lock["specs"]
+    return specs.get(spec_file) or specs.get(None)
+
+
+def keys_in_lock(path: Path, spec_file: str | None = None) -> set[str]:
+    """Keys the lock file names: of one spec's section, or (None) of every spec in it."""
+    lock = read_lock_file(path) or {"specs": {}}
+    sections = lock["specs"].values() if spec_file is None else [read_lock(path, spec_file) or {"steps": {}}]
+    return {entry["key"] for section in sections for entry in section["steps"].values() if "key" in entry}
 
 
 def output_digest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +95,17 @@ def write_lock(plan: Plan, store: Store) -> bool:
 
     Returns whether the file changed (it is not rewritten when identical).
     """
-    previous = (read_lock(plan.lock_path) or {}).get("steps", {})
+    # Two specs of one directory may finish at once: the read-modify-write of the file is serialised.
+    guard = plan.cache_dir / "locks" / f"lockfile.{hashlib.sha256(str(plan.lock_path).encode()).hexdigest()[:16]}.lock"
+    guard.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(guard)):
+        return _write_lock(plan, store)
+
+
+def _write_lock(plan: Plan, store: Store) -> bool:
+    spec_file = plan.spec_path.name
+    lock = read_lock_file(plan.lock_path) or {"specs": {}}
+    previous = (lock["specs"].get(spec_file) or lock["specs"].get(None) or {}).get("steps", {})
     steps = {}
     for step in plan.steps:
         manifest = store.manifest(step.key)
@@ -78,7 +113,9 @@ def write_lock(plan: Plan, store: Store) -> bool:
             steps[step.id] = step_entry(plan, step, manifest)
         elif step.id in previous:
             steps[step.id] = previous[step.id]
-    text = json.dumps({"version": LOCK_VERSION, "name": plan.name, "steps": steps}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    specs = {name: section for name, section in lock["specs"].items() if name is not None}  # the others' sections stay
+    specs[spec_file] = {"name": plan.name, "steps": steps}
+    text = json.dumps({"version": LOCK_VERSION, "specs": specs}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     try:
         if plan.lock_path.read_text() == text:
             return False

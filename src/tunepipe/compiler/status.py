@@ -25,10 +25,10 @@ class StepStatus:
 
 
 def annotate(plan: Plan, store: Store | None = None, lock: dict[str, Any] | None = None) -> dict[str, StepStatus]:
-    """{step id: StepStatus}, in plan order. `lock` defaults to the plan's tunepipe.lock."""
+    """{step id: StepStatus}, in plan order. `lock` defaults to the plan's section of tunepipe.lock."""
     store = store or Store(plan.cache_dir)
     if lock is None:
-        lock = read_lock(plan.lock_path)
+        lock = read_lock(plan.lock_path, plan.spec_path.name)
     statuses = {}
     for step in plan.steps:
         if store.has(step.key):
@@ -45,7 +45,7 @@ def annotate(plan: Plan, store: Store | None = None, lock: dict[str, Any] | None
 def frozen_violations(plan: Plan, lock: dict[str, Any] | None) -> dict[str, list[str]]:
     """{step id: reasons} for every step whose key differs from tunepipe.lock; empty when the plan is frozen."""
     if lock is None:
-        return {"tunepipe.lock": ["missing: run without --frozen once and commit it"]}
+        return {"tunepipe.lock": [f"no entry for {plan.spec_path.name}: run without --frozen once and commit it"]}
     violations = {}
     for step in plan.steps:
         changes = lock_differences(plan, step, lock["steps"].get(step.id))

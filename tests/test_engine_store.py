@@ -133,9 +133,9 @@ def test_cache_commands(tmp_path):
     commit(store, KEY_B, {"x": b"1"})
     rows = cache_ls(store)
     assert [(r["key"], r["id"], r["bytes"]) for r in rows] == [(KEY_A, "train", 5), (KEY_B, "train", 1)]
-    assert cache_rm(store, ["bbbb"]) == [KEY_B]
+    assert cache_rm(store, ["bbbbbb"]) == [KEY_B]
     with pytest.raises(UserError, match="no artifact"):
-        cache_rm(store, ["bbbb"])
+        cache_rm(store, ["bbbbbb"])
     assert cache_gc(store) == [KEY_A]
 
 
@@ -154,3 +154,23 @@ for _ in range(100):
     racers = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [r.communicate(60)[1] for r in racers]
     assert [r.returncode for r in racers] == [0, 0], errors
+
+
+@pytest.mark.parametrize("name", ["", "a", "aaaaa", "not-a-key", "zzzzzzzz"])
+def test_cache_rm_refuses_short_or_non_hex_prefixes(tmp_path, name):
+    """An empty prefix matches every key: `cache rm ""` must remove nothing."""
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"x": b"1"})
+    with pytest.raises(UserError, match="at least 6 hex characters"):
+        cache_rm(store, [name])
+    assert store.has(KEY_A)
+
+
+def test_cache_rm_resolves_every_name_before_removing_any(tmp_path):
+    store = Store(tmp_path / "cache")
+    commit(store, KEY_A, {"x": b"1"})
+    commit(store, KEY_B, {"x": b"2"})
+    with pytest.raises(UserError, match="nothing was removed"):
+        cache_rm(store, ["aaaaaa", "cccccc"])
+    assert store.has(KEY_A) and store.has(KEY_B)
+    assert cache_rm(store, ["AAAAAA", KEY_B]) == [KEY_A, KEY_B]

@@ -414,18 +414,32 @@ def cache_gc(store: Store, plan: Plan | None = None, keep_lock: bool = False) ->
     return store.gc(keep)
 
 
+MIN_KEY_PREFIX = 6
+
+
 def cache_rm(store: Store, names: list[str], plan: Plan | None = None) -> list[str]:
-    """Remove artifacts named by step id (of `plan`), key, or unique key prefix; returns removed keys."""
+    """Remove artifacts named by step id (of `plan`), key, or unique key prefix (at least 6 hex
+    characters); returns removed keys. Every name is resolved before anything is removed: one bad
+    name removes nothing."""
     keys = [e.key for e in store.ls()]
-    removed = []
+    step_ids = {s.id for s in plan.steps} if plan is not None else set()
+    resolved: list[str] = []
     for name in names:
-        if plan is not None and name in {s.id for s in plan.steps}:
-            matches = [plan.step(name).key]
+        if name in step_ids:
+            key = plan.step(name).key
+            if key not in keys:
+                raise UserError(f"{name}: its artifact {key[:12]} is not in {store.root}; nothing was removed")
+            matches = [key]
         else:
-            matches = [k for k in keys if k.startswith(name)]
+            prefix = name.lower()
+            if len(prefix) < MIN_KEY_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
+                what = "a step id of the plan, or " if plan is not None else ""
+                raise UserError(f"{name!r}: name {what}a key or a key prefix of at least {MIN_KEY_PREFIX} hex characters; nothing was removed")
+            matches = [k for k in keys if k.startswith(prefix)]
         if len(matches) > 1:
-            raise UserError(f"{name!r} matches {len(matches)} artifacts: give more of the key")
-        if not matches or not store.rm(matches[0]):
-            raise UserError(f"no artifact {name!r} in {store.root}")
-        removed.append(matches[0])
-    return removed
+            raise UserError(f"{name!r} matches {len(matches)} artifacts: give more of the key; nothing was removed")
+        if not matches:
+            raise UserError(f"no artifact {name!r} in {store.root}; nothing was removed")
+        if matches[0] not in resolved:
+            resolved.append(matches[0])
+    return [key for key in resolved if store.rm(key)]

@@ -72,3 +72,21 @@ def test_lora_artifact_is_merged_onto_its_base(tmp_path, trained, pretrained):
 def test_prompt_is_required(tmp_path, trained):
     with pytest.raises(UserError, match="prompt is required"):
         ask(tmp_path, trained[0], "")
+
+
+def test_no_cuda_keeps_inference_on_the_cpu(tmp_path, trained, monkeypatch):
+    """infer reads no_cuda: with a GPU reported, no_cuda still generates on the CPU."""
+    import torch
+
+    full, _ = trained
+    moved = []
+    original = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        moved.append(str(args[0]) if args else str(kwargs.get("device")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    metrics, record, _ = ask(tmp_path, full, "Hello", no_cuda=True)
+    assert record["answer"] == "Hello! How can I help you?" and "cpu" in moved and "cuda" not in moved

@@ -343,3 +343,33 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail at once
     with pytest.raises(UserError, match="not a local directory and could not be fetched"):
         modeling.load_config("some-org/some-model", {"model_revision": "main", "cache_dir": str(tmp_path)})
+
+
+def test_cutoff_len_sets_the_rope_scaling_factor(tmp_path, pretrained, data):
+    """train reads cutoff_len (the context the model is trained for): the RoPE factor is
+    ceil(cutoff_len / max_position_embeddings), recorded in train.json and replayed on load."""
+    out, _ = run_train(tmp_path, pretrained, data, rope_scaling="linear", cutoff_len=1200, max_steps=1)
+    info = json.loads((out / "train.json").read_text())
+    assert info["base"]["max_length"] == 1200 and info["model_flags"]["rope_scaling"] == "linear"
+    model, _ = modeling.load_trained(out)
+    assert model.config.rope_parameters["factor"] == 3.0 and model.config.max_position_embeddings == 1536
+    # within the model's 512 positions nothing is scaled (the data alone is far shorter)
+    out, _ = run_train(tmp_path, pretrained, data, step_id="short", rope_scaling="linear", cutoff_len=512, max_steps=1)
+    assert modeling.load_trained(out)[0].config.rope_parameters["factor"] == 1.0
+
+
+def test_warmup_steps_take_effect_when_warmup_ratio_is_zero(tmp_path, pretrained, data):
+    """The resolved spec sets warmup_ratio 0 when only warmup_steps was given: the learning rate then
+    ramps up over warmup_steps steps (and a non-zero ratio still wins)."""
+    assert args_for(tmp_path, warmup_ratio=0.0, warmup_steps=4).get_warmup_steps(100) == 4
+    assert args_for(tmp_path, warmup_ratio=0.5, warmup_steps=4).get_warmup_steps(100) == 50
+
+    def lrs(step_id, **flags):
+        out, _ = run_train(tmp_path, pretrained, data, step_id=step_id, learning_rate=1e-2, max_steps=5,
+                           lr_scheduler_type="constant_with_warmup", **flags)  # fmt: skip
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [e["learning_rate"] for e in history if "learning_rate" in e]
+
+    warm = lrs("warm", warmup_ratio=0.0, warmup_steps=4)
+    assert warm[:4] == sorted(warm[:4]) and warm[0] < 5e-3 and warm[-1] == pytest.approx(1e-2)
+    assert lrs("cold", warmup_ratio=0.0, warmup_steps=0)[0] == pytest.approx(1e-2)

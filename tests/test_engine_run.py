@@ -113,13 +113,22 @@ def test_a_failed_step_names_itself_with_its_exit_status_and_log(project, monkey
     assert list((store.root / "tmp").iterdir()) == []  # the failed step cleaned its temporary dir
 
 
-def test_keep_going_builds_the_other_branches(project, monkeypatch):
+def test_keep_going_builds_the_other_branches_and_returns_the_failures(project, monkeypatch):
+    from tunepipe.runner import print_summary
+
     monkeypatch.setenv("FAKE_FAIL", "export")
-    with pytest.raises(StepFailed) as failure:
-        run(project, keep_going=True)
-    assert failure.value.step_id == "export.gguf"
+    result = run(project, keep_going=True)  # no StepFailed: the caller gets the result and prints the summary
+    assert statuses(result)["export.gguf"] == "failed" and statuses(result)["export.onnx"] == "failed"
+    assert statuses(result)["verify.gguf"] == "skipped" and statuses(result)["infer"] == "built"
+    assert [o.returncode for o in result.with_status("failed")] == [1, 1]
     assert "infer" in builds(project)  # a branch that does not need an export went on
     assert "verify.gguf" not in builds(project) and "verify.onnx" not in builds(project)
+    assert not result.lock_written and not (project / "tunepipe.lock").exists()
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(result, console)
+    summary = console.file.getvalue()
+    assert "export.gguf failed (exit status 1)" in summary and "export.onnx failed (exit status 1)" in summary
+    assert "step.log" in summary
 
 
 def test_until_only_force(project):

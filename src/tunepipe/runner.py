@@ -7,7 +7,8 @@ For each step whose dependencies are done, in plan order and at most `jobs` at a
    (polling, so other steps keep going) and then find the artifact that run built;
 3. write STEP.json, `executor.prepare` → `submit`, stream the step's log with a progress line;
 4. exit status 0 and the key committed: done; otherwise the step failed: with `keep_going` its
-   dependents are skipped and the other branches go on, else every running step is cancelled.
+   dependents are skipped, the other branches go on and `run_plan` returns the result with the
+   failed outcomes (the caller exits 1); else every running step is cancelled and StepFailed raised.
 
 A done step with `output_dir`/`export_dir` is copied there from the store. tunepipe.lock is written
 after a run with no failure (never in a dry run or with `--frozen`). Imports no stage code: a fully
@@ -49,6 +50,8 @@ class StepOutcome:
     answer: str | None = None  # an infer step's answer.txt
     command: str | None = None  # what the executor runs (or would run, in a dry run)
     reason: str = ""
+    returncode: int | None = None  # a failed step's exit status
+    log: str | None = None  # a failed step's log file
 
 
 @dataclass
@@ -71,6 +74,7 @@ class _Running:
     task: Any
     started: float
     command: str
+    launch_log: Path | None = None
     offset: int = 0
     partial: str = ""
 
@@ -151,8 +155,9 @@ def run_plan(
     if dry_run:
         outcomes = runner.dry_run(steps, annotate(plan, store, lock), forced)
         return RunResult(plan, outcomes, time.monotonic() - started)
-    outcomes = runner.run(steps, forced)
-    lock_written = False if frozen else write_lock(plan, store)
+    outcomes = runner.run(steps, forced)  # raises StepFailed on a failure, unless keep_going
+    failed = any(outcome.status == "failed" for outcome in outcomes)
+    lock_written = False if frozen or failed else write_lock(plan, store)
     return RunResult(plan, outcomes, time.monotonic() - started, lock_written)
 
 
@@ -190,6 +195,13 @@ def print_summary(result: RunResult, console: Console) -> None:
         pictures = ", ".join(p.name for p in sorted(path.glob("*.png")))
         console.print(Text.assemble(f"  {outcome.id}: ", (" · ".join(f for f in found if f), "bold")))
         console.print(Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True)
+    for outcome in result.with_status("failed"):
+        status = f"exit status {outcome.returncode}" if outcome.returncode is not None else outcome.reason or "failed"
+        console.print(Text.assemble(("  ✗ ", "bold red"), (outcome.id, "bold"), f" failed ({status})"))
+        if outcome.log:
+            console.print(Text(f"    log: {_relative(Path(outcome.log))}", style="dim"), soft_wrap=True)
+    for outcome in result.with_status("skipped"):
+        console.print(Text(f"  - {outcome.id} skipped: {outcome.reason}", style="dim"))
     for outcome in result.outcomes:
         if outcome.answer is not None:
             prompt = result.plan.step(outcome.id).params.get("prompt")
@@ -271,8 +283,9 @@ class _Runner:
         finally:
             if self.progress is not None:
                 self.progress.stop()
-        if self.failures:
+        if self.failures and not self.keep_going:
             raise self.failures[0]
+        # With keep_going the failures are outcomes: the caller prints the summary and decides the exit status.
         return [self.outcomes[step.id] for step in steps]
 
     def advance(self, step: Step) -> bool:
@@ -318,7 +331,8 @@ class _Runner:
             self.done(job.step, "built", wall_s=wall_s, command=job.command)
             return
         failure = StepFailed(job.step.id, returncode, self.log_tail(job))
-        self.finish(job.step, "failed", wall_s=wall_s, command=job.command, reason=f"exit status {returncode}")
+        self.finish(job.step, "failed", wall_s=wall_s, command=job.command, reason=f"exit status {returncode}",
+                    returncode=returncode, log=str(job.launch_log) if job.launch_log else None)
         self.console.print(Text(f"✗ {job.step.id} failed with exit status {returncode}", style="bold red"))
         self.failures.append(failure)
         if not self.keep_going:
@@ -348,7 +362,7 @@ class _Runner:
                                      console=self.console, transient=True)
             self.progress.start()
         task = self.progress.add_task(f"{step.id} [dim]{step.key[:12]}[/dim]", total=None)
-        return _Running(step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch))
+        return _Running(step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch), launch.log_path)
 
     def stream(self, job: _Running, final: bool = False) -> None:
         text, job.offset = job.executor.logs(job.handle, job.offset)

@@ -263,6 +263,15 @@ def test_model_paths_expand_the_home_directory(cli, write_spec, monkeypatch, tmp
     assert code == 2 and "no such model directory" in err
 
 
+def test_a_broken_template_file_is_caught_by_validate(cli, write_spec, tmp_path):
+    (tmp_path / "mine.yaml").write_text("user: '{{content}}'\nstop_words: 5\n", encoding="utf-8")
+    code, _, err = cli("validate", write_spec(BASE.replace("template: chatml", "template_file: mine.yaml")))
+    assert code == 2 and "template.template_file:" in err and "stop_words" in err
+    (tmp_path / "mine.jinja").write_text("{% for m in messages %}{{ m.content }", encoding="utf-8")
+    code, _, err = cli("validate", write_spec(BASE.replace("template: chatml", "template_file: mine.jinja")))
+    assert code == 2 and "template.template_file:" in err
+
+
 def test_warnings_do_not_fail(cli, write_spec):
     spec = write_spec(BASE + "  warmup_ratio: 0.1\n  warmup_steps: 5\n  max_steps: 10\n  num_train_epochs: 2\n")
     code, out, err = cli("validate", spec)

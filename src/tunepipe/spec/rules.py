@@ -199,9 +199,13 @@ def datasets_known(ctx: RuleContext) -> None:
 
 
 def template_known(ctx: RuleContext) -> None:
-    from ..runtime.template_registry import template_names  # light: reads templates.yaml
+    from ..runtime.template_registry import check_template_file, template_names  # light: no torch
 
     template = ctx.data.get("template") or {}
+    template_file = template.get("template_file")
+    if template_file and resolve(ctx.spec.spec_dir, template_file).is_file():
+        for problem in check_template_file(resolve(ctx.spec.spec_dir, template_file)):
+            ctx.error(("template", "template_file"), problem)
     name = template.get("template")
     if name and not template.get("template_file") and name not in template_names():
         close = difflib.get_close_matches(name, template_names(), n=1)

@@ -134,11 +134,11 @@ class PlanFormat(str, Enum):
     dot = "dot"
 
 
-def compile_spec(spec: Path, ctx: typer.Context, sets: list[str]):
+def compile_spec(spec: Path, ctx: typer.Context, sets: list[str], executor: str | None = None):
     from .compiler.plan import compile_plan
 
     resolved = load(spec, ctx, sets)
-    return compile_plan(resolved.data, resolved.path)
+    return compile_plan(resolved.data, resolved.path, executor_override=executor)
 
 
 @app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
@@ -147,12 +147,13 @@ def plan(
     spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="text tree, json, mermaid or dot."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Plan as if every step ran with this executor."),
 ) -> None:
     """Show the DAG of steps, each cached or stale — and why, compared with tunepipe.lock."""
     from .compiler.render import render
     from .compiler.status import annotate
 
-    compiled = compile_spec(spec, ctx, sets)
+    compiled = compile_spec(spec, ctx, sets, executor)
     typer.echo(render(compiled, annotate(compiled), fmt.value), nl=False)
 
 
@@ -173,7 +174,7 @@ def run(
     """Build what is stale, reuse what is cached, write tunepipe.lock."""
     from .runner import print_summary, run_plan
 
-    compiled = compile_spec(spec, ctx, sets)
+    compiled = compile_spec(spec, ctx, sets, executor)  # the executor decides the world size, so the keys
     console = _console(stderr=True)
     result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
                       keep_going=keep_going, jobs=jobs, executor_override=executor, console=console)

@@ -124,7 +124,7 @@ def _train(params: dict, executor: dict, spec_dir) -> list[str]:
                         "generation; install one (apt-get install g++) or remove torch_compile")  # fmt: skip
     for flag in ("deepspeed", "fsdp_config"):
         if params.get(flag):
-            problems += _config_file(flag, params[flag], spec_dir)
+            problems += config_file_problems(flag, params[flag], spec_dir)
 
     if executor.get("kind") == "slurm":
         return problems  # the GPUs are on the compute nodes: nothing to probe here
@@ -173,7 +173,7 @@ def _missing(what: str, modules: tuple[str, ...], install: str) -> list[str]:
     return [f"{', '.join(absent)} not installed: this step needs {what} ({install})"] if absent else []
 
 
-def _config_file(flag: str, value, spec_dir) -> list[str]:
+def config_file_problems(flag: str, value, spec_dir) -> list[str]:
     path = Path(str(value)).expanduser()
     if not path.is_absolute() and spec_dir is not None:
         path = Path(spec_dir) / path

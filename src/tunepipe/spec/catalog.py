@@ -68,9 +68,6 @@ class Catalog:
         match = difflib.get_close_matches(snake, pool, n=1, cutoff=0.75)
         return match[0] if match else None
 
-    def used_by(self, kind: str) -> list[Flag]:
-        return [f for f in self.flags.values() if kind in f.used_by]
-
 
 def _as_tuple(value: Any) -> tuple | None:
     return tuple(value) if value is not None else None

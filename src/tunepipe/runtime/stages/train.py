@@ -355,7 +355,7 @@ def logging_dir(ctx) -> Path:
 def _config_file(ctx, flag: str) -> str | None:
     """deepspeed / fsdp_config: a JSON file, checked before it reaches accelerate — by the same
     function the runner's preflight uses, so a step fails here exactly when preflight would."""
-    from tunepipe.executors.preflight import _config_file as config_file_problems  # light
+    from tunepipe.executors.preflight import config_file_problems  # light
 
     value = ctx.params.get(flag)
     if not value:

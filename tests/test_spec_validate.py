@@ -322,3 +322,15 @@ def test_validate_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "quickstart.yaml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_damaged_catalog_cache_is_rebuilt():
+    from tunepipe.spec import catalog as catalog_module
+
+    catalog_module.load_catalog.cache_clear()
+    fresh = catalog_module.load_catalog()
+    for cached in (REPO / "src" / "tunepipe" / "spec" / "__pycache__").glob("flags.*.pickle"):
+        cached.write_bytes(b"not a pickle")
+    catalog_module.load_catalog.cache_clear()
+    again = catalog_module.load_catalog()
+    assert again.flags == fresh.flags and again.negations == fresh.negations

@@ -371,6 +371,10 @@ class _Runner:
         for line in lines:
             if line or not final:
                 self.console.print(Text.assemble((f"{job.step.id} │ ", "dim"), line.rsplit("\r", 1)[-1]), soft_wrap=True)
+        # A progress bar redraws one line with \r (tqdm: loss, tokens/s): show its latest state live.
+        live = job.partial.rsplit("\r", 1)[-1].strip()
+        if live and self.progress is not None:
+            self.progress.update(job.task, description=Text.assemble(job.step.id, " ", (live[-100:], "cyan")))
 
     def log_tail(self, job: _Running) -> str:
         text, _ = job.executor.logs(job.handle, 0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..errors import UserError
 from .catalog import Catalog
 from .loader import Diagnostic, Location, ResolvedSpec, display_path
 from .paths import is_hub_id, resolve
@@ -171,7 +172,9 @@ def train_stages_need_data(ctx: RuleContext) -> None:
 
 
 def datasets_known(ctx: RuleContext) -> None:
-    """Each dataset is an entry of dataset_info.json or a file inside dataset_dir (LLaMA-Factory's rule)."""
+    """Every dataset resolves as the data stage will resolve it (LLaMA-Factory's dataset_info.json)."""
+    from ..runtime.datasets import load_info, resolve as resolve_dataset  # light: `datasets` loads lazily
+
     top = ctx.data.get("data") or {}
     configs = [(("data", "dataset"), top)] if top else []
     configs += [((*prefix, "data", "dataset"), {**top, **entry["data"]})
@@ -181,21 +184,16 @@ def datasets_known(ctx: RuleContext) -> None:
         if not base.is_dir():
             continue  # input_files_exist reports the directory
         try:
-            registry = json.loads((base / "dataset_info.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            registry = {}
+            registry = load_info(base)
+        except UserError as exc:
+            ctx.error(path, exc.message)
+            continue
         for name in config.get("dataset") or []:
-            entry = registry.get(name)
-            file_name = entry.get("file_name") if isinstance(entry, dict) else None
-            if file_name and not resolve(base, file_name).resolve().is_relative_to(base.resolve()):
-                ctx.error(path, f"dataset {name!r}: file_name {file_name!r} points outside dataset_dir {base}")
-                continue
-            if entry is not None or (base / name).exists():
-                continue
-            close = difflib.get_close_matches(name, list(registry), n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            ctx.error(path, f"unknown dataset {name!r}: {hint}not in {base / 'dataset_info.json'} "
-                      f"and no such file in {base}")
+            try:
+                resolve_dataset(name, base, registry, config)
+            except UserError as exc:
+                close = difflib.get_close_matches(name, list(registry), n=1) if name not in registry else []
+                ctx.error(path, exc.message + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def template_known(ctx: RuleContext) -> None:

@@ -188,33 +188,26 @@ RULE_CASES = [
 ]
 
 
+# How each rule's case edits BASE before appending its extra lines: (old, new) replacements.
+RULE_EDITS = {
+    "evaluation_needs_validation_split": ("dataset_dir:", "val_size: 0, dataset_dir:"),
+    "unsloth_gc_needs_unsloth": ("model: {", "model: {use_unsloth_gc: true, "),
+    "quantization_bit_needs_method": ("model: {", "model: {quantization_bit: 4, "),
+    "train_needs_a_method": ("finetuning_type: lora", "finetuning_type: none"),
+    "lora_flags_need_lora": ("finetuning_type: lora", "finetuning_type: full\n  lora_rank: 4"),
+    "merge_needs_lora": ("finetuning_type: lora", "finetuning_type: full"),
+    "datasets_known": ("dataset: identity", "dataset: identty"),
+    "tokenizer_needed": ("model: {model_name_or_path: $EXAMPLES/models/tiny-llama}\n", ""),
+    "val_size_is_a_ratio_or_a_count": ("dataset: identity,", "dataset: identity, val_size: 2.5,"),
+    "template_known": ("template: chatml", "template: chatm"),
+    "train_stages_need_data": ("data: {dataset: identity, dataset_dir: $EXAMPLES/data}\n", ""),
+}
+
+
 def _rule_spec(rule: str, extra: str) -> str:
-    spec = BASE
-    if rule == "evaluation_needs_validation_split":
-        spec = spec.replace("dataset_dir:", "val_size: 0, dataset_dir:")
-    if rule == "unsloth_gc_needs_unsloth":
-        spec = spec.replace("model: {", "model: {use_unsloth_gc: true, ")
-    if rule == "quantization_bit_needs_method":
-        spec = spec.replace("model: {", "model: {quantization_bit: 4, ")
-    if rule == "train_needs_a_method":
-        spec = spec.replace("finetuning_type: lora", "finetuning_type: none")
-    if rule == "lora_flags_need_lora":
-        spec = spec.replace("finetuning_type: lora", "finetuning_type: full\n  lora_rank: 4")
-    if rule == "merge_needs_lora":
-        spec = spec.replace("finetuning_type: lora", "finetuning_type: full") + "merge: {}\n"
-    if rule == "datasets_known":
-        spec = spec.replace("dataset: identity", "dataset: identty")
-    if rule == "tokenizer_needed":
-        spec = spec.replace("model: {model_name_or_path: $EXAMPLES/models/tiny-llama}\n", "")
-    if rule == "val_size_is_a_ratio_or_a_count":
-        spec = spec.replace("dataset: identity,", "dataset: identity, val_size: 2.5,")
-    if rule == "template_known":
-        spec = spec.replace("template: chatml", "template: chatm")
-    if rule == "train_stages_need_data":
-        spec = spec.replace("data: {dataset: identity, dataset_dir: $EXAMPLES/data}\n", "")
-    if extra.startswith("export"):
-        return spec + extra
-    return spec + extra
+    old, new = RULE_EDITS.get(rule, ("", ""))
+    spec = BASE.replace(old, new) if old else BASE
+    return spec + ("merge: {}\n" if rule == "merge_needs_lora" else "") + extra
 
 
 @pytest.mark.parametrize("rule, extra, message", RULE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(RULE_CASES)])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.errors import UserError
+from tunepipe.spec.catalog import load_catalog
 
 FORMATS = ("alpaca", "sharegpt", "openai")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -41,8 +42,6 @@ DEFAULT_TAGS = {
 # The seed's column flags and the registry column each one overrides.
 COLUMN_FLAGS = {"prompt_column": "prompt", "query_column": "query", "response_column": "response",
                 "history_column": "history"}
-COLUMN_FLAG_DEFAULTS = {"prompt_column": "instruction", "query_column": "input", "response_column": "output",
-                        "history_column": "history"}
 
 
 @dataclass
@@ -98,9 +97,10 @@ def resolve(name: str, dataset_dir: Path, info: dict[str, Any], params: dict[str
     if attr.formatting != "alpaca":
         attr.tags = {**DEFAULT_TAGS[attr.formatting], **attr.tags}
     # A column flag set to something other than its default overrides the registry's mapping.
+    flags = load_catalog().flags
     for flag, column in COLUMN_FLAGS.items():
         value = params.get(flag)
-        if value and value != COLUMN_FLAG_DEFAULTS[flag] and attr.formatting == "alpaca":
+        if value and value != flags[flag].default and attr.formatting == "alpaca":
             attr.columns[column] = value
     return attr
 

@@ -262,7 +262,7 @@ def preview(
     show(resolved.data, resolved.spec_dir, n, _console())
 
 
-def _store_and_plan(spec: Optional[Path], cache: Optional[Path]):
+def _store_and_plan(spec: Optional[Path], cache: Optional[Path], overrides: list[str] = ()):
     """The store a cache command works on: --cache, else the spec's, else ./.tunepipe/cache."""
     from .runtime.store import Store, default_cache_dir
 
@@ -271,7 +271,7 @@ def _store_and_plan(spec: Optional[Path], cache: Optional[Path]):
         from .compiler.plan import compile_plan
         from .spec import load_spec
 
-        resolved = load_spec(spec)
+        resolved = load_spec(spec, parse_overrides(list(overrides), []))
         plan_ = compile_plan(resolved.data, resolved.path, cache_dir=cache)
         return Store(plan_.cache_dir), plan_
     return Store(cache.resolve() if cache else default_cache_dir(Path.cwd())), plan_
@@ -318,14 +318,15 @@ def cache_verify(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_
         raise typer.Exit(1)
 
 
-@cache_app.command("gc")
-def cache_gc(spec: Path = typer.Argument(..., help="Keep this spec's artifacts, remove the rest."),
+@cache_app.command("gc", context_settings=OVERRIDES, epilog=FLAG_EPILOG)
+def cache_gc(ctx: typer.Context,
+             spec: Path = typer.Argument(..., help="Keep this spec's artifacts, remove the rest."),
              keep_lock: bool = typer.Option(False, "--keep-lock", help="Also keep what tunepipe.lock names."),
              cache: Optional[Path] = CACHE_OPT) -> None:
-    """Remove every artifact the spec's current plan does not use."""
+    """Remove every artifact the spec's current plan (with any flag overrides) does not use."""
     from . import runner
 
-    store, plan_ = _store_and_plan(spec, cache)
+    store, plan_ = _store_and_plan(spec, cache, ctx.args)
     removed = runner.cache_gc(store, plan_, keep_lock=keep_lock)
     typer.echo(f"removed {len(removed)} artifacts from {store.root}")
 

@@ -98,7 +98,9 @@ def validate(
 
         typer.echo(yaml.safe_dump(resolved.data, sort_keys=False, allow_unicode=True), nl=False)
     else:
-        stages = [s for s in ("data", "template", "train", "merge", "quantize", "export", "infer") if resolved.data.get(s)]
+        from .spec.catalog import STAGE_SECTIONS
+
+        stages = [s for s in STAGE_SECTIONS if resolved.data.get(s)]
         typer.echo(f"{spec}: ok ({', '.join(stages) or 'no stages'})")
 
 
@@ -177,7 +179,7 @@ def run(
     compiled = compile_spec(spec, ctx, sets, executor)  # the executor decides the world size, so the keys
     console = _console(stderr=True)
     result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
-                      keep_going=keep_going, jobs=jobs, executor_override=executor, console=console)
+                      keep_going=keep_going, jobs=jobs, console=console)
     print_summary(result, console)
     if result.with_status("failed"):
         raise typer.Exit(1)

@@ -118,7 +118,6 @@ def run_plan(
     only: str | list[str] | None = None,
     keep_going: bool = False,
     jobs: int = 1,
-    executor_override: str | None = None,
     console: Console | None = None,
 ) -> RunResult:
     started = time.monotonic()
@@ -148,10 +147,10 @@ def run_plan(
             if dep not in selected and not store.has(plan.step(dep).key):
                 raise UserError(f"{step_id} needs {dep}, which is not built: run without --only, or with --until {step_id}")
 
-    runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going, executor_override=executor_override,
+    runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going,
                      frozen_lock=lock if frozen else None)
     steps = [plan.step(step_id) for step_id in selected]
-    check_preflight([s for s in steps if s.id in forced or not store.has(s.key)], plan, executor_override)
+    check_preflight([s for s in steps if s.id in forced or not store.has(s.key)], plan)
     if dry_run:
         outcomes = runner.dry_run(steps, annotate(plan, store, lock), forced)
         return RunResult(plan, outcomes, time.monotonic() - started)
@@ -161,7 +160,7 @@ def run_plan(
     return RunResult(plan, outcomes, time.monotonic() - started, lock_written)
 
 
-def check_preflight(steps: list[Step], plan: Plan, executor_override: str | None) -> None:
+def check_preflight(steps: list[Step], plan: Plan) -> None:
     """Host and stack problems of every step about to run, all at once, before any of them starts."""
     if not steps:
         return
@@ -169,8 +168,7 @@ def check_preflight(steps: list[Step], plan: Plan, executor_override: str | None
 
     problems = []
     for step in steps:
-        executor = {**step.executor, **({"kind": executor_override} if executor_override else {})}
-        problems += [f"{step.id}: {problem}" for problem in preflight(step.kind, step.params, executor, plan.spec_dir)]
+        problems += [f"{step.id}: {problem}" for problem in preflight(step.kind, step.params, step.executor, plan.spec_dir)]
     if problems:
         raise UserError(f"preflight: {len(problems)} problem(s) on this host; nothing was run", problems)
 
@@ -223,16 +221,15 @@ def _short(value: Any) -> str:
 
 class _Runner:
     def __init__(self, plan: Plan, store: Store, console: Console, *, jobs: int, keep_going: bool,
-                 executor_override: str | None, frozen_lock: dict | None):
+                 frozen_lock: dict | None):
         self.plan, self.store, self.console = plan, store, console
         self.jobs, self.keep_going = jobs, keep_going
-        self.executor_override = executor_override
         self.frozen_lock = frozen_lock
         self.executors: dict[str, Executor] = {}
         self.outcomes: dict[str, StepOutcome] = {}
 
     def executor(self, step: Step) -> Executor:
-        kind = self.executor_override or step.executor.get("kind") or "local"
+        kind = step.executor.get("kind") or "local"
         if kind not in self.executors:
             self.executors[kind] = get_executor(kind)
         return self.executors[kind]

@@ -13,7 +13,6 @@ from typing import Any
 from .catalog import LIST_SECTIONS, STAGE_SECTIONS, TOP_LEVEL, Catalog, Flag, load_catalog
 from .loader import NESTED_SECTIONS, STEP_NAME
 
-SCHEMA_PATH = "schemas/tunepipe.schema.json"
 _JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "number": "number",
                "str": "string", "path": "string", "mapping": "object"}
 # Kebab-case spellings are accepted by tunepipe; the schema lets them through unchecked rather than

@@ -77,10 +77,18 @@ class ResolvedSpec:
     explicit: set[tuple] = field(default_factory=set)  # paths the user set (file or override)
     locations: dict[tuple, Location] = field(default_factory=dict)
     warnings: list[Diagnostic] = field(default_factory=list)
+    indexed: set[str] = field(default_factory=set)  # list sections with several entries: named train[1]
 
     @property
     def spec_dir(self) -> Path:
         return self.path.parent
+
+
+def show_path(path: tuple, indexed: set[str]) -> str:
+    """How a key path is named in messages: train.lora_rank for a single entry, train[1].lora_rank among several."""
+    if len(path) > 1 and isinstance(path[1], int) and path[0] not in indexed:
+        path = (path[0], *path[2:])
+    return display_path(path)
 
 
 def display_path(path: tuple) -> str:
@@ -117,16 +125,14 @@ class _Loader:
         self.diagnostics: list[Diagnostic] = []
         self.locations: dict[tuple, Location] = {}
         self.explicit: set[tuple] = set()
-        self.list_written: set[str] = set()  # list sections the user wrote as a YAML list
+        self.indexed: set[str] = set()  # list sections with several entries
 
     # -- reporting -------------------------------------------------------------------------------
     def error(self, location: Location, path: tuple, message: str, severity: str = "error") -> None:
         self.diagnostics.append(Diagnostic(location, self.show(path), message, severity))
 
     def show(self, path: tuple) -> str:
-        if len(path) > 1 and isinstance(path[1], int) and path[0] not in self.list_written:
-            path = (path[0], *path[2:])  # a single mapping: say train.lora_rank, not train[0].lora_rank
-        return display_path(path)
+        return show_path(path, self.indexed)
 
     def key_location(self, node: Any, key: Any) -> Location:
         try:
@@ -177,7 +183,8 @@ class _Loader:
     def section(self, name: str, value: Any, where: Location) -> Any:
         if name in LIST_SECTIONS:
             if isinstance(value, CommentedSeq):
-                self.list_written.add(name)
+                if len(value) > 1:
+                    self.indexed.add(name)
                 if not value:
                     self.error(where, (name,), "an empty list: remove the section or give at least one entry")
                 entries = []
@@ -454,7 +461,8 @@ def load_spec(path: str | Path, overrides: list[Override] | None = None) -> Reso
         raise SpecError([Diagnostic(Location(str(path)), "", "the YAML nests too deeply")]) from None
     apply_overrides(loader, raw, overrides or [])
     data = resolve(loader, raw)
-    spec = ResolvedSpec(path=path.resolve(), data=data, explicit=loader.explicit, locations=loader.locations)
+    spec = ResolvedSpec(path=path.resolve(), data=data, explicit=loader.explicit, locations=loader.locations,
+                        indexed=loader.indexed)
     if not any(d.severity == "error" for d in loader.diagnostics):
         resolve_interactions(spec)
         for diagnostic in check_rules(spec, catalog):

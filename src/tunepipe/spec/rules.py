@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from ..errors import UserError
 from .catalog import Catalog
-from .loader import Diagnostic, Location, ResolvedSpec, display_path
+from .loader import Diagnostic, Location, ResolvedSpec, show_path
 from .paths import is_hub_id, resolve
 
 
@@ -35,10 +35,7 @@ class RuleContext:
 
     def report(self, path: tuple, message: str, severity: str) -> None:
         location = self.spec.locations.get(path) or Location(str(self.spec.path))
-        shown = path
-        if len(path) > 1 and isinstance(path[1], int) and len(self.data.get(path[0]) or []) == 1:
-            shown = (path[0], *path[2:])
-        self.diagnostics.append(Diagnostic(location, display_path(shown), message, severity))
+        self.diagnostics.append(Diagnostic(location, show_path(path, self.spec.indexed), message, severity))
 
     def error(self, path: tuple, message: str) -> None:
         self.report(path, message, "error")

@@ -20,6 +20,9 @@ class StepContext:
     spec_dir: Path
     out: Path
     work: Path
+    # Every upstream artifact the step declared, by key -> local directory: what a train.json's
+    # `base.key` names is looked up here, never by rebuilding a store path.
+    artifacts: dict[str, Path] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("tunepipe.step"))
 
     def param(self, name: str, default: Any = None) -> Any:

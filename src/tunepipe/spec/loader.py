@@ -15,7 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import AliasEvent
 
 from ..errors import UserError
 from .catalog import LIST_SECTIONS, STAGE_SECTIONS, TOP_LEVEL, Catalog, Flag, load_catalog
@@ -26,6 +28,10 @@ from .models import describe_type, section_model
 NESTED_SECTIONS = {"executor": STAGE_SECTIONS, "data": ("train",)}
 # Entries of list sections may carry `name: NAME`, which names their step (train.NAME); not a flag.
 STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# The most nodes all the aliases of one YAML document may stand for once expanded. A spec that shares a
+# block or two with anchors needs a few hundred; nested aliases (`b: &b [*a, *a, …]`) multiply, and a
+# few hundred bytes of them would stand for millions of values.
+MAX_ALIAS_NODES = 10_000
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,51 @@ def plain(value: Any) -> Any:
     if isinstance(value, list):
         return [plain(v) for v in value]
     return value  # dates and other YAML types: the model's type check will name them
+
+
+class AliasExpansionError(MarkedYAMLError):
+    """A YAML document whose aliases expand beyond MAX_ALIAS_NODES, or an alias inside its own anchor."""
+
+
+class BoundedComposer(Composer):
+    """ruamel's composer, counting the nodes each alias stands for as it resolves it.
+
+    The composed graph shares an anchored node between its aliases, but everything that walks the
+    document afterwards (the loader, pydantic, the compiler's JSON) sees one copy per alias; so the
+    expanded size is what counts, and it is measured here, before anything is constructed."""
+
+    def __init__(self, loader: Any = None) -> None:
+        super().__init__(loader)
+        self.expanded: dict[int, int] = {}  # id(node) -> nodes it stands for, counted once composed
+        self.composed = 0  # nodes composed so far, aliases counted expanded
+        self.aliased = 0  # of those, nodes that aliases stand for
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.parser.check_event(AliasEvent):
+            event = self.parser.peek_event()
+            node = super().compose_node(parent, index)
+            size = self.expanded.get(id(node))
+            if size is None:  # its anchor is still being composed: the alias is inside it
+                raise AliasExpansionError(None, None, f"alias *{event.anchor} is inside its own anchor "
+                                          f"&{event.anchor}, so it would expand forever", event.start_mark)
+            self.composed += size
+            self.aliased += size
+            if self.aliased > MAX_ALIAS_NODES:
+                raise AliasExpansionError(None, None, f"YAML aliases expand to more than {MAX_ALIAS_NODES} nodes; "
+                                          "write the values out or use fewer nested aliases", event.start_mark)
+            return node
+        before = self.composed
+        node = super().compose_node(parent, index)
+        self.composed += 1
+        self.expanded[id(node)] = self.composed - before
+        return node
+
+
+def bounded_yaml(typ: str = "rt") -> YAML:
+    """A ruamel YAML loader (pure Python) that refuses alias expansion beyond MAX_ALIAS_NODES."""
+    yaml = YAML(typ=typ, pure=True)
+    yaml.Composer = BoundedComposer
+    return yaml
 
 
 class _Loader:
@@ -298,7 +349,7 @@ def _kind(value: Any) -> str:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        value = YAML(typ="safe", pure=True).load(text)
+        value = bounded_yaml("safe").load(text)
     except YAMLError:
         return text
     return value if isinstance(value, (bool, int, float, str)) or value is None else text
@@ -317,9 +368,10 @@ def apply_overrides(loader: _Loader, raw: dict[str, Any], overrides: list[Overri
         if ov.section is not None and ov.section.replace("-", "_") != flag.section:
             loader.error(where, (ov.section, ov.key), f"{name} is a {flag.section} flag, not a {ov.section} flag")
             continue
-        value = _override_value(flag, ov, negated)
-        if isinstance(value, str) and value.startswith("\0"):
-            loader.error(where, (flag.section, name), value[1:])
+        try:
+            value = _override_value(flag, ov, negated)
+        except OverrideValueError as exc:
+            loader.error(where, (flag.section, name), str(exc))
             continue
         for target, prefix in _override_targets(loader, raw, flag.section, ov, where):
             target[name] = value
@@ -327,15 +379,20 @@ def apply_overrides(loader: _Loader, raw: dict[str, Any], overrides: list[Overri
             loader.locations[(*prefix, name)] = where
 
 
+class OverrideValueError(ValueError):
+    """An override whose value cannot be used for its flag; the message says why."""
+
+
 def _override_value(flag: Flag, ov: Override, negated: bool) -> Any:
+    """The value an override sets; raises OverrideValueError when it has none or a switch gets a non-bool."""
     if ov.value is None:
         if flag.type != "bool":
-            return f"\0{ov.label} needs a value ({describe_type(flag)})"
+            raise OverrideValueError(f"{ov.label} needs a value ({describe_type(flag)})")
         return not negated
     value = ov.value if flag.type in ("str", "path", "list") else _parse_scalar(ov.value)
     if negated:
         if not isinstance(value, bool):
-            return f"\0{ov.label} is a switch: expected true or false, got {ov.value!r}"
+            raise OverrideValueError(f"{ov.label} is a switch: expected true or false, got {ov.value!r}")
         return not value
     return value
 
@@ -420,9 +477,11 @@ def resolve(loader: _Loader, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
-    yaml = YAML(typ="rt")
     try:
-        return yaml.load(text)
+        return bounded_yaml().load(text)
+    except AliasExpansionError as exc:
+        mark = exc.problem_mark
+        loader.error(Location(source, mark.line + 1, mark.column + 1), (), exc.problem)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # fake_stages, for --fake
 
 from tunepipe.compiler.plan import Plan, compile_plan  # noqa: E402
-from tunepipe.runtime.store import Store  # noqa: E402
+from tunepipe.store import open_store  # noqa: E402
 
 
 def median_seconds(command: list[str], repeat: int, cwd: Path | None = None, env: dict | None = None) -> float:
@@ -58,7 +58,7 @@ def fake_project(root: Path) -> tuple[Plan, list[str], dict]:
 
 def dvc_project(plan: Plan, root: Path) -> None:
     """A dvc.yaml with one stage per step: same local inputs, upstream outputs, the artifact as output."""
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     stages = {}
     for step in plan.steps:
         deps = []
@@ -67,7 +67,7 @@ def dvc_project(plan: Plan, root: Path) -> None:
                 base = step.files[role]
                 deps += [str(base)] if base.is_file() else [str(base / name) for name in names]
         deps += [f"out/{dep}" for dep in step.deps]
-        source = shlex.quote(str(store.path(step.key)))
+        source = shlex.quote(str(store.fetch(step.key)))
         stages[step.id.replace(".", "_")] = {
             "cmd": f"mkdir -p out && cp -r {source} out/{step.id}",
             "deps": deps,
@@ -88,7 +88,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tunepipe-bench-") as scratch:
         scratch = Path(scratch)
         plan, command, env = fake_project(scratch / "project") if args.fake else real_project(args.spec.resolve())
-        store = Store(plan.cache_dir)
+        store = open_store(plan.cache_dir)
         if not all(store.has(step.key) for step in plan.steps):
             print(f"building {plan.name} first ({len(plan.steps)} steps) ...", flush=True)
             subprocess.run(command, env=env, check=True)

@@ -15,12 +15,12 @@ from tunepipe.compiler.render import render
 from tunepipe.compiler.status import annotate, frozen_violations
 from tunepipe.errors import FrozenPlanError, UserError
 from tunepipe.runner import cache_gc, run_plan
-from tunepipe.runtime.store import Store
+from tunepipe.store import open_store
 
 
 def build_in_process(plan) -> None:
     """Stand-in for a run: commit a small artifact per step and write the lock."""
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     for step in plan.steps:
         if not store.has(step.key):
             tmp = store.begin(step.key)
@@ -57,7 +57,7 @@ def test_the_dag_follows_the_spec(project):
     assert plan.step("train").inputs == {"template": "template"}
     assert plan.step("export.gguf").inputs == {"quantize": "quantize"}
     assert plan.step("export.onnx").inputs == {"model": "merge"}
-    assert plan.step("verify.gguf").inputs == {"export": "export.gguf", "reference": "quantize"}
+    assert plan.step("verify.gguf").inputs == {"export": "export.gguf", "reference": "quantize", "probes": "template"}
     assert plan.step("infer").inputs == {"model": "merge"}
     # params: every flag the step reads; key params: the artifact ones, path flags left to digests
     train = plan.step("train")
@@ -85,7 +85,10 @@ def test_train_entries_chain_and_get_their_own_data(project):
     assert plan.step("train.pretrain").inputs == {"template": "template.pretrain"}
     assert plan.step("train.sft").inputs == {"template": "template.sft", "base": "train.pretrain"}
     assert plan.step("data.pretrain").digests["dataset_dir"].keys() == {"dataset_info.json", "corpus.txt"}
-    assert plan.step("merge").inputs == {"train": "train.sft"}
+    # merge reads the whole train chain (the adapter's base too), declared; the key holds it already
+    assert plan.step("merge").inputs == {"train": "train.sft", "chain.0": "train.pretrain"}
+    assert plan.step("merge").key_inputs == {"train": "train.sft"}
+    assert plan.step("infer").inputs == {"model": "merge"}  # a merged model stands alone
     # two entries that read the same data share one data/template pair
     edit(project, lambda s: s["train"][0].pop("data"))
     plan = compile_project(project)
@@ -199,7 +202,7 @@ def test_renderings(project):
     statuses = annotate(plan)
     text = render(plan, statuses, "text")
     assert text.splitlines()[0] == "fake: 10 steps, 0 cached, 10 stale"
-    assert "└─ template" in text and "verify.gguf" in text and "(also after quantize)" in text
+    assert "└─ template" in text and "verify.gguf" in text and "(also after quantize, template)" in text
     rows = json.loads(render(plan, statuses, "json"))
     assert {"id", "kind", "key", "deps", "status", "reason"} <= set(rows[0])
     assert rows[2]["deps"] == ["template"] and rows[2]["status"] == "stale"
@@ -225,7 +228,7 @@ def test_the_lock_file_is_sorted_and_stable(project):
     assert str(project) not in text  # no absolute paths
     assert lock["steps"]["train"]["params"]["learning_rate"] == 1e-3
     assert lock["steps"]["data"]["inputs"]["dataset_dir"].keys() == {"dataset_info.json", "identity.json"}
-    assert write_lock(plan, Store(plan.cache_dir)) is False  # unchanged: not rewritten
+    assert write_lock(plan, open_store(plan.cache_dir)) is False  # unchanged: not rewritten
     assert plan.lock_path.read_text() == text
 
 
@@ -239,7 +242,7 @@ def test_frozen_warns_when_an_artifact_differs_from_the_lock(project):
     console = Console(file=io.StringIO(), width=200)
     run_plan(plan, frozen=True, console=console)  # every key and output as locked
     assert "warning" not in console.file.getvalue()
-    store, merge = Store(plan.cache_dir), plan.step("merge")
+    store, merge = open_store(plan.cache_dir), plan.step("merge")
     store.rm(merge.key)  # rebuilt (same key) with other bytes, as a stage that writes timings would
     tmp = store.begin(merge.key)
     (tmp / "out.txt").write_text("other bytes")
@@ -254,7 +257,7 @@ def test_gc_keeps_the_plan_and_optionally_the_lock(project):
     edit(project, lambda s: s["export"][1].update(onnx_opset=18))
     new = compile_project(project)
     build_in_process(new)  # the lock now names the new keys; the old export.onnx is only in the cache
-    store = Store(new.cache_dir)
+    store = open_store(new.cache_dir)
     assert cache_gc(store, new, keep_lock=True) == sorted([old.step("export.onnx").key, old.step("verify.onnx").key])
     assert all(store.has(step.key) for step in new.steps)
 
@@ -372,5 +375,5 @@ def test_a_version_1_lock_reads_as_the_spec_section_and_is_upgraded(project):
     section = json.loads(plan.lock_path.read_text())["specs"]["spec.json"]
     plan.lock_path.write_text(json.dumps({"version": 1, **section}))
     assert frozen_violations(plan, read_lock(plan.lock_path, "spec.json")) == {}
-    assert write_lock(plan, Store(plan.cache_dir)) is True
+    assert write_lock(plan, open_store(plan.cache_dir)) is True
     assert json.loads(plan.lock_path.read_text()) == {"version": 2, "specs": {"spec.json": section}}

@@ -24,7 +24,7 @@ from rich.console import Console
 from fake_stages import HERE, compile_project, make_project, read_spec, worker_env, write_spec
 from tunepipe.errors import StepFailed, UserError
 from tunepipe.runner import cache_verify, run_plan
-from tunepipe.runtime.store import Store
+from tunepipe.store import open_store
 
 ALL = ["data", "template", "train", "merge", "quantize", "export.gguf", "verify.gguf", "export.onnx", "verify.onnx", "infer"]
 
@@ -56,7 +56,7 @@ def statuses(result) -> dict[str, str]:
 
 
 def artifact_bytes(store: Store, key: str) -> dict[str, bytes]:
-    base = store.path(key)
+    base = store.fetch(key)
     return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*"))
             if p.is_file() and p.name not in ("manifest.json", "step.log")}
 
@@ -67,11 +67,11 @@ def test_first_run_builds_second_run_is_all_cached(project):
     assert builds(project) == ALL
     assert first.lock_written and (project / "tunepipe.lock").exists()
     plan = compile_project(project)
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     train = plan.step("train")
     # delivered where the user asked, with the artifact's bytes; the log stays in the store
-    assert (project / "out" / "model" / "train.txt").read_bytes() == (store.path(train.key) / "train.txt").read_bytes()
-    assert "fake train running train" in (store.path(train.key) / "step.log").read_text()
+    assert (project / "out" / "model" / "train.txt").read_bytes() == (store.fetch(train.key) / "train.txt").read_bytes()
+    assert "fake train running train" in (store.fetch(train.key) / "step.log").read_text()
     manifest = store.manifest(train.key)
     assert manifest["upstream"] == {"template": plan.step("template").key}
     assert manifest["params"]["logging_steps"] == 5 and manifest["wall_s"] >= 0 and manifest["peak_rss_bytes"] > 0
@@ -108,7 +108,7 @@ def test_a_failed_step_names_itself_with_its_exit_status_and_log(project, monkey
     assert "RuntimeError: fake failure in merge" in failure.value.log_tail
     assert not (project / "tunepipe.lock").exists()
     plan = compile_project(project)
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     assert [store.has(s.key) for s in plan.steps][:4] == [True, True, True, False]
     assert list((store.root / "tmp").iterdir()) == []  # the failed step cleaned its temporary dir
 
@@ -152,9 +152,9 @@ def test_only_rank_0_commits(project, monkeypatch):
 
     run(project, until="template")
     plan = compile_project(project)
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     train = plan.step("train")
-    payload = step_payload(plan, train, store, store.run_dir(train.key) / "step.log", force=False)
+    payload = step_payload(plan, train, store, store.scratch.run_dir(train.key) / "step.log", force=False)
     monkeypatch.setenv("RANK", "1")
     run_step(payload)
     assert builds(project)[-1] == "train"  # the stage ran on rank 1 ...
@@ -180,7 +180,7 @@ def test_parallel_siblings(project, monkeypatch):
     monkeypatch.setenv("FAKE_SLOW", "export:0.2")
     run(project, jobs=2, until=["export.gguf", "export.onnx"])
     plan = compile_project(project)
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     log = (project.parent / "builds.log").read_text().splitlines()
     started = {line.split()[0]: float(line.split()[2]) for line in log}
     first, second = sorted(["export.gguf", "export.onnx"], key=started.get)
@@ -191,10 +191,10 @@ def test_parallel_siblings(project, monkeypatch):
 def test_a_tampered_artifact_is_caught_by_verify_and_rebuilt(project):
     run(project)
     plan = compile_project(project)
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     merge = plan.step("merge")
     good = artifact_bytes(store, merge.key)
-    target = store.path(merge.key) / "merge.txt"
+    target = store.fetch(merge.key) / "merge.txt"
     target.write_bytes(target.read_bytes().replace(b"a", b"b", 1).replace(b"0", b"1", 1))
     assert list(cache_verify(store)) == [merge.key]
     before = len(builds(project))
@@ -213,7 +213,7 @@ def test_ctrl_c_cancels_the_running_step_cleanly(project, tmp_path):
     runner.wait(30)
     assert runner.returncode != 0
     assert not alive(worker_pid)
-    store = Store(compile_project(project).cache_dir)
+    store = open_store(compile_project(project).cache_dir)
     assert not store.has(compile_project(project).step("train").key)
     assert list((store.root / "tmp").iterdir()) == []  # the worker removed its temporary dir on SIGTERM
 
@@ -264,7 +264,7 @@ def test_kill_9_at_random_moments_never_leaves_a_trusted_partial_artifact(projec
     rng = random.Random(int(os.environ.get("TUNEPIPE_KILL_SEED", "7")))
     monkeypatch.setenv("FAKE_SLOW", "train:0.04,merge:0.04,export:0.02")  # artifacts written file by file
     env = dict(os.environ)
-    store = Store(compile_project(project).cache_dir)
+    store = open_store(compile_project(project).cache_dir)
     kills = {"runner": 0, "worker": 0, "both": 0}
     for _ in range(rounds):
         runner = subprocess.Popen([sys.executable, str(HERE / "fake_stages.py"), "run", str(project)], env=env,
@@ -296,7 +296,7 @@ def test_kill_9_at_random_moments_never_leaves_a_trusted_partial_artifact(projec
     plan = compile_project(project)
     assert [s.key for s in plan.steps] == [s.key for s in reference_plan.steps]
     for step in plan.steps:
-        assert artifact_bytes(store, step.key) == artifact_bytes(Store(reference_plan.cache_dir), step.key), step.id
+        assert artifact_bytes(store, step.key) == artifact_bytes(open_store(reference_plan.cache_dir), step.key), step.id
     store.gc({s.key for s in plan.steps})
     assert list((store.root / "tmp").iterdir()) == []
 
@@ -341,6 +341,5 @@ def test_a_stage_this_version_lacks_fails_preflight_before_anything_runs(project
     with pytest.raises(UserError) as error:
         run(project)
     assert "nothing was run" in error.value.message
-    assert "merge: this version of tunepipe has no merge stage yet; remove the merge section" in error.value.details
     assert "quantize: this version of tunepipe has no quantize stage yet; remove the quantize section" in error.value.details
     assert builds(project) == []

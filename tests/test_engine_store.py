@@ -11,7 +11,7 @@ import pytest
 
 from tunepipe.runner import cache_gc, cache_ls, cache_rm, cache_verify
 from tunepipe.errors import UserError
-from tunepipe.runtime.store import Store
+from tunepipe.store import open_store
 
 KEY_A = "a" * 64
 KEY_B = "b" * 64
@@ -26,7 +26,7 @@ def commit(store: Store, key: str, files: dict[str, bytes]):
 
 
 def test_commit_makes_a_verified_artifact_with_its_manifest(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     assert not store.has(KEY_A)
     path = commit(store, KEY_A, {"model/weights.bin": b"\x00" * 100, "train.json": b"{}"})
     assert path == tmp_path / "cache" / "aa" / KEY_A
@@ -38,50 +38,50 @@ def test_commit_makes_a_verified_artifact_with_its_manifest(tmp_path):
 
 
 def test_an_uncommitted_or_manifestless_directory_is_never_trusted(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     tmp = store.begin(KEY_A)
     (tmp / "half.bin").write_bytes(b"partial")
     assert not store.has(KEY_A) and store.ls() == []
-    store.path(KEY_B).mkdir(parents=True)  # a directory in the right place, without a manifest
-    (store.path(KEY_B) / "weights.bin").write_bytes(b"?")
+    store._path(KEY_B).mkdir(parents=True)  # a directory in the right place, without a manifest
+    (store._path(KEY_B) / "weights.bin").write_bytes(b"?")
     assert not store.has(KEY_B) and store.ls() == []
-    (store.path(KEY_B) / "manifest.json").write_text('{"key": "' + KEY_A + '"}')  # a manifest for another key
+    (store._path(KEY_B) / "manifest.json").write_text('{"key": "' + KEY_A + '"}')  # a manifest for another key
     assert not store.has(KEY_B)
 
 
 def test_a_second_commit_of_a_key_keeps_the_first(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"x": b"first"})
     commit(store, KEY_A, {"x": b"second"})
-    assert (store.path(KEY_A) / "x").read_bytes() == b"first"
+    assert (store._path(KEY_A) / "x").read_bytes() == b"first"
     tmp = store.begin(KEY_A)
     (tmp / "x").write_bytes(b"forced")
     store.commit(tmp, KEY_A, {}, replace=True)
-    assert (store.path(KEY_A) / "x").read_bytes() == b"forced"
+    assert (store._path(KEY_A) / "x").read_bytes() == b"forced"
     assert store.verify(KEY_A) == []
 
 
 def test_verify_catches_tampering_and_evicts(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"weights.bin": b"abcd", "config.json": b"{}"})
     commit(store, KEY_B, {"weights.bin": b"efgh"})
-    (store.path(KEY_A) / "weights.bin").write_bytes(b"abce")  # same size: only a re-hash sees it
+    (store._path(KEY_A) / "weights.bin").write_bytes(b"abce")  # same size: only a re-hash sees it
     assert store.has(KEY_A)
     assert store.verify(KEY_A) == ["weights.bin: content changed (sha256 mismatch)"]
-    (store.path(KEY_B) / "extra.txt").write_text("planted")
+    (store._path(KEY_B) / "extra.txt").write_text("planted")
     assert store.verify(KEY_B) == ["extra.txt: not in manifest"]
-    (store.path(KEY_B) / "extra.txt").unlink()
-    (store.path(KEY_B) / "weights.bin").write_bytes(b"ef")  # truncated: even `has` sees that
+    (store._path(KEY_B) / "extra.txt").unlink()
+    (store._path(KEY_B) / "weights.bin").write_bytes(b"ef")  # truncated: even `has` sees that
     assert not store.has(KEY_B)
     assert set(cache_verify(store)) == {KEY_A, KEY_B}
     assert store.ls() == []
 
 
 def test_gc_keeps_what_it_is_told_and_removes_leftovers_of_dead_writers(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"x": b"1"})
     commit(store, KEY_B, {"x": b"2"})
-    store.work_dir(KEY_B)
+    store.scratch.work_dir(KEY_B)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = os.uname().nodename
     stale_tmp = store.root / "tmp" / f"{KEY_B}.{host}.{dead.stdout.strip()}.deadbeef"
@@ -94,7 +94,7 @@ def test_gc_keeps_what_it_is_told_and_removes_leftovers_of_dead_writers(tmp_path
 
 
 def test_gc_skips_a_key_being_built(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"x": b"1"})
     holder = subprocess.Popen([sys.executable, "-c", f"""
 from filelock import FileLock
@@ -111,24 +111,24 @@ print("locked", flush=True); time.sleep(30)"""], stdout=subprocess.PIPE, text=Tr
 
 
 def test_materialise_copies_and_skips_unchanged_files(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"model/weights.bin": b"w" * 10, "step.log": b"log"})
     dest = tmp_path / "out"
     store.materialise(KEY_A, dest)
     assert (dest / "model" / "weights.bin").read_bytes() == b"w" * 10
     assert not (dest / "step.log").exists()
-    assert (dest / "model" / "weights.bin").stat().st_ino != (store.path(KEY_A) / "model" / "weights.bin").stat().st_ino
+    assert (dest / "model" / "weights.bin").stat().st_ino != (store._path(KEY_A) / "model" / "weights.bin").stat().st_ino
     before = (dest / "model" / "weights.bin").stat().st_mtime_ns
     store.materialise(KEY_A, dest)
     assert (dest / "model" / "weights.bin").stat().st_mtime_ns == before
     (dest / "model" / "weights.bin").write_bytes(b"edited by the user")
     store.materialise(KEY_A, dest)
     assert (dest / "model" / "weights.bin").read_bytes() == b"w" * 10
-    assert (store.path(KEY_A) / "model" / "weights.bin").read_bytes() == b"w" * 10
+    assert (store._path(KEY_A) / "model" / "weights.bin").read_bytes() == b"w" * 10
 
 
 def test_cache_commands(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"x": b"12345"})
     commit(store, KEY_B, {"x": b"1"})
     rows = cache_ls(store)
@@ -141,12 +141,12 @@ def test_cache_commands(tmp_path):
 
 def test_concurrent_materialise_of_one_artifact(tmp_path):
     """Two runs of one spec deliver the same output_dir at once: neither may trip over the other."""
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"model/weights.bin": os.urandom(1 << 20)})
     script = f"""
 from pathlib import Path
-from tunepipe.runtime.store import Store
-store, dest = Store(Path({str(store.root)!r})), Path({str(tmp_path / "out")!r})
+from tunepipe.store import open_store
+store, dest = open_store(Path({str(store.root)!r})), Path({str(tmp_path / "out")!r})
 for _ in range(100):
     (dest / "model" / "weights.bin").unlink(missing_ok=True)  # so that every round copies
     store.materialise({KEY_A!r}, dest)
@@ -159,7 +159,7 @@ for _ in range(100):
 @pytest.mark.parametrize("name", ["", "a", "aaaaa", "not-a-key", "zzzzzzzz"])
 def test_cache_rm_refuses_short_or_non_hex_prefixes(tmp_path, name):
     """An empty prefix matches every key: `cache rm ""` must remove nothing."""
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"x": b"1"})
     with pytest.raises(UserError, match="at least 6 hex characters"):
         cache_rm(store, [name])
@@ -167,7 +167,7 @@ def test_cache_rm_refuses_short_or_non_hex_prefixes(tmp_path, name):
 
 
 def test_cache_rm_resolves_every_name_before_removing_any(tmp_path):
-    store = Store(tmp_path / "cache")
+    store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"x": b"1"})
     commit(store, KEY_B, {"x": b"2"})
     with pytest.raises(UserError, match="nothing was removed"):

@@ -10,6 +10,14 @@ import pytest
 from tunepipe.executors import preflight as pf
 from tunepipe.executors.preflight import preflight
 
+def step_params(kind: str, flags: dict) -> dict:
+    """The params the compiler gives a `kind` step: every flag it reads, catalog defaults filled in."""
+    from tunepipe.spec.catalog import load_catalog
+
+    params = {f.name: f.default for f in load_catalog().flags.values() if kind in f.used_by}
+    return {**params, **flags}
+
+
 CPU = {"cuda": False, "count": 0, "bf16": False, "capability": None, "name": None}
 OLD_GPU = {"cuda": True, "count": 1, "bf16": False, "capability": [7, 5], "name": "Tesla T4"}
 
@@ -35,27 +43,20 @@ def host(monkeypatch):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        ({"use_unsloth": True}, "use_unsloth: Unsloth's patched models are not integrated"),
         ({"enable_liger_kernel": True}, "enable_liger_kernel: the liger-kernel package is not installed (pip install liger-kernel) and needs a CUDA GPU"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2: the flash-attn package is not installed (pip install flash-attn) and needs a CUDA GPU"),
         ({"attn_implementation": "flash_attention_2"}, "attn_implementation: flash_attention_2: the flash-attn package is not installed"),
         ({"quantization_bit": 4, "quantization_method": "bnb"}, "quantization_bit 4 (QLoRA): the bitsandbytes package is not installed (pip install bitsandbytes) and needs a CUDA GPU"),
         ({"quantization_bit": 4, "quantization_method": "gptq"}, "quantization_bit: only bitsandbytes (quantization_method: bnb) quantizes while loading"),
-        ({"shift_attn": True}, "shift_attn: LongLoRA's shifted sparse attention"),
-        ({"mixture_of_depths": "convert"}, "mixture_of_depths: Mixture-of-Depths conversion is not integrated"),
-        ({"tpu_num_cores": 8}, "tpu_num_cores: the torch_xla package is not installed (pip install torch_xla) and needs a TPU host"),
-        ({"tpu_metrics_debug": True}, "tpu_metrics_debug: the torch_xla package is not installed"),
         ({"deepspeed": "/nonexistent/ds.json"}, "deepspeed: the deepspeed package is not installed (pip install deepspeed)"),
         ({"report_to": "wandb"}, "report_to wandb: wandb is not installed (pip install wandb)"),
-        ({"tuner_backend": "hqq"}, "tuner_backend hqq: tunepipe trains adapters with peft only"),
-        ({"quant_lora": True}, "quant_lora: quantized LoRA weights are not supported"),
         ({"tf32": True}, "tf32 requested but TensorFloat-32 needs an NVIDIA Ampere-or-newer GPU (no CUDA GPU in this environment)"),
         ({"device_map": "cuda:0"}, "device_map cuda:0: no CUDA GPU in this environment"),
     ],
 )  # fmt: skip
 def test_missing_package_or_hardware_is_named(host, flags, expected):
-    host["missing"] |= {"unsloth", "liger_kernel", "flash_attn", "bitsandbytes", "torch_xla", "deepspeed", "wandb", "MoD"}
-    problems = preflight("train", flags, {"kind": "local"})
+    host["missing"] |= {"unsloth", "liger_kernel", "flash_attn", "bitsandbytes", "deepspeed", "wandb"}
+    problems = preflight("train", step_params("train", flags), {"kind": "local"})
     assert any(p.startswith(expected) for p in problems), problems
 
 
@@ -65,39 +66,40 @@ def test_what_works_on_this_cpu_host_passes(host):
     host["missing"].add("wandb")
     for flags in ({}, {"bf16": True}, {"fp16": True}, {"torch_compile": True}, {"report_to": "tensorboard"}, {"report_to": "all"},
                   {"finetuning_type": "lora", "gradient_checkpointing": True}, {"flash_attn": "sdpa"}):  # fmt: skip
-        assert preflight("train", flags, {"kind": "local"}) == [], flags
-    assert preflight("train", {}, {"kind": "torchrun", "nproc_per_node": 2}) == []
+        assert preflight("train", step_params("train", flags), {"kind": "local"}) == [], flags
+    assert preflight("train", step_params("train", {}), {"kind": "torchrun", "nproc_per_node": 2}) == []
 
 
 def test_device_probe_runs_only_when_a_flag_needs_it(host):
-    preflight("train", {"learning_rate": 1e-4, "finetuning_type": "lora"}, {"kind": "local"})
+    preflight("train", step_params("train", {"learning_rate": 1e-4, "finetuning_type": "lora"}), {"kind": "local"})
     assert host["probes"] == 0
-    preflight("train", {"bf16": True}, {"kind": "local"})
+    preflight("train", step_params("train", {"bf16": True}), {"kind": "local"})
     assert host["probes"] == 1
 
 
 def test_gpu_answers(host):
     host["device"] = OLD_GPU
-    assert preflight("train", {"bf16": True}, {}) == ["bf16 requested but the GPU (Tesla T4) has no bfloat16 support; use fp16"]
-    assert "Tesla T4" in preflight("train", {"tf32": True}, {})[0]
-    assert preflight("train", {}, {"kind": "torchrun", "nproc_per_node": 4})[0].startswith(
+    assert preflight("train", step_params("train", {"bf16": True}), {}) == ["bf16 requested but the GPU (Tesla T4) has no bfloat16 support; use fp16"]
+    assert "Tesla T4" in preflight("train", step_params("train", {"tf32": True}), {})[0]
+    assert preflight("train", step_params("train", {}), {"kind": "torchrun", "nproc_per_node": 4})[0].startswith(
         "executor nproc_per_node 4: only 1 CUDA GPU(s) here"
     )
     # no_cuda: the GPU is there but not used
     host["missing"].add("flash_attn")
-    assert preflight("train", {"no_cuda": True, "bf16": True}, {}) == []
+    assert preflight("train", step_params("train", {"no_cuda": True, "bf16": True}), {}) == []
 
 
 def test_an_executor_this_version_lacks_is_a_problem(host):
-    problems = preflight("train", {"tf32": True}, {"kind": "slurm"})
+    problems = preflight("train", step_params("train", {"tf32": True}), {"kind": "slurm"})
     assert problems == ["executor 'slurm' is not available in this version of tunepipe (planned); use local or torchrun"]
     assert host["probes"] == 0  # slurm's devices would be remote: never probed here
-    assert preflight("data", {}, {"kind": "kubernetes"}) == ["unknown executor 'kubernetes' (known: local, torchrun)"]
+    assert preflight("data", step_params("data", {}), {"kind": "kubernetes"}) == ["unknown executor 'kubernetes' (known: local, torchrun)"]
 
 
 @pytest.mark.parametrize("kind, section", [("merge", "merge"), ("quantize", "quantize"), ("export", "export"), ("verify", "export")])
 def test_a_stage_this_version_lacks_is_a_problem(host, monkeypatch, kind, section):
     monkeypatch.delenv("TUNEPIPE_STAGE_MODULES", raising=False)
+    host["missing"].add(f"tunepipe.runtime.stages.{kind}")  # as in a version without that stage module
     assert preflight(kind, {}, {}) == [f"this version of tunepipe has no {kind} stage yet; remove the {section} section"]
     monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", f"{kind}=fake_stages")  # tests supply their own stage
     assert preflight(kind, {}, {}) == []
@@ -107,32 +109,32 @@ def test_a_stage_this_version_lacks_is_a_problem(host, monkeypatch, kind, sectio
 
 def test_the_stages_that_exist_pass(host, monkeypatch):
     monkeypatch.delenv("TUNEPIPE_STAGE_MODULES", raising=False)
-    assert preflight("data", {}, {}) == [] and preflight("template", {}, {}) == []
+    assert preflight("data", step_params("data", {}), {}) == [] and preflight("template", step_params("template", {}), {}) == []
 
 
 def test_config_files_are_validated(tmp_path, host):
     (tmp_path / "fsdp.json").write_text("{oops")
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    problems = preflight("train", {"fsdp": "full_shard", "fsdp_config": "fsdp.json"}, {}, spec_dir=tmp_path)
+    problems = preflight("train", step_params("train", {"fsdp": "full_shard", "fsdp_config": "fsdp.json"}), {}, spec_dir=tmp_path)
     assert len(problems) == 1 and problems[0].startswith(f"fsdp_config: {tmp_path / 'fsdp.json'} is not a valid JSON file")
     host["missing"].add("deepspeed")
-    assert preflight("train", {"deepspeed": "ds.json"}, {}, spec_dir=tmp_path) == [
+    assert preflight("train", step_params("train", {"deepspeed": "ds.json"}), {}, spec_dir=tmp_path) == [
         "deepspeed: the deepspeed package is not installed (pip install deepspeed)"
     ]
 
 
 def test_infer_backend_other_than_hf(host):
-    assert preflight("infer", {"infer_backend": "vllm"}, {}) == [
+    assert preflight("infer", step_params("infer", {"infer_backend": "vllm"}), {}) == [
         "infer_backend vllm: tunepipe's infer stage generates with transformers (hf) only; "
         "use infer_backend: hf (vllm is not integrated)"
     ]
-    assert preflight("infer", {"infer_backend": "hf"}, {}) == []
+    assert preflight("infer", step_params("infer", {"infer_backend": "hf"}), {}) == []
 
 
 def test_missing_training_stack(host):
     host["missing"].add("peft")
-    assert preflight("train", {}, {}) == ["peft not installed: this step needs torch, transformers, peft and accelerate (pip install 'tunepipe[train]')"]
-    assert preflight("data", {}, {}) == []
+    assert preflight("train", step_params("train", {}), {}) == ["peft not installed: the train step needs torch, transformers, peft, accelerate (pip install 'tunepipe[train]')"]
+    assert preflight("data", step_params("data", {}), {}) == []
 
 
 def test_real_probe_on_this_host():

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import EXAMPLES
 
+from tunepipe.store import open_store
+
 pytestmark = pytest.mark.slow
 
 
@@ -36,7 +38,7 @@ def quickstart(tmp_path_factory):
 
 def artifact(root, plan, step_id):
     key = next(step["key"] for step in plan if step["id"] == step_id)
-    return root / ".tunepipe" / "cache" / key[:2] / key
+    return open_store(root / ".tunepipe" / "cache").fetch(key)
 
 
 def test_the_model_learns_its_identity(quickstart):

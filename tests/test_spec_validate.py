@@ -185,6 +185,13 @@ RULE_CASES = [
     ("tokenizer_needed", "", "model.model_name_or_path: tokenizing and training need a model"),
     ("val_size_is_a_ratio_or_a_count", "", "data.val_size: 2.5 is a float, so a ratio"),
     ("template_known", "", "template.template: unknown template 'chatm': did you mean chatml?"),
+    ("null_only_where_meaningful", "  lora_rank: null\n", "train.lora_rank: null is not a value of lora_rank"),
+    ("flags_not_integrated", "", "model.use_unsloth: not supported by this version of tunepipe: Unsloth"),
+    ("flags_not_integrated", "  tuner_backend: hqq\n", "train.tuner_backend: not supported by this version of tunepipe: HQQ"),
+    ("warmup_ratio_below_one", "  warmup_ratio: 1\n", "train.warmup_ratio: 1 would warm up for the whole run"),
+    ("infer_needs_prompt", "infer: {}\n", "infer needs a prompt"),
+    ("export_type_fits_format", "export: [{format: onnx, type: q8_0}]\n", "export.type: 'q8_0' is not a onnx type"),
+    ("quantize_method_is_real", "quantize: [{method: cpm}]\n", "quantize.method: cpm names OpenBMB's cpm_kernels"),
 ]
 
 
@@ -192,6 +199,7 @@ RULE_CASES = [
 RULE_EDITS = {
     "evaluation_needs_validation_split": ("dataset_dir:", "val_size: 0, dataset_dir:"),
     "unsloth_gc_needs_unsloth": ("model: {", "model: {use_unsloth_gc: true, "),
+    "flags_not_integrated": ("model: {", "model: {use_unsloth: true, "),
     "quantization_bit_needs_method": ("model: {", "model: {quantization_bit: 4, "),
     "train_needs_a_method": ("finetuning_type: lora", "finetuning_type: none"),
     "lora_flags_need_lora": ("finetuning_type: lora", "finetuning_type: full\n  lora_rank: 4"),
@@ -233,8 +241,8 @@ def test_warmup_steps_alone_means_steps(write_spec):
 
 
 def test_quantize_targets_are_named_as_the_compiler_names_them(cli, write_spec):
-    base = BASE + "quantize: [{name: small, type: q4_0}, {type: q8_0}]\n"
-    for quantized in ("small", "q8_0", "quantize.small"):
+    base = BASE + "quantize: [{name: small, method: bnb, bits: 4}, {method: hqq, bits: 8}]\n"
+    for quantized in ("small", "hqq8", "quantize.small", "quantize.hqq8"):
         code, _, err = cli("validate", write_spec(base + f"export: {{format: gguf, quantized: {quantized}}}\n"))
         assert code == 0, err
 

@@ -13,7 +13,7 @@ from test_train_support import pretrained, tokenized, train_params  # noqa: F401
 
 from tunepipe.errors import UserError
 from tunepipe.executors.base import get_executor
-from tunepipe.runtime.store import Store
+from tunepipe.store import open_store
 
 KEY = "ab" * 32
 
@@ -75,7 +75,7 @@ def test_two_cpu_processes_train_with_ddp(tmp_path, pretrained):
         executor.cancel(handle)
     assert executor.poll(handle) == 0, log[-4000:]
 
-    artifact = Store(cache).path(KEY)
+    artifact = open_store(cache).fetch(KEY)
     files = json.loads((artifact / "manifest.json").read_text())["files"]
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "loss.png", "trainer_state.json",
             "train.json", "metrics.json", "template.json", "tokenizer/tokenizer.json"} <= set(files)  # fmt: skip

@@ -98,19 +98,34 @@ def train_params(**overrides) -> dict:
 
 def make_ctx(tmp: Path, params: dict, *, data: Path, model: Path | None = None, base: Path | None = None,
              step_id: str = "train", kind: str = "train") -> StepContext:  # fmt: skip
-    # Artifacts sit where the store puts them (<root>/<key[:2]>/<key>): train.json names a base by key.
+    """A step's context as the worker builds it: a `base` input is declared with its key (its
+    directory's name here), so train.json can name it by key and a later step find it."""
     key = hashlib.sha256(step_id.encode()).hexdigest()
-    out, work = tmp / "store" / key[:2] / key, tmp / f"work-{step_id}"
+    out, work = tmp / "artifacts" / key, tmp / f"work-{step_id}"
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     inputs = {"template": data} if data is not None else {}
+    upstream, artifacts = {}, {}
     if base is not None:
         inputs["base"] = base
+        upstream["base"] = base.name
+        artifacts = {**chain(base), base.name: base}
     files = {"model": model} if model is not None else {}
     return StepContext(
         id=step_id, kind=kind, key=key, params=params, inputs=inputs, files=files,
         seed=int(params.get("seed", 42)), spec_dir=tmp, out=out, work=work, log=logging.getLogger("test"),
+        artifacts=artifacts, upstream=upstream,
     )  # fmt: skip
+
+
+def chain(artifact: Path) -> dict[str, Path]:
+    """Every artifact `artifact` is built on, by key (what the compiler declares as `chain.<i>` inputs)."""
+    info = json.loads((artifact / "train.json").read_text()) if (artifact / "train.json").is_file() else {}
+    base = info.get("base") or {}
+    if base.get("kind") != "artifact":
+        return {}
+    parent = artifact.parent / base["key"]
+    return {**chain(parent), base["key"]: parent}
 
 
 # ---------------------------------------------------------------- collate.py

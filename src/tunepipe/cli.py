@@ -266,7 +266,7 @@ def preview(
 
 def _store_and_plan(spec: Optional[Path], cache: Optional[Path], overrides: list[str] = ()):
     """The store a cache command works on: --cache, else the spec's, else ./.tunepipe/cache."""
-    from .runtime.store import Store, default_cache_dir
+    from .store import default_cache_dir, open_store
 
     plan_ = None
     if spec is not None:
@@ -275,8 +275,8 @@ def _store_and_plan(spec: Optional[Path], cache: Optional[Path], overrides: list
 
         resolved = load_spec(spec, parse_overrides(list(overrides), []))
         plan_ = compile_plan(resolved.data, resolved.path, cache_dir=cache)
-        return Store(plan_.cache_dir), plan_
-    return Store(cache.resolve() if cache else default_cache_dir(Path.cwd())), plan_
+        return open_store(plan_.cache_dir), plan_
+    return open_store(cache.resolve() if cache else default_cache_dir(Path.cwd())), plan_
 
 
 SPEC_OPT = typer.Option(None, "--spec", "-s", help="Use this spec's cache (and step ids).")

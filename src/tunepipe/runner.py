@@ -33,7 +33,8 @@ from .compiler.render import render_text
 from .compiler.status import CACHED, annotate, frozen_violations
 from .errors import FrozenPlanError, StepFailed, UserError
 from .executors.base import Executor, get_executor
-from .runtime.store import Store
+from .stage_table import stage
+from .store import LocalStore, open_store
 
 POLL_S = 0.1
 LOG_TAIL_LINES = 30
@@ -95,12 +96,12 @@ def select_steps(plan: Plan, names: str | list[str] | None) -> list[str]:
     return selected
 
 
-def step_payload(plan: Plan, step: Step, store: Store, log_path: Path, force: bool) -> dict[str, Any]:
+def step_payload(plan: Plan, step: Step, store: LocalStore, log_path: Path, force: bool) -> dict[str, Any]:
     """The STEP.json a worker receives (docs/internals.md)."""
     return {
         "id": step.id, "kind": step.kind, "key": step.key, "stage_version": step.stage_version,
         "params": step.params,
-        "inputs": {role: str(store.path(plan.step(dep).key)) for role, dep in step.inputs.items()},
+        "inputs": {role: str(store.fetch(plan.step(dep).key)) for role, dep in step.inputs.items()},
         "upstream": step.upstream,
         "files": {role: str(path) for role, path in step.files.items()},
         "seed": plan.seed, "spec_dir": str(plan.spec_dir), "cache_dir": str(store.root),
@@ -122,7 +123,7 @@ def run_plan(
 ) -> RunResult:
     started = time.monotonic()
     console = console or Console(stderr=True)
-    store = Store(plan.cache_dir)
+    store = open_store(plan.cache_dir)
     lock = read_lock(plan.lock_path, plan.spec_path.name)
     if frozen:
         violations = frozen_violations(plan, lock)
@@ -180,16 +181,16 @@ def print_summary(result: RunResult, console: Console) -> None:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     parts = ", ".join(f"{n} {status}" for status, n in counts.items())
     console.print(Text(f"\n{result.plan.name}: {len(result.outcomes)} steps ({parts}) in {result.wall_s:.2f}s", style="bold"))
-    store = Store(result.plan.cache_dir)
+    store = open_store(result.plan.cache_dir)
     for outcome in result.outcomes:
-        if outcome.kind in ("data", "template", "infer") or outcome.status not in ("built", CACHED):
+        if stage(outcome.kind).summary not in ("model", "report") or outcome.status not in ("built", CACHED):
             continue
         m = outcome.metrics
         found = [" ".join(str(m[k]) for k in ("finetuning_type", "stage") if m.get(k))]
         found += [f"train loss {_short(m['train_loss'])}"] if "train_loss" in m else []
         found += [f"eval loss {_short(m['eval_loss'])}"] if "eval_loss" in m else []
         found += [f"{m['steps']} steps"] if "steps" in m else []
-        path = store.path(outcome.key)
+        path = store.fetch(outcome.key)
         pictures = ", ".join(p.name for p in sorted(path.glob("*.png")))
         console.print(Text.assemble(f"  {outcome.id}: ", (" · ".join(f for f in found if f), "bold")))
         console.print(Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True)
@@ -220,7 +221,7 @@ def _short(value: Any) -> str:
 
 
 class _Runner:
-    def __init__(self, plan: Plan, store: Store, console: Console, *, jobs: int, keep_going: bool,
+    def __init__(self, plan: Plan, store: LocalStore, console: Console, *, jobs: int, keep_going: bool,
                  frozen_lock: dict | None):
         self.plan, self.store, self.console = plan, store, console
         self.jobs, self.keep_going = jobs, keep_going
@@ -235,7 +236,7 @@ class _Runner:
         return self.executors[kind]
 
     def prepare(self, step: Step):
-        run_dir = self.store.run_dir(step.key)
+        run_dir = self.store.scratch.run_dir(step.key)
         return self.executor(step).prepare(step, run_dir / "STEP.json", run_dir / "step.log")
 
     # -- dry run -------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ class _Runner:
         if step.id not in self.forced and self.store.has(step.key):
             self.done(step, CACHED)
             return True
-        key_lock = self.store.lock(step.key)
+        key_lock = self.store.scratch.lock(step.key)
         try:
             key_lock.acquire(blocking=False)
         except TimeoutError:  # filelock.Timeout
@@ -344,7 +345,7 @@ class _Runner:
     def start(self, step: Step, key_lock) -> _Running:
         try:
             launch = self.prepare(step)
-            run_dir = self.store.run_dir(step.key)
+            run_dir = self.store.scratch.run_dir(step.key)
             run_dir.mkdir(parents=True, exist_ok=True)
             payload = step_payload(self.plan, step, self.store, launch.log_path, step.id in self.forced)
             (run_dir / "STEP.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
@@ -380,8 +381,8 @@ class _Runner:
     def done(self, step: Step, status: str, wall_s: float | None = None, command: str | None = None) -> None:
         manifest = self.store.manifest(step.key) or {}
         answer = None
-        if step.kind == "infer" and (self.store.path(step.key) / "answer.txt").is_file():
-            answer = (self.store.path(step.key) / "answer.txt").read_text()
+        if stage(step.kind).summary == "answer" and (self.store.fetch(step.key) / "answer.txt").is_file():
+            answer = (self.store.fetch(step.key) / "answer.txt").read_text()
         if step.deliver is not None:
             self.store.materialise(step.key, step.deliver)
         if self.frozen_lock is not None:
@@ -400,7 +401,7 @@ class _Runner:
 
 
 # -- `tunepipe cache …`: the store seen from the command line ------------------------------------
-def cache_ls(store: Store) -> list[dict[str, Any]]:
+def cache_ls(store: LocalStore) -> list[dict[str, Any]]:
     """One row per committed artifact: key, step id and kind it was built as, bytes, files, created, wall_s."""
     return [
         {"key": e.key, "id": e.manifest.get("id"), "kind": e.manifest.get("kind"), "bytes": e.size,
@@ -409,7 +410,7 @@ def cache_ls(store: Store) -> list[dict[str, Any]]:
     ]
 
 
-def cache_verify(store: Store, evict: bool = True) -> dict[str, list[str]]:
+def cache_verify(store: LocalStore, evict: bool = True) -> dict[str, list[str]]:
     """Re-hash every artifact: {key: problems} for the damaged ones, which are evicted (the next run rebuilds them)."""
     damaged = {}
     for entry in store.ls():
@@ -421,7 +422,7 @@ def cache_verify(store: Store, evict: bool = True) -> dict[str, list[str]]:
     return damaged
 
 
-def cache_gc(store: Store, plan: Plan | None = None, keep_lock: bool = False) -> list[str]:
+def cache_gc(store: LocalStore, plan: Plan | None = None, keep_lock: bool = False) -> list[str]:
     """Remove every artifact but those of `plan` (and, with keep_lock, those its tunepipe.lock names); returns removed keys."""
     keep = {step.key for step in plan.steps} if plan is not None else set()
     if keep_lock and plan is not None:
@@ -432,7 +433,7 @@ def cache_gc(store: Store, plan: Plan | None = None, keep_lock: bool = False) ->
 MIN_KEY_PREFIX = 6
 
 
-def cache_rm(store: Store, names: list[str], plan: Plan | None = None) -> list[str]:
+def cache_rm(store: LocalStore, names: list[str], plan: Plan | None = None) -> list[str]:
     """Remove artifacts named by step id (of `plan`), key, or unique key prefix (at least 6 hex
     characters); returns removed keys. Every name is resolved before anything is removed: one bad
     name removes nothing."""

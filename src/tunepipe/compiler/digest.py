@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..runtime.store import sha256_file
+from ..store import sha256_file
 
 MEMO_NAME = "digests.json"
 

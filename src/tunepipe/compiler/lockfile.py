@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
 from ..errors import UserError
-from ..runtime.store import STEP_LOG, Store, tree_digest
+from ..store import STEP_LOG, ArtifactStore, tree_digest
 from .plan import Plan, Step
 
 LOCK_VERSION = 2
@@ -84,25 +85,25 @@ def step_entry(plan: Plan, step: Step, manifest: dict[str, Any]) -> dict[str, An
         "stage_version": step.stage_version,
         "params": step.key_params,
         "inputs": step.digests,
-        "upstream": {role: {"step": dep, "key": plan.step(dep).key} for role, dep in step.inputs.items()},
+        "upstream": {role: {"step": dep, "key": plan.step(dep).key} for role, dep in step.key_inputs.items()},
         "outputs": output_digest(manifest),
         "versions": manifest.get("versions", {}),
     }
 
 
-def write_lock(plan: Plan, store: Store) -> bool:
+def write_lock(plan: Plan, store: ArtifactStore) -> bool:
     """Record every plan step whose artifact is in the store; a step not built now keeps its old entry.
 
     Returns whether the file changed (it is not rewritten when identical).
     """
-    # Two specs of one directory may finish at once: the read-modify-write of the file is serialised.
-    guard = plan.cache_dir / "locks" / f"lockfile.{hashlib.sha256(str(plan.lock_path).encode()).hexdigest()[:16]}.lock"
-    guard.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(guard)):
+    # Two specs of one directory may finish at once: the read-modify-write of the file is serialised,
+    # by a lock in the temp directory (the cache may be read-only: a team cache, a login node).
+    name = hashlib.sha256(str(plan.lock_path).encode()).hexdigest()[:16]
+    with FileLock(str(Path(tempfile.gettempdir()) / f"tunepipe-lockfile-{name}.lock")):
         return _write_lock(plan, store)
 
 
-def _write_lock(plan: Plan, store: Store) -> bool:
+def _write_lock(plan: Plan, store: ArtifactStore) -> bool:
     spec_file = plan.spec_path.name
     lock = read_lock_file(plan.lock_path) or {"specs": {}}
     previous = (lock["specs"].get(spec_file) or lock["specs"].get(None) or {}).get("steps", {})

@@ -30,15 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..runtime.stages import STAGE_VERSIONS
-from ..runtime.store import default_cache_dir
+from ..spec.naming import entry_names, step_ids
 from ..spec.paths import is_hub_id, resolve
+from ..stage_table import stage
+from ..store import default_cache_dir
 from .digest import MEMO_NAME, DigestMemo, dataset_files
 
 # Flags whose value is a local path *or* a hub id; every artifact flag of type `path` is an input too.
 PATH_OR_HUB_ID = {"model_name_or_path": "model", "adapter_name_or_path": "adapter"}
 # Where the user wants a step's result copied; read only from the step's own section.
 DELIVERY_FLAGS = ("output_dir", "export_dir")
+# Input roles `chain.<i>`: the earlier train artifacts a trained model is built on (a LoRA adapter's
+# base, its base's base …). Declared so that stage code receives every artifact it reads; left out
+# of the key, which already holds them through the direct upstream's key.
+CHAIN = "chain."
 
 
 @dataclass
@@ -52,10 +57,15 @@ class Step:
     inputs: dict[str, str]  # role -> upstream step id
     files: dict[str, Path]  # role -> absolute local input path
     digests: dict[str, dict[str, str]]  # role -> {relative name: sha256}, or {"hub": id}
-    upstream: dict[str, str]  # role -> upstream key
+    upstream: dict[str, str]  # role -> upstream key (every declared input, chain roles included)
     executor: dict[str, Any]
     stage_version: int
     deliver: Path | None = None  # where the user asked for this step's result (output_dir/export_dir)
+
+    @property
+    def key_inputs(self) -> dict[str, str]:
+        """role -> upstream step id of the inputs that enter the key (all but the implied chain)."""
+        return {role: dep for role, dep in self.inputs.items() if not role.startswith(CHAIN)}
 
 
 @dataclass
@@ -121,6 +131,7 @@ class _Compiler:
         self.executor_override = executor_override
         self.plan = plan
         self.memo = memo
+        self.chains: dict[str, list[str]] = {}  # train step id -> the earlier train steps it builds on
         self.flags_by_kind: dict[str, list] = {}
         for flag in catalog.flags.values():
             for kind in flag.used_by:
@@ -134,46 +145,63 @@ class _Compiler:
         template_for_entry = self.data_steps(trains)
 
         train_steps: list[Step] = []
-        train_ids = _ids("train", [e.get("name") or e.get("stage") for e in trains])
+        train_ids = step_ids("train", entry_names("train", trains))
         for i, entry in enumerate(trains):
             inputs = {"template": template_for_entry[i].id}
             if train_steps:
-                inputs["base"] = train_steps[-1].id
+                inputs.update(self.model_inputs("base", train_steps[-1]))
             sections = {"data": self.data_config(entry), "train": entry}
-            train_steps.append(self.add("train", train_ids[i], sections, inputs, entry))
+            step = self.add("train", train_ids[i], sections, inputs, entry)
+            self.chains[step.id] = [s.id for s in train_steps]
+            train_steps.append(step)
 
         model_step = train_steps[-1] if train_steps else None
-        if spec.get("merge") is not None:
-            inputs = {"train": model_step.id} if model_step else {}
-            model_step = self.add("merge", "merge", {"train": last_train}, inputs, spec["merge"])
+        merge = spec.get("merge")
+        if merge is None and (spec.get("quantize") or spec.get("export")) and last_train.get("finetuning_type") == "lora":
+            merge = {}  # exporting a LoRA adapter means exporting it merged: an implicit merge step
+        if merge is not None:
+            inputs = self.model_inputs("train", model_step) if model_step else {}
+            model_step = self.add("merge", "merge", {"train": last_train}, inputs, merge)
 
         quantize_entries = spec.get("quantize") or []
-        quantize_names = _names([q.get("name") or q.get("type") or q.get("method") for q in quantize_entries])
-        quantize_ids = _ids("quantize", quantize_names)
+        quantize_names = entry_names("quantize", quantize_entries)
         quantize_steps = {}
-        for name, step_id, entry in zip(quantize_names, quantize_ids, quantize_entries):
-            inputs = {"model": self.require(model_step, step_id).id}
+        for name, step_id, entry in zip(quantize_names, step_ids("quantize", quantize_names), quantize_entries):
+            inputs = self.model_inputs("model", self.require(model_step, step_id))
             sections = {"train": last_train, "quantize": entry}
             quantize_steps[name] = (self.add("quantize", step_id, sections, inputs, entry), entry)
 
         export_entries = spec.get("export") or []
-        export_names = _names([e.get("name") or e.get("format") for e in export_entries])
-        for name, step_id, entry in zip(export_names, _ids("export", export_names), export_entries):
+        export_names = entry_names("export", export_entries)
+        probes = template_for_entry[-1] if template_for_entry else None
+        for name, step_id, entry in zip(export_names, step_ids("export", export_names), export_entries):
             sections = {"train": last_train, "export": entry}
             if entry.get("quantized"):
                 quantize_step, sections["quantize"] = self.quantize_for(entry["quantized"], quantize_steps, step_id)
                 source, inputs = quantize_step, {"quantize": quantize_step.id}
             else:
                 source = self.require(model_step, step_id)
-                inputs = {"model": source.id}
+                inputs = self.model_inputs("model", source)
             export_step = self.add("export", step_id, sections, inputs, entry)
+            if entry.get("verify") is False:
+                continue
             verify_sections = {**sections, "verify": spec.get("verify") or {}}
-            verify_inputs = {"export": export_step.id, "reference": source.id}
+            verify_inputs = {"export": export_step.id, **self.model_inputs("reference", source)}
+            if probes is not None:
+                verify_inputs["probes"] = probes.id  # the pipeline's own tokenized data
             self.add("verify", "verify" + step_id[len("export"):], verify_sections, verify_inputs, entry)
 
         if spec.get("infer") is not None:
-            inputs = {"model": self.require(model_step, "infer").id}
+            inputs = self.model_inputs("model", self.require(model_step, "infer"))
             self.add("infer", "infer", {"train": last_train}, inputs, spec["infer"])
+
+    def model_inputs(self, role: str, step: Step) -> dict[str, str]:
+        """`{role: step}` plus the train chain `step` is built on (roles `chain.<i>`)."""
+        inputs = {role: step.id}
+        for i, earlier in enumerate(self.chains.get(step.id, [])):
+            if earlier not in inputs.values():
+                inputs[f"{CHAIN}{i}"] = earlier
+        return inputs
 
     # -- data and template ---------------------------------------------------------------------
     def data_config(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +218,7 @@ class _Compiler:
             signature = canonical_json([self.params("data", sections), self.params("template", sections)])
             signatures.append(signature)
             first_reader.setdefault(signature, entry)
-        names = _names([entry.get("name") or entry.get("stage") for entry in first_reader.values()])
+        names = entry_names("train", list(first_reader.values()))
         template_steps = {}
         for (signature, entry), name in zip(first_reader.items(), names):
             suffix = "" if len(first_reader) == 1 else f".{name}"
@@ -245,8 +273,9 @@ class _Compiler:
             # so the weights: the world size is part of a train step's key.
             key_params["world_size"] = world_size(executor)
         upstream = {role: self.plan.step(dep).key for role, dep in inputs.items()}
-        version = STAGE_VERSIONS[kind]
-        material = {"kind": kind, "stage_version": version, "params": key_params, "upstream": upstream, "inputs": digests}
+        version = stage(kind).version_for(params)
+        key_upstream = {role: key for role, key in upstream.items() if not role.startswith(CHAIN)}
+        material = {"kind": kind, "stage_version": version, "params": key_params, "upstream": key_upstream, "inputs": digests}
         step = Step(
             id=step_id,
             kind=kind,
@@ -315,13 +344,3 @@ def _normalise(flag, value: Any) -> Any:
     if flag.type in ("float", "number") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
-
-
-def _names(raw: list[str | None]) -> list[str]:
-    """Unique, readable names: the given ones, numbered where missing or repeated."""
-    names = [str(name) if name else str(i + 1) for i, name in enumerate(raw)]
-    return [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names)]
-
-
-def _ids(kind: str, raw: list[str | None]) -> list[str]:
-    return [kind] if len(raw) == 1 else [f"{kind}.{name}" for name in _names(raw)]

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runtime.store import Store
+from ..store import ArtifactStore, open_store
 from .lockfile import read_lock
 from .plan import Plan, Step
 
@@ -24,15 +24,19 @@ class StepStatus:
         return "; ".join(self.reasons)
 
 
-def annotate(plan: Plan, store: Store | None = None, lock: dict[str, Any] | None = None) -> dict[str, StepStatus]:
+def annotate(plan: Plan, store: ArtifactStore | None = None, lock: dict[str, Any] | None = None) -> dict[str, StepStatus]:
     """{step id: StepStatus}, in plan order. `lock` defaults to the plan's section of tunepipe.lock."""
-    store = store or Store(plan.cache_dir)
+    store = store or open_store(plan.cache_dir)
     if lock is None:
         lock = read_lock(plan.lock_path, plan.spec_path.name)
-    statuses = {}
+    statuses: dict[str, StepStatus] = {}
     for step in plan.steps:
-        if store.has(step.key):
+        missing = [dep for dep in step.deps if statuses[dep].state != CACHED]
+        if store.has(step.key) and not missing:
             statuses[step.id] = StepStatus(step, CACHED)
+        elif store.has(step.key):
+            # Built, but an artifact it reads is not: unusable until that one is rebuilt (same key, same bytes).
+            statuses[step.id] = StepStatus(step, STALE, [f"needs {dep}, which is not built" for dep in missing])
         elif lock is None:
             statuses[step.id] = StepStatus(step, STALE, ["not built yet"])
         else:
@@ -76,7 +80,7 @@ def lock_differences(plan: Plan, step: Step, entry: dict[str, Any] | None) -> li
     for role in sorted(set(old_inputs) | set(step.digests)):
         reasons += _input_changes(role, old_inputs.get(role), step.digests.get(role))
     old_upstream = entry.get("upstream", {})
-    for role, dep in step.inputs.items():
+    for role, dep in step.key_inputs.items():
         if old_upstream.get(role, {}).get("key") != step.upstream[role]:
             reasons.append(f"upstream {dep} changed")
     return reasons or ["cache key changed"]

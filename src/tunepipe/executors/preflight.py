@@ -22,33 +22,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..stage_table import FORMAT_PACKAGES, STAGES
+
 # Flags that need a package: (import name, pip name, the hardware it also needs).
-GPU, TPU = "a CUDA GPU", "a TPU host"
+GPU = "a CUDA GPU"
 PACKAGES = {
-    "use_unsloth": ("unsloth", "unsloth", GPU),
-    "use_unsloth_gc": ("unsloth", "unsloth", GPU),
     "enable_liger_kernel": ("liger_kernel", "liger-kernel", GPU),
-    "mixture_of_depths": ("MoD", "mixture-of-depth", None),
     "deepspeed": ("deepspeed", "deepspeed", None),
-    "tpu_num_cores": ("torch_xla", "torch_xla", TPU),
-    "tpu_metrics_debug": ("torch_xla", "torch_xla", TPU),
     "use_triton": ("triton", "triton", GPU),
     "use_exllama": ("gptqmodel", "gptqmodel", GPU),
-}
-# Flags the train stage does not implement, whatever is installed.
-UNSUPPORTED = {
-    "use_unsloth": "Unsloth's patched models are not integrated in tunepipe's train stage (transformers Trainer + peft); remove it",
-    "use_unsloth_gc": "Unsloth's gradient checkpointing is not integrated in tunepipe; use gradient_checkpointing instead",
-    "shift_attn": "LongLoRA's shifted sparse attention (S²-Attn) has no implementation for transformers 5 models; remove it, or use rope_scaling for long context",
-    "mixture_of_depths": "Mixture-of-Depths conversion is not integrated in tunepipe's train stage; remove it",
-    "quant_lora": "quantized LoRA weights are not supported by peft's trainable adapters; remove it (quantization_bit gives QLoRA)",
 }
 INFER_BACKENDS = {"vllm": "vllm", "ctransformers": "ctransformers", "llama-cpp": "llama-cpp-python", "mlc": "mlc-llm"}
 FA2 = ("flash_attn", "flash-attn")
 
 
 def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_dir: str | Path | None = None) -> list[str]:
-    """Problems that stop `step_kind` with these params from running on this host, [] if none."""
+    """Problems that stop `step_kind` with these params from running on this host, [] if none.
+
+    `params` are the step's (every flag it reads, defaults filled in, as the compiler passes them).
+    What a step kind needs comes from the stage table: its packages, and the name of its check here.
+    """
     executor = executor or {}
     problems: list[str] = []
     from .base import executor_problem
@@ -56,42 +49,54 @@ def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_d
     executor_kind = executor.get("kind") or "local"
     if executor_problem(executor_kind):
         problems.append(executor_problem(executor_kind))
-    if not _has_stage(step_kind):
-        section = {"verify": "export"}.get(step_kind, step_kind)  # verify steps come from export entries
+    entry = STAGES.get(step_kind)
+    if _overridden(step_kind):
+        return problems  # a stand-in stage ($TUNEPIPE_STAGE_MODULES, tests): the real stage's needs do not apply
+    if entry is None or not _installed(entry.module):
+        section = entry.section if entry else step_kind
         return problems + [f"this version of tunepipe has no {step_kind} stage yet; remove the {section} section"]
-    if step_kind in ("train", "merge", "infer"):
-        problems += _missing("torch, transformers, peft and accelerate", ("torch", "transformers", "peft", "accelerate"),
-                             "pip install 'tunepipe[train]'")  # fmt: skip
-    if step_kind == "train":
-        problems += _train(params, executor, spec_dir)
-    if step_kind == "infer" and (params.get("infer_backend") or "hf") != "hf":
-        backend = params["infer_backend"]
-        problems.append(
-            f"infer_backend {backend}: tunepipe's infer stage generates with transformers (hf) only; "
-            f"use infer_backend: hf ({INFER_BACKENDS.get(backend, backend)} is not integrated)"
-        )
+    absent = [pip for module, pip in entry.packages if not _installed(module)]
+    if absent:
+        problems.append(f"{', '.join(absent)} not installed: the {step_kind} step needs "
+                        f"{', '.join(pip for _, pip in entry.packages)} (pip install 'tunepipe[train]')")
+    if entry.check:
+        problems += CHECKS[entry.check](params, executor, spec_dir)
     if executor.get("kind") == "torchrun" and not _installed("torch"):
         problems.append("executor torchrun: torch is not installed (it provides torchrun): pip install torch")
     return problems
 
 
-def _train(params: dict, executor: dict, spec_dir) -> list[str]:
+def infer_problems(params: dict, executor: dict, spec_dir) -> list[str]:
+    backend = params["infer_backend"]
+    if backend == "hf":
+        return []
+    return [f"infer_backend {backend}: tunepipe's infer stage generates with transformers (hf) only; "
+            f"use infer_backend: hf ({INFER_BACKENDS.get(backend, backend)} is not integrated)"]
+
+
+def export_problems(params: dict, executor: dict, spec_dir) -> list[str]:
+    """The packages an export format (and its verify runtime) needs."""
+    fmt = params.get("format")
+    absent = [pip for module, pip in FORMAT_PACKAGES.get(fmt, ()) if not _installed(module)]
+    return [f"export format {fmt}: {', '.join(absent)} not installed (pip install {' '.join(absent)})"] if absent else []
+
+
+def quantize_problems(params: dict, executor: dict, spec_dir) -> list[str]:
+    return []
+
+
+def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
     problems = []
     needs_gpu: list[str] = []  # flags that only run on a CUDA GPU
 
     for flag, (module, pip_name, hardware) in PACKAGES.items():
-        if not params.get(flag) or flag in UNSUPPORTED:
+        if not params.get(flag):
             continue
         if not _installed(module):
             needs = f" and needs {hardware}" if hardware else ""
             problems.append(f"{flag}: the {pip_name} package is not installed (pip install {pip_name}){needs}")
         elif hardware == GPU:
             needs_gpu.append(flag)
-    for flag, reason in UNSUPPORTED.items():
-        if params.get(flag):
-            module, pip_name, _ = PACKAGES.get(flag, (None, None, None))
-            absent = f" (the {pip_name} package is not installed here either)" if module and not _installed(module) else ""
-            problems.append(f"{flag}: {reason}{absent}")
 
     if params.get("flash_attn") == "fa2" or params.get("attn_implementation") == "flash_attention_2":
         flag = "flash_attn: fa2" if params.get("flash_attn") == "fa2" else "attn_implementation: flash_attention_2"
@@ -111,10 +116,8 @@ def _train(params: dict, executor: dict, spec_dir) -> list[str]:
                             "installed (pip install bitsandbytes) and needs a CUDA GPU")  # fmt: skip
         else:
             needs_gpu.append("quantization_bit")
-    if (params.get("tuner_backend") or "peft") != "peft":
-        problems.append(f"tuner_backend {params['tuner_backend']}: tunepipe trains adapters with peft only; use tuner_backend: peft")
 
-    report_to = params.get("report_to") or "none"  # `all` means every tracker that is installed: nothing to check
+    report_to = params["report_to"]  # `all` means every tracker that is installed: nothing to check
     if report_to == "tensorboard" and not (_installed("tensorboard") or _installed("tensorboardX")):
         problems.append("report_to tensorboard: tensorboard is not installed (pip install tensorboard)")
     if report_to == "wandb" and not _installed("wandb"):
@@ -130,7 +133,7 @@ def _train(params: dict, executor: dict, spec_dir) -> list[str]:
         return problems  # the GPUs are on the compute nodes: nothing to probe here
     device_flags = needs_gpu + [f for f in ("bf16", "fp16", "tf32") if params.get(f)]
     gpus_wanted = executor.get("kind") == "torchrun" and int(executor.get("nproc_per_node") or 1) > 1
-    if not (device_flags or gpus_wanted or str(params.get("device_map") or "").startswith("cuda")):
+    if not (device_flags or gpus_wanted or str(params["device_map"]).startswith("cuda")):
         return problems
     device = probe_devices(executor.get("python") or sys.executable)
     if "error" in device:
@@ -144,7 +147,7 @@ def _train(params: dict, executor: dict, spec_dir) -> list[str]:
         problems.append(f"bf16 requested but the GPU ({device['name']}) has no bfloat16 support; use fp16")
     if params.get("tf32") and not (cuda and (device["capability"] or [0])[0] >= 8):
         problems.append(f"tf32 requested but TensorFloat-32 needs an NVIDIA Ampere-or-newer GPU ({where if not cuda else device['name']}); remove tf32")
-    if str(params.get("device_map") or "").startswith("cuda") and not cuda:
+    if str(params["device_map"]).startswith("cuda") and not cuda:
         problems.append(f"device_map {params['device_map']}: {where}")
     if gpus_wanted and cuda and device["count"] < int(executor["nproc_per_node"]):
         problems.append(f"executor nproc_per_node {executor['nproc_per_node']}: only {device['count']} CUDA GPU(s) here "
@@ -152,13 +155,14 @@ def _train(params: dict, executor: dict, spec_dir) -> list[str]:
     return problems
 
 
-def _has_stage(kind: str) -> bool:
-    """Whether the worker can import a stage for `kind`: its module exists, or $TUNEPIPE_STAGE_MODULES
-    (runtime/worker.py; tests) names one for it."""
+CHECKS = {"train_problems": train_problems, "infer_problems": infer_problems,
+          "export_problems": export_problems, "quantize_problems": quantize_problems}
+
+
+def _overridden(kind: str) -> bool:
+    """Whether $TUNEPIPE_STAGE_MODULES (runtime/worker.py; tests) names a stand-in module for `kind`."""
     overrides = dict(item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item)
-    if overrides.get(kind) or overrides.get("*"):
-        return True
-    return _installed(f"tunepipe.runtime.stages.{kind}")
+    return bool(overrides.get(kind) or overrides.get("*"))
 
 
 def _installed(module: str) -> bool:
@@ -166,11 +170,6 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
-
-
-def _missing(what: str, modules: tuple[str, ...], install: str) -> list[str]:
-    absent = [m for m in modules if not _installed(m)]
-    return [f"{', '.join(absent)} not installed: this step needs {what} ({install})"] if absent else []
 
 
 def config_file_problems(flag: str, value, spec_dir) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 
 @dataclass
@@ -23,8 +22,5 @@ class StepContext:
     # Every upstream artifact the step declared, by key -> local directory: what a train.json's
     # `base.key` names is looked up here, never by rebuilding a store path.
     artifacts: dict[str, Path] = field(default_factory=dict)
+    upstream: dict[str, str] = field(default_factory=dict)  # input role -> that artifact's key
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("tunepipe.step"))
-
-    def param(self, name: str, default: Any = None) -> Any:
-        value = self.params.get(name)
-        return default if value is None else value

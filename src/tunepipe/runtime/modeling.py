@@ -43,7 +43,7 @@ def model_source(ctx) -> str:
 def hub_kwargs(params: dict) -> dict:
     return {
         "cache_dir": params.get("cache_dir"),
-        "revision": params.get("model_revision") or "main",
+        "revision": params["model_revision"],
         "trust_remote_code": bool(params.get("trust_remote_code")),
     }
 
@@ -74,7 +74,7 @@ def load_tokenizer(source: str | Path, params: dict):
         AutoTokenizer.from_pretrained,
         str(source),
         params,
-        use_fast=bool(params.get("use_fast_tokenizer", True)),
+        use_fast=bool(params["use_fast_tokenizer"]),
         split_special_tokens=bool(params.get("split_special_tokens")),
     )
     if params.get("add_tokens"):
@@ -90,8 +90,8 @@ def load_tokenizer(source: str | Path, params: dict):
 
 
 def attn_implementation(params: dict) -> str:
-    flash = params.get("flash_attn") or "auto"
-    return FLASH_ATTN.get(flash) or params.get("attn_implementation") or "eager"
+    flash = params["flash_attn"]
+    return FLASH_ATTN.get(flash) or params["attn_implementation"]
 
 
 def compute_dtype(params: dict) -> torch.dtype:
@@ -217,7 +217,7 @@ def apply_model_flags(model, params: dict, tokenizer) -> None:
         if not getattr(head, "_tunepipe_upcast", False):
             head.register_forward_hook(lambda module, args, output: output.to(torch.float32))
             head._tunepipe_upcast = True
-    model.config.use_cache = bool(params.get("use_cache", True))
+    model.config.use_cache = bool(params["use_cache"])
 
 
 def resize_vocab(model, params: dict, tokenizer) -> bool:
@@ -276,6 +276,7 @@ def load_trained(
     *,
     model_dir: str | Path | None = None,
     spec_dir: str | Path | None = None,
+    artifacts: dict[str, Path] | None = None,
     **model_kwargs,
 ):
     """(model, tokenizer) of a train or merge artifact, LoRA adapters merged in.
@@ -289,10 +290,13 @@ def load_trained(
     base model (the reading step's `files["model"]`; used for a `model` base, also one
     reached through upstream artifacts), `spec_dir` the directory relative paths are
     resolved against (otherwise the value is used as written: a hub id, an absolute path).
+    `artifacts` maps the keys of the step's declared input artifacts to their directories: a base
+    named by key (`base.kind: artifact`) is looked up there.
     """
     artifact = Path(artifact)
     info = json.loads((artifact / "train.json").read_text()) if (artifact / "train.json").is_file() else {}
-    tokenizer = load_tokenizer(artifact / "tokenizer", params or {})
+    tokenizer_dir = artifact / "tokenizer" if (artifact / "tokenizer").is_dir() else artifact / "model"  # merge: one HF dir
+    tokenizer = load_tokenizer(tokenizer_dir, params or {})
     if (artifact / "model").is_dir():
         model = load_model(str(artifact / "model"), params or {}, tokenizer, **model_kwargs)
         return model, tokenizer
@@ -300,9 +304,12 @@ def load_trained(
         raise UserError(f"{artifact} holds neither model/ nor adapter/: not a trained model")
     base = info["base"]
     flags = {**info.get("model_flags", {}), **(params or {})}
-    if base["kind"] == "artifact":  # a sibling in the same store: <root>/<key[:2]>/<key>
-        sibling = artifact.parent.parent / base["key"][:2] / base["key"]
-        model, _ = load_trained(sibling, flags, model_dir=model_dir, spec_dir=spec_dir, **model_kwargs)
+    if base["kind"] == "artifact":
+        if base["key"] not in (artifacts or {}):
+            raise UserError(f"{artifact.name[:12]} is built on artifact {base['key'][:12]}, which this step did not "
+                            "declare as an input (a compiler bug: the train chain must be declared)")
+        model, _ = load_trained(artifacts[base["key"]], flags, model_dir=model_dir, spec_dir=spec_dir,
+                                artifacts=artifacts, **model_kwargs)
         apply_model_flags(model, flags, tokenizer)
     else:
         if base["kind"] == "own":

@@ -33,7 +33,7 @@ from typing import Any
 from .. import __version__
 from ..errors import UserError
 from .context import StepContext
-from .store import STEP_LOG, Store
+from ..store import STEP_LOG, open_store
 
 # peft calls a transformers API that transformers 5 deprecates; the warning says nothing to a user.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -79,7 +79,7 @@ def _exit_with_parent() -> None:
 
 
 def run_step(step: dict[str, Any]) -> None:
-    store = Store(Path(step["cache_dir"]))
+    store = open_store(Path(step["cache_dir"]))
     key = step["key"]
     log = logging.getLogger(f"tunepipe.step.{step['id']}")
     committer = int(os.environ.get("RANK", "0")) == 0
@@ -88,10 +88,12 @@ def run_step(step: dict[str, Any]) -> None:
         return
     out = store.begin(key) if committer else Path(tempfile.mkdtemp(prefix=f"tunepipe-{key[:12]}-"))
     try:
-        work = store.work_dir(key)
+        work = store.scratch.work_dir(key)
         ctx = StepContext(
             id=step["id"], kind=step["kind"], key=key, params=step["params"],
             inputs={role: Path(p) for role, p in step["inputs"].items()},
+            artifacts={step["upstream"][role]: Path(p) for role, p in step["inputs"].items()},
+            upstream=dict(step["upstream"]),
             files={role: Path(p) for role, p in step["files"].items()},
             seed=step.get("seed"), spec_dir=Path(step["spec_dir"]), out=out, work=work, log=log,
         )

@@ -35,6 +35,13 @@ class Flag:
     en: str = ""
     examples: tuple | None = None
     seed_notes: str | None = None
+    # Set when this version cannot do what the flag asks: a reason (for any value but the default),
+    # or {value: reason} for enum values. `tunepipe validate` reports it.
+    not_integrated: Any = None
+    # {other flag: {its value: [choices]}}: choices that depend on another flag (export `type` by `format`).
+    choices_by: Any = None
+    # {export type: value}: the value a null flag takes for an export of that type (verify thresholds).
+    by_type: Any = None
 
     @property
     def kebab(self) -> str:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 from ..errors import UserError
 from .catalog import Catalog
 from .loader import Diagnostic, Location, ResolvedSpec, show_path
+from .naming import entry_names, step_ids
 from .paths import is_hub_id, resolve
 
 
@@ -146,10 +147,9 @@ def max_steps_override_epochs(ctx: RuleContext) -> None:
 
 
 def export_needs_format(ctx: RuleContext) -> None:
-    quantize_names = set()  # what the compiler accepts: a target's name, type or method, or its step id
-    for q in ctx.data.get("quantize") or []:
-        name = q.get("name") or q.get("type") or q.get("method")
-        quantize_names |= {name, f"quantize.{name}"}
+    # What the compiler accepts: a quantize entry's name (naming.py's one rule) or its step id.
+    names = entry_names("quantize", ctx.data.get("quantize") or [])
+    quantize_names = set(names) | set(step_ids("quantize", names)) if names else set()
     for index, entry in enumerate(ctx.data.get("export") or []):
         if entry.get("format") is None:
             ctx.error(("export", index, "format"), "every export needs a format: gguf, onnx or mlc")
@@ -252,6 +252,74 @@ def val_size_is_a_ratio_or_a_count(ctx: RuleContext) -> None:
             ctx.error(path, f"{value} is a float, so a ratio: it must be below 1 (write an integer for a count)")
 
 
+def _value(data, path: tuple):
+    for part in path:
+        data = data[part]
+    return data
+
+
+def null_only_where_meaningful(ctx: RuleContext) -> None:
+    """`lora_rank: null` would reach a step as None: only flags whose default is null take null."""
+    for path in sorted(ctx.spec.explicit, key=str):
+        flag = ctx.catalog.flags.get(path[-1])
+        try:
+            value = _value(ctx.data, path)
+        except (KeyError, IndexError, TypeError):
+            continue
+        if value is None and flag is not None and flag.default is not None:
+            ctx.error(path, f"null is not a value of {flag.name}: remove the key for its default ({json.dumps(flag.default)})")
+
+
+def flags_not_integrated(ctx: RuleContext) -> None:
+    """Flags of the reference that this version cannot honour (the catalog's `not_integrated`)."""
+    for path in sorted(ctx.spec.explicit, key=str):
+        flag = ctx.catalog.flags.get(path[-1])
+        if flag is None or not flag.not_integrated:
+            continue
+        try:
+            value = _value(ctx.data, path)
+        except (KeyError, IndexError, TypeError):
+            continue
+        reason = flag.not_integrated.get(value) if isinstance(flag.not_integrated, dict) else flag.not_integrated
+        if reason and value not in (None, False, flag.default):
+            ctx.error(path, f"not supported by this version of tunepipe: {reason}")
+
+
+def warmup_ratio_below_one(ctx: RuleContext) -> None:
+    for prefix, entry in ctx.train_entries():
+        ratio = entry.get("warmup_ratio")
+        if isinstance(ratio, (int, float)) and ratio >= 1:
+            ctx.error((*prefix, "warmup_ratio"), f"{ratio} would warm up for the whole run (or longer): use a ratio below 1")
+
+
+def export_type_fits_format(ctx: RuleContext) -> None:
+    by_format = ctx.catalog.flags["type"].choices_by["format"]
+    for index, entry in enumerate(ctx.data.get("export") or []):
+        allowed = by_format.get(entry.get("format"), [])
+        if entry.get("type") is not None and allowed and entry["type"] not in allowed:
+            ctx.error(("export", index, "type"), f"{entry['type']!r} is not a {entry['format']} type: one of {', '.join(allowed)}")
+
+
+QUANTIZE_NOT_REAL = {
+    "cpm": "cpm names OpenBMB's cpm_kernels, which LLaMA-Factory only lists and no maintained library uses to "
+           "quantize transformers 5 models; use bnb, hqq or gptq",
+}
+
+
+def quantize_method_is_real(ctx: RuleContext) -> None:
+    for index, entry in enumerate(ctx.data.get("quantize") or []):
+        reason = QUANTIZE_NOT_REAL.get(entry.get("method"))
+        if reason:
+            ctx.error(("quantize", index, "method"), reason)
+
+
+def infer_needs_prompt(ctx: RuleContext) -> None:
+    infer = ctx.data.get("infer")
+    if infer is not None and not infer.get("prompt"):
+        ctx.error(("infer", "prompt") if ctx.set(("infer", "prompt")) else ("infer",),
+                  "infer needs a prompt: the text to answer (infer: {prompt: Who are you?})")
+
+
 RULES: list[Callable[[RuleContext], None]] = [
     precision_exclusive,
     evaluation_needed,
@@ -272,6 +340,12 @@ RULES: list[Callable[[RuleContext], None]] = [
     input_files_exist,
     tokenizer_needed,
     val_size_is_a_ratio_or_a_count,
+    null_only_where_meaningful,
+    flags_not_integrated,
+    warmup_ratio_below_one,
+    infer_needs_prompt,
+    export_type_fits_format,
+    quantize_method_is_real,
 ]
 
 
@@ -284,6 +358,25 @@ def resolve_interactions(spec: ResolvedSpec) -> None:
         prefix = ("train", index)
         if (*prefix, "warmup_steps") in spec.explicit and (*prefix, "warmup_ratio") not in spec.explicit:
             entry["warmup_ratio"] = 0.0
+    _resolve_exports(spec)
+
+
+def _resolve_exports(spec: ResolvedSpec) -> None:
+    """`export_onnx: true` (the seed's spelling) becomes an onnx export entry; a missing `type` is its
+    format's first type in the catalog."""
+    exports = spec.data.get("export") or []
+    for entry in list(exports):
+        if entry.get("export_onnx"):
+            if entry.get("format") is None:
+                entry["format"] = "onnx"
+            elif not any(e.get("format") == "onnx" for e in exports):
+                exports.append({**{k: v for k, v in entry.items() if k not in ("format", "type", "name")}, "format": "onnx"})
+    from .catalog import load_catalog
+
+    by_format = load_catalog().flags["type"].choices_by["format"]
+    for entry in exports:
+        if entry.get("type") is None and entry.get("format") in by_format:
+            entry["type"] = by_format[entry["format"]][0]
 
 
 def check_rules(spec: ResolvedSpec, catalog: Catalog) -> list[Diagnostic]:

@@ -1,58 +1,45 @@
-"""The artifact store: one directory per cache key, committed by atomic rename. Light: no torch.
+"""The local artifact store: one directory per cache key, committed by atomic rename. Light: no torch.
 
-Layout under the root (`.tunepipe/cache` next to the spec, or $TUNEPIPE_CACHE):
+Layout under the root (`.tunepipe/cache` next to the spec, or $TUNEPIPE_CACHE) — known to this
+module alone; everyone else asks `LocalStore` (committed artifacts) or `Scratch` (the rest):
 
-    <root>/ab/<key>/         a committed artifact; `manifest.json` lists its files with sha256 and size
+    <root>/ab/<key>/         a committed artifact; `manifest.json` lists its files with sha256, size, mtime_ns
     <root>/tmp/<key>.<host>.<pid>.<rand>  an artifact being written; never read; `gc` removes it once
                              its writer is dead (or, written on another host, a day old)
     <root>/work/<key>/       persistent scratch of a step (checkpoints); survives a crash, gone after commit
     <root>/runs/<key>/       STEP.json and step.log of the latest attempt
-    <root>/locks/<key>.lock  file locks (never deleted: a waiter must keep the inode it waits on)
+    <root>/locks/<name>.lock file locks (never deleted: a waiter must keep the inode it waits on)
 
-Trust rule: a key is built when `<root>/ab/<key>/manifest.json` exists and names that key. The
-manifest is written last inside the temporary directory, and the directory appears at its final
-name by one `os.rename` on the same filesystem, so a crash at any moment leaves either nothing or a
-complete artifact. Who may commit: the process that holds `lock(key)` (the runner) or a worker it
-started; a second commit of the same key finds the first in place and discards its own copy.
+Trust rule: a key is built when `<root>/ab/<key>/manifest.json` exists and names that key, and every
+file it lists is there with its size; a file whose mtime_ns differs from the manifest's was touched,
+and is trusted only after its sha256 is checked again. The manifest is written last inside the
+temporary directory, and the directory appears at its final name by one `os.rename` on the same
+filesystem, so a crash at any moment leaves either nothing or a complete artifact. Who may commit:
+the process that holds `Scratch.lock(key)` (the runner) or a worker it started; a second commit of
+the same key finds the first in place and discards its own copy. Committed files get the user's
+umask (a shared cache stays readable by the group).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .base import MANIFEST, STEP_LOG, ArtifactStore, Entry, sha256_file
+
 if TYPE_CHECKING:
     from filelock import FileLock
-
-MANIFEST = "manifest.json"
-STEP_LOG = "step.log"  # the step's output, copied into its artifact by the worker
-CHUNK = 1 << 20
 
 
 def default_cache_dir(spec_dir: Path) -> Path:
     env = os.environ.get("TUNEPIPE_CACHE")
     return Path(env).expanduser().resolve() if env else (spec_dir / ".tunepipe" / "cache").resolve()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tree_digest(files: dict[str, str]) -> str:
-    """One digest for a set of files given as {relative name: sha256}."""
-    return hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in sorted(files.items())).encode()).hexdigest()
 
 
 def _list_files(root: Path) -> list[str]:
@@ -86,56 +73,108 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@dataclass
-class Entry:
-    key: str
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def size(self) -> int:
-        return sum(f["size"] for f in self.manifest.get("files", {}).values())
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-class Store:
+def _share(tmp: Path) -> None:
+    """Give an artifact's files and directories the modes the user's umask allows (libraries
+    such as tempfile write 0600/0700)."""
+    mask = _umask()
+    for dirpath, _, filenames in os.walk(tmp):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may create files under `path` (its nearest existing ancestor)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+class Scratch:
+    """The store's non-artifact side: per-key work and run directories, locks. Never trusted."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def lock(self, name: str) -> FileLock:
+        """The file lock `name` (a key: held by the runner while it builds it), blocking by default."""
+        from filelock import FileLock  # imported on first use: a fully cached run takes no lock
+
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / "locks" / f"{name}.lock"))
+
+    def work_dir(self, key: str) -> Path:
+        path = self.root / "work" / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def run_dir(self, key: str) -> Path:
+        """Where the runner puts a step's STEP.json and log (not created here: a dry run only names it)."""
+        return self.root / "runs" / key
+
+    def busy(self, key: str) -> bool:
+        """Whether a runner holds the key's lock, i.e. is building it now."""
+        lock = self.lock(key)
+        try:
+            lock.acquire(blocking=False)
+        except TimeoutError:
+            return True
+        lock.release()
+        return False
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.location = str(self.root)
+        self.scratch = Scratch(self.root)
+
     # -- reading -------------------------------------------------------------------------------
-    def path(self, key: str) -> Path:
+    def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
     def manifest(self, key: str) -> dict[str, Any] | None:
-        """The manifest of a committed key, or None when the key is not (validly) built."""
         try:
-            manifest = json.loads((self.path(key) / MANIFEST).read_text())
+            manifest = json.loads((self._path(key) / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
         return manifest if isinstance(manifest, dict) and manifest.get("key") == key else None
 
     def has(self, key: str) -> bool:
-        """Built and intact by a cheap check: manifest valid, every file present with its size.
-
-        Content hashes are checked by `verify` (a full read), not here: a cached run stays instant.
-        """
+        """Built and intact by a cheap check: manifest valid, every file present with its size, and a
+        file touched since the commit (another mtime_ns) re-hashed. A cached run stays instant."""
         manifest = self.manifest(key)
         if manifest is None:
             return False
-        base = self.path(key)
+        base = self._path(key)
         for name, info in manifest.get("files", {}).items():
             try:
-                if (base / name).stat().st_size != info["size"]:
-                    return False
+                stat = (base / name).stat()
             except OSError:
+                return False
+            if stat.st_size != info["size"]:
+                return False
+            if stat.st_mtime_ns != info.get("mtime_ns", stat.st_mtime_ns) and sha256_file(base / name) != info["sha256"]:
                 return False
         return True
 
+    def fetch(self, key: str) -> Path:
+        if not self.has(key):
+            raise FileNotFoundError(f"artifact {key} is not in the store {self.location}")
+        return self._path(key)
+
     def verify(self, key: str) -> list[str]:
-        """Re-hash a committed artifact; returns its problems (empty list = intact)."""
         manifest = self.manifest(key)
         if manifest is None:
             return ["manifest.json missing or unreadable"]
-        base = self.path(key)
+        base = self._path(key)
         problems = []
         listed = manifest.get("files", {})
         for name, info in sorted(listed.items()):
@@ -160,46 +199,38 @@ class Store:
             for artifact in sorted(shard.iterdir()):
                 manifest = self.manifest(artifact.name)
                 if manifest is not None:
-                    entries.append(Entry(artifact.name, artifact, manifest))
+                    entries.append(Entry(artifact.name, manifest))
         return entries
 
+    def writable(self) -> bool:
+        return writable(self.root)
+
     # -- writing -------------------------------------------------------------------------------
-    def lock(self, key: str) -> FileLock:
-        """The per-key lock a runner holds while it builds `key` (blocking by default)."""
-        from filelock import FileLock  # imported on first use: a fully cached run takes no lock
-
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / "locks" / f"{key}.lock"))
-
-    def work_dir(self, key: str) -> Path:
-        path = self.root / "work" / key
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def run_dir(self, key: str) -> Path:
-        """Where the runner puts a step's STEP.json and log (not created here: a dry run only names it)."""
-        return self.root / "runs" / key
-
     def begin(self, key: str) -> Path:
         """A fresh temporary directory, on the store's filesystem, to write `key`'s artifact into."""
         tmp = self.root / "tmp" / f"{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, tmp: Path, key: str, manifest: dict[str, Any], replace: bool = False) -> Path:
+    def commit(self, tmp: Path, key: str, manifest: dict[str, Any], replace: bool = False) -> None:
         """Hash `tmp`'s files into `manifest`, write it last, and rename `tmp` to the key's place.
 
         An intact artifact already there is kept (another process built the same key) unless
         `replace` (a forced rebuild); a damaged one is always replaced.
         """
+        _share(tmp)
         names = [name for name in _list_files(tmp) if name != MANIFEST]
-        files = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in names}
+        files = {}
+        for name in names:
+            stat = (tmp / name).stat()
+            files[name] = {"sha256": sha256_file(tmp / name), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         with open(tmp / MANIFEST, "w") as f:
             json.dump({**manifest, "key": key, "files": files}, f, indent=2, sort_keys=True)
+        os.chmod(tmp / MANIFEST, 0o666 & ~_umask())
         # On disk before the rename makes them trusted: a power cut must not leave a named, empty file.
         for name in [*names, MANIFEST]:
             _fsync(tmp / name)
-        final = self.path(key)
+        final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists() and (replace or not self.has(key)):
             self._discard(final)
@@ -210,17 +241,16 @@ class Store:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process committed the same key first
         _fsync(final.parent)
-        return final
 
     def abort(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     def rm(self, key: str) -> bool:
-        path = self.path(key)
+        path = self._path(key)
         if not path.exists():
             return False
         self._discard(path)
-        shutil.rmtree(self.root / "runs" / key, ignore_errors=True)
+        shutil.rmtree(self.scratch.run_dir(key), ignore_errors=True)
         return True
 
     def _discard(self, path: Path) -> None:
@@ -238,14 +268,14 @@ class Store:
         """
         removed = []
         for entry in self.ls():
-            if entry.key not in keep and not self._busy(entry.key):
+            if entry.key not in keep and not self.scratch.busy(entry.key):
                 self.rm(entry.key)
                 removed.append(entry.key)
         for tmp in _children(self.root / "tmp"):
             if not self._writer_alive(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
         for scratch in [*_children(self.root / "work"), *_children(self.root / "runs")]:
-            if scratch.name not in keep and not self._busy(scratch.name):
+            if scratch.name not in keep and not self.scratch.busy(scratch.name):
                 shutil.rmtree(scratch, ignore_errors=True)
         return removed
 
@@ -260,16 +290,6 @@ class Store:
             return time.time() - tmp.stat().st_mtime < 24 * 3600
         return _pid_alive(pid)
 
-    def _busy(self, key: str) -> bool:
-        """Whether a runner holds the key's lock, i.e. is building it now."""
-        lock = self.lock(key)
-        try:
-            lock.acquire(blocking=False)
-        except TimeoutError:
-            return True
-        lock.release()
-        return False
-
     # -- delivering results ----------------------------------------------------------------------
     def materialise(self, key: str, dest: Path) -> None:
         """Copy an artifact's files to `dest` (the user's output_dir / export_dir).
@@ -278,11 +298,8 @@ class Store:
         stays in the store. A file whose size and mtime already match is left alone, which keeps a
         fully cached run instant. Files in `dest` that the artifact lacks are left alone too.
         """
-        manifest = self.manifest(key)
-        if manifest is None:
-            raise FileNotFoundError(f"artifact {key} is not in the store {self.root}")
-        base = self.path(key)
-        for name in manifest["files"]:
+        base = self.fetch(key)
+        for name in self.manifest(key)["files"]:
             if name == STEP_LOG:
                 continue
             source, target = base / name, dest / name
@@ -297,4 +314,3 @@ class Store:
             partial = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # runs may race here
             shutil.copy2(source, partial)
             os.replace(partial, target)
-

@@ -29,7 +29,7 @@ def load(params: dict[str, Any], root: Path, seed: int, cache_dir: Path) -> tupl
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
         raise UserError("data.dataset is empty: name at least one dataset (a dataset_info.json entry or a file)")
-    stage = params.get("stage") or "sft"
+    stage = params["stage"]
     info = registry.load_info(root)
     records, per_dataset = [], {}
     for name in names:

@@ -28,7 +28,7 @@ def run(ctx) -> dict:
     artifact = Path(ctx.inputs["model"])
     # train.json names a local base model as the spec wrote it: this step's files["model"] is where it is.
     model, tokenizer = modeling.load_trained(
-        artifact, _model_flags(p), model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir
+        artifact, _model_flags(p), model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir, artifacts=ctx.artifacts
     )
     device = "cuda" if torch.cuda.is_available() and not p.get("no_cuda") else "cpu"
     model.to(device).eval()
@@ -42,11 +42,11 @@ def run(ctx) -> dict:
         output = model.generate(
             input_ids=torch.tensor([prompt_ids], device=device),
             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-            max_new_tokens=int(p.get("max_new_tokens") or 32),
+            max_new_tokens=int(p["max_new_tokens"]),
             do_sample=False,
             eos_token_id=stop_ids,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
-            use_cache=bool(p.get("use_cache", True)),
+            use_cache=bool(p["use_cache"]),
             **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
         )
     new_ids = output[0, len(prompt_ids) :].tolist()

@@ -34,9 +34,9 @@ def load_tokenizer(params: dict[str, Any], model_dir: Path | str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(model_dir), use_fast=params.get("use_fast_tokenizer", True),
+            str(model_dir), use_fast=params["use_fast_tokenizer"],
             trust_remote_code=bool(params.get("trust_remote_code")), cache_dir=params.get("cache_dir"),
-            revision=params.get("model_revision") or "main")
+            revision=params["model_revision"])
     except OSError as e:
         raise UserError(f"cannot load a tokenizer from {model_dir}: {e}",
                         ["model_name_or_path must be a local model directory (no model hub is reachable)"]) from None
@@ -169,9 +169,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, Any]) -> tuple[dict, dict]:
-    cutoff_len = int(params.get("cutoff_len") or 512)
+    cutoff_len = int(params["cutoff_len"])
     workers = int(params.get("preprocessing_num_workers") or 1)
-    if (params.get("stage") or "sft") == "pt":
+    if (params["stage"]) == "pt":
         bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else ""
         eos = tokenizer.eos_token or ""
         texts = [bos + r["text"] + eos for r in records]
@@ -203,7 +203,7 @@ def prepare(params: dict[str, Any], files: dict[str, Any], spec_dir: Path) -> tu
     and `tunepipe preview` both start here, then call `tokenize_split`."""
     model_dir = Path(files["model"]) if "model" in files else None
     tokenizer = load_tokenizer(params, model_dir or params.get("model_name_or_path"))
-    if (params.get("stage") or "sft") == "pt":  # plain text: no chat template involved
+    if (params["stage"]) == "pt":  # plain text: no chat template involved
         renderer, info = None, {"name": "none", "source": "pt", "stop_words": [], "eos_token": tokenizer.eos_token}
     else:
         renderer, info = ct.resolve(params, tokenizer, template_file_path(params, spec_dir, files))
@@ -218,8 +218,8 @@ def run(ctx: StepContext) -> dict:
     params = ctx.params
     tokenizer, renderer, info, added = prepare(params, ctx.files, ctx.spec_dir)
 
-    stats: dict[str, Any] = {"template": info["name"], "stage": params.get("stage") or "sft",
-                             "cutoff_len": int(params.get("cutoff_len") or 512), "packing": bool(params.get("packing")),
+    stats: dict[str, Any] = {"template": info["name"], "stage": params["stage"],
+                             "cutoff_len": int(params["cutoff_len"]), "packing": bool(params.get("packing")),
                              "vocab_size": len(tokenizer), "added_tokens": added}
     data_dir = Path(ctx.inputs["data"])
     for split in SPLITS:

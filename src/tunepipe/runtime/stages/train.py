@@ -49,16 +49,16 @@ MODEL_FLAGS = (
 def run(ctx) -> dict:
     p = ctx.params
     seed = int(ctx.seed if p.get("seed") is None else p["seed"])
-    finetuning = p.get("finetuning_type") or "none"
-    objective = p.get("stage") or "sft"
+    finetuning = p["finetuning_type"]
+    objective = p["stage"]
 
     # 1. Data: the template stage's tokenized splits.
     data_dir = Path(ctx.inputs["template"])
     train_set = TokenizedSplit(data_dir, "train", objective)
     eval_set = TokenizedSplit(data_dir, "val", objective) if TokenizedSplit.exists(data_dir, "val") else None
-    if (p.get("evaluation_strategy") or "no") != "no" and eval_set is None:
+    if (p["evaluation_strategy"]) != "no" and eval_set is None:
         raise UserError("train.evaluation_strategy needs a validation split: set data.val_size > 0")
-    max_length = max(train_set.lengths + (eval_set.lengths if eval_set else []) + [p.get("cutoff_len") or 0])
+    max_length = max(train_set.lengths + (eval_set.lengths if eval_set else []) + [p["cutoff_len"]])
 
     # 2. Model and tokenizer, seeded: a from-scratch or LoRA init is part of the result.
     set_seed(seed)
@@ -76,7 +76,7 @@ def run(ctx) -> dict:
             model = modeling.merge_adapter(model, adapter)
         base["merged_adapters"] = written
         if finetuning == "freeze":
-            _freeze(model, int(p.get("freeze_trainable_layers", 2)))
+            _freeze(model, int(p["freeze_trainable_layers"]))
         elif finetuning == "full":
             model.requires_grad_(True)
         else:  # none: no parameter trains; the artifact is the (loaded or initialised) model
@@ -95,7 +95,7 @@ def run(ctx) -> dict:
     callbacks = []
     if args.eval_strategy != "no" and args.load_best_model_at_end:
         callbacks.append(
-            EarlyStoppingCallback(int(p.get("early_stopping_patience") or 1), float(p.get("early_stopping_threshold") or 0))
+            EarlyStoppingCallback(int(p["early_stopping_patience"]), float(p["early_stopping_threshold"]))
         )
     trainer = RecipeTrainer(
         model=model,
@@ -158,13 +158,13 @@ def _model(ctx, tokenizer, max_length: int):
     p = ctx.params
     if "base" in ctx.inputs:
         model, _ = modeling.load_trained(
-            Path(ctx.inputs["base"]), p, model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir
+            Path(ctx.inputs["base"]), p, model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir, artifacts=ctx.artifacts
         )
         rows = model.get_input_embeddings().weight.shape[0]
         modeling.apply_model_flags(model, p, tokenizer)
         resized = model.get_input_embeddings().weight.shape[0] != rows
         # The upstream artifact by key, not by path: the same spec gives the same bytes in any checkout.
-        return model, {"kind": "artifact", "key": Path(ctx.inputs["base"]).name, "resized": resized}
+        return model, {"kind": "artifact", "key": ctx.upstream["base"], "resized": resized}
     source = modeling.model_source(ctx)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     # The Trainer places the model itself; an explicit map (or force_auto_device) is for one process only.
@@ -242,11 +242,11 @@ def _lora(model, p: dict, adapters: list[str], resized: bool):
         modules_to_save = sorted({modeling.module_name(model, m).rsplit(".", 1)[-1] for m in layers})
     config = LoraConfig(
         task_type="CAUSAL_LM",
-        r=int(p.get("lora_rank", 8)),
-        lora_alpha=float(p.get("lora_alpha", 32)),
-        lora_dropout=float(p.get("lora_dropout", 0.05)),
+        r=int(p["lora_rank"]),
+        lora_alpha=float(p["lora_alpha"]),
+        lora_dropout=float(p["lora_dropout"]),
         target_modules=target,
-        bias=p.get("lora_bias") or "none",
+        bias=p["lora_bias"],
         fan_in_fan_out=bool(p.get("lora_fan_in_fan_out")),
         modules_to_save=modules_to_save,
     )
@@ -274,14 +274,14 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
     seed = int(ctx.seed if p.get("seed") is None else p["seed"])
     use_cpu = bool(p.get("no_cuda")) or not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    ratio = float(p.get("warmup_ratio") or 0)
+    ratio = float(p["warmup_ratio"])
     if ratio >= 1:
         raise UserError(f"warmup_ratio must be below 1, got {ratio}")
-    report_to = p.get("report_to") or "none"
+    report_to = p["report_to"]
     if report_to in ("tensorboard", "all"):
         # transformers 5 has no logging_dir argument; its TensorBoard callback reads this variable.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(logging_dir(ctx))
-    eval_strategy = p.get("evaluation_strategy") or "no"
+    eval_strategy = p["evaluation_strategy"]
     gc = bool(p.get("gradient_checkpointing")) and not p.get("disable_gradient_checkpointing")
     arguments = dict(
         output_dir=str(output_dir),
@@ -291,30 +291,30 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
         use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and distributed else None,
         # optimisation
-        learning_rate=float(p.get("learning_rate", 5e-5)),
-        num_train_epochs=float(p.get("num_train_epochs", 3.0)),
-        max_steps=int(p.get("max_steps", -1)),
-        per_device_train_batch_size=int(p.get("per_device_train_batch_size", 8)),
-        per_device_eval_batch_size=int(p.get("per_device_eval_batch_size", 8)),
-        gradient_accumulation_steps=int(p.get("gradient_accumulation_steps", 1)),
-        lr_scheduler_type=p.get("lr_scheduler_type") or "cosine",
+        learning_rate=float(p["learning_rate"]),
+        num_train_epochs=float(p["num_train_epochs"]),
+        max_steps=int(p["max_steps"]),
+        per_device_train_batch_size=int(p["per_device_train_batch_size"]),
+        per_device_eval_batch_size=int(p["per_device_eval_batch_size"]),
+        gradient_accumulation_steps=int(p["gradient_accumulation_steps"]),
+        lr_scheduler_type=p["lr_scheduler_type"],
         # the seed: warmup_ratio wins over warmup_steps; transformers reads a float < 1 as a ratio
-        warmup_steps=ratio if ratio > 0 else int(p.get("warmup_steps") or 0),
-        weight_decay=float(p.get("weight_decay", 0.0)),
-        adam_beta1=float(p.get("adam_beta1", 0.9)),
-        adam_beta2=float(p.get("adam_beta2", 0.999)),
-        adam_epsilon=float(p.get("adam_epsilon", 1e-8)),
-        max_grad_norm=float(p.get("max_grad_norm", 1.0)),
+        warmup_steps=ratio if ratio > 0 else int(p["warmup_steps"]),
+        weight_decay=float(p["weight_decay"]),
+        adam_beta1=float(p["adam_beta1"]),
+        adam_beta2=float(p["adam_beta2"]),
+        adam_epsilon=float(p["adam_epsilon"]),
+        max_grad_norm=float(p["max_grad_norm"]),
         # precision, memory, kernels
         bf16=bool(p.get("bf16")),
         fp16=bool(p.get("fp16")),
         tf32=True if p.get("tf32") else None,
         activation_checkpointing=gc,
-        activation_checkpointing_kwargs={"use_reentrant": bool(p.get("use_reentrant_gc", True))} if gc else None,
+        activation_checkpointing_kwargs={"use_reentrant": bool(p["use_reentrant_gc"])} if gc else None,
         torch_compile=bool(p.get("torch_compile")),
         use_liger_kernel=bool(p.get("enable_liger_kernel")),
         # logging
-        logging_steps=int(p.get("logging_steps", 10)),
+        logging_steps=int(p["logging_steps"]),
         logging_first_step=True,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=bool(p.get("disable_tqdm")),
@@ -322,20 +322,20 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
         run_name=p.get("run_name") or ctx.id,
         # evaluation and checkpoints
         eval_strategy=eval_strategy if has_eval else "no",
-        eval_steps=int(p.get("eval_steps", 500)),
+        eval_steps=int(p["eval_steps"]),
         save_strategy="steps",
-        save_steps=int(p.get("save_steps", 500)),
+        save_steps=int(p["save_steps"]),
         save_total_limit=p.get("save_total_limit"),
         load_best_model_at_end=bool(p.get("load_best_model_at_end")) and has_eval,
-        metric_for_best_model=p.get("metric_for_best_model") or "loss",
+        metric_for_best_model=p["metric_for_best_model"],
         greater_is_better=bool(p.get("greater_is_better")),
         # data loading and distribution
-        dataloader_num_workers=int(p.get("dataloader_num_workers") or 0),
-        dataloader_pin_memory=bool(p.get("dataloader_pin_memory", True)) and not use_cpu,
+        dataloader_num_workers=int(p["dataloader_num_workers"]),
+        dataloader_pin_memory=bool(p["dataloader_pin_memory"]) and not use_cpu,
         remove_unused_columns=False,
         label_names=["labels"],
         debug="tpu_metrics_debug" if p.get("tpu_metrics_debug") else "",
-        ddp_timeout=int(p.get("ddp_timeout", 1800)),
+        ddp_timeout=int(p["ddp_timeout"]),
         ddp_find_unused_parameters=bool(p.get("ddp_find_unused_parameters")),
         deepspeed=_config_file(ctx, "deepspeed"),
         fsdp=p.get("fsdp") or None,
@@ -349,7 +349,7 @@ def training_arguments(ctx, output_dir: Path, has_eval: bool) -> TrainingArgumen
 
 def logging_dir(ctx) -> Path:
     """TensorBoard events: logs, not artifact bytes. Relative paths are relative to the spec."""
-    return paths.resolve(ctx.spec_dir, str(ctx.params.get("logging_dir") or "runs")) / ctx.id
+    return paths.resolve(ctx.spec_dir, str(ctx.params["logging_dir"])) / ctx.id
 
 
 def _config_file(ctx, flag: str) -> str | None:
@@ -430,8 +430,8 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
 
     p, out = ctx.params, Path(ctx.out)
     model = trainer.model
-    model.config.use_cache = bool(p.get("use_cache", True))  # training may have turned it off
-    info = {"finetuning_type": p.get("finetuning_type") or "none", "stage": p.get("stage") or "sft"}
+    model.config.use_cache = bool(p["use_cache"])  # training may have turned it off
+    info = {"finetuning_type": p["finetuning_type"], "stage": p["stage"]}
     if isinstance(model, PeftModel):
         # A stable base name instead of an absolute path: the same spec gives the same bytes anywhere.
         config = model.peft_config["default"]

@@ -1,0 +1,70 @@
+"""The stage table: every fact about a step kind, in one place. Light: pure Python, no imports.
+
+Read by the compiler (version, the section that makes the step), preflight (packages, the check to
+run) and the runner (how a result is summarised). Adding a stage is a module
+`tunepipe/runtime/stages/<kind>.py` defining `run(ctx) -> metrics` plus one entry here.
+
+`version`: bump it when the bytes a stage produces for the same inputs change. Export and verify
+are versioned per format (a GGUF writer change does not invalidate ONNX exports): a mapping from
+`format` to version.
+`packages`: (import name, pip name) the stage always needs; a format's own packages are declared by
+its export module (`REQUIRES`) and checked by preflight.
+`check`: the name of the function in `executors/preflight.py` with the flag-specific host checks.
+`summary`: what the run summary shows of a built step: "model" (losses, steps, where it is),
+"answer" (an infer answer), "report" (verify figures against thresholds), or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TRAIN_PACKAGES = (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"))
+EXPORT_FORMATS = ("gguf", "onnx", "mlc", "openvino", "executorch")
+# (import name, pip name) an export format and its verify runtime need.
+FORMAT_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gguf": (("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")),
+    "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript")),
+    "mlc": (("numpy", "numpy"),),
+    "openvino": (("openvino", "openvino"),),
+    "executorch": (("executorch", "executorch"),),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    section: str
+    version: int | dict[str, int]
+    packages: tuple[tuple[str, str], ...] = ()
+    check: str | None = None
+    summary: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def version_for(self, params: dict[str, Any]) -> int:
+        if isinstance(self.version, int):
+            return self.version
+        return self.version.get(params.get("format"), 1)
+
+    @property
+    def module(self) -> str:
+        return f"tunepipe.runtime.stages.{self.kind}"
+
+
+STAGES: dict[str, Stage] = {
+    stage.kind: stage
+    for stage in (
+        Stage("data", "data", 1, (("datasets", "datasets"),)),
+        Stage("template", "template", 1, (("transformers", "transformers"), ("numpy", "numpy"))),
+        Stage("train", "train", 4, TRAIN_PACKAGES, check="train_problems", summary="model"),
+        Stage("merge", "merge", 1, TRAIN_PACKAGES + (("safetensors", "safetensors"),), summary="model"),
+        Stage("quantize", "quantize", 1, TRAIN_PACKAGES, check="quantize_problems", summary="model"),
+        Stage("export", "export", {f: 1 for f in EXPORT_FORMATS}, check="export_problems", summary="model"),
+        Stage("verify", "export", {f: 1 for f in EXPORT_FORMATS}, TRAIN_PACKAGES, check="export_problems", summary="report"),
+        Stage("infer", "infer", 1, TRAIN_PACKAGES, check="infer_problems", summary="answer"),
+    )
+}
+
+
+def stage(kind: str) -> Stage:
+    return STAGES[kind]

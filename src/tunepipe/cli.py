@@ -258,7 +258,7 @@ def preview(
     n: int = typer.Option(3, "-n", min=1, help="Samples to show per dataset."),
 ) -> None:
     """Show the first training samples as the model sees them: trained tokens vs masked ones."""
-    from .runtime.preview import preview as show
+    from .preview import preview as show
 
     resolved = load(spec, ctx, sets)
     show(resolved.data, resolved.spec_dir, n, _console())

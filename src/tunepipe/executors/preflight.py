@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..spec.paths import config_file_problems
 from ..stage_table import FORMAT_PACKAGES, STAGES
 
 # Flags that need a package: (import name, pip name, the hardware it also needs).
@@ -170,19 +171,6 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
-
-
-def config_file_problems(flag: str, value, spec_dir) -> list[str]:
-    path = Path(str(value)).expanduser()
-    if not path.is_absolute() and spec_dir is not None:
-        path = Path(spec_dir) / path
-    if not path.is_file():
-        return [f"{flag}: no such file {path}"]
-    try:
-        json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [f"{flag}: {path} is not a valid JSON file ({exc})"]
-    return []
 
 
 PROBE = (

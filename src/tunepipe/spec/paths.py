@@ -7,6 +7,7 @@ beside the spec — then it is a mistyped local path.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -25,3 +26,15 @@ def is_hub_id(spec_dir: Path, value: str) -> bool:
     if resolve(spec_dir, value).exists() or not HUB_ID.fullmatch(value):
         return False
     return not resolve(spec_dir, value.split("/")[0]).exists()
+
+
+def config_file_problems(flag: str, value, spec_dir) -> list[str]:
+    """Problems of a JSON config file a flag names (deepspeed, fsdp_config): missing or not JSON."""
+    path = resolve(spec_dir, str(value)) if spec_dir is not None else Path(str(value)).expanduser()
+    if not path.is_file():
+        return [f"{flag}: no such file {path}"]
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{flag}: {path} is not a valid JSON file ({exc})"]
+    return []

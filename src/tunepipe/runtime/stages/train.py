@@ -355,12 +355,11 @@ def logging_dir(ctx) -> Path:
 def _config_file(ctx, flag: str) -> str | None:
     """deepspeed / fsdp_config: a JSON file, checked before it reaches accelerate — by the same
     function the runner's preflight uses, so a step fails here exactly when preflight would."""
-    from tunepipe.executors.preflight import config_file_problems  # light
 
     value = ctx.params.get(flag)
     if not value:
         return None
-    problems = config_file_problems(flag, value, ctx.spec_dir)
+    problems = paths.config_file_problems(flag, value, ctx.spec_dir)
     if problems:
         raise UserError(problems[0])
     return str(paths.resolve(ctx.spec_dir, str(value)))

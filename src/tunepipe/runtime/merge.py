@@ -1,9 +1,10 @@
 """Merging LoRA adapters into their base weights, streamed tensor by tensor over safetensors shards.
 
-    chain = resolve_chain(train_artifact, artifacts=ctx.artifacts, model_dir=ctx.files.get("model"),
+    chain = resolve_chain(train_artifact, key, artifacts=ctx.artifacts, model_dir=ctx.files.get("model"),
                           spec_dir=ctx.spec_dir, params=ctx.params)
-    info = merge_streaming(chain, out, shard_size=5 << 30)       # raises StreamingUnsupported …
-    info = merge_with_peft(chain, out, shard_size=5 << 30)       # … and then this is the fallback
+    info = merge_streaming(chain, out, shard_size=5 << 30)    # raises StreamingUnsupported, then:
+    info = merge_with_peft(train_artifact, out, params=ctx.params, model_dir=…, spec_dir=…,
+                           artifacts=ctx.artifacts, shard_size=5 << 30)
 
 **The train chain.** A LoRA train artifact's `train.json` names its base (docs/internals.md,
 "Artifact formats"): `{"kind": "artifact", "key": K}` an upstream train artifact, looked up in
@@ -33,7 +34,7 @@ Everything else peft can express (DoRA, embedding or convolution LoRA, `lora_bia
 initialisations that rewrite the base, other peft types, a vocabulary the chain resized, a
 `_keep_in_fp32_modules` model cast to 16 bits, a base not on disk as safetensors…) is detected
 before anything is written and raises `StreamingUnsupported`, saying why; `merge_with_peft` then
-builds the same model with peft (`modeling.load_model` + `merge_and_unload` per adapter).
+builds the same model with peft, through `modeling.load_trained` (merge_and_unload per adapter).
 """
 
 from __future__ import annotations
@@ -117,16 +118,16 @@ class Chain:
 
 def resolve_chain(
     artifact: Path,
+    key: str,
     *,
     artifacts: dict[str, Path],
     model_dir: str | Path | None,
     spec_dir: str | Path,
     params: dict,
 ) -> Chain:
-    """Walk a LoRA train artifact's train.json back to full weights (see the module docstring).
-    `params` (the reading step's flags) override the model flags the chain recorded."""
+    """Walk the LoRA train artifact `artifact` (whose key is `key`) back to full weights (see the
+    module docstring). `params` (the reading step's flags) override the model flags the chain recorded."""
     artifact = Path(artifact)
-    key = next((k for k, d in artifacts.items() if Path(d) == artifact), artifact.name)
     flags = dict(params)
     links: list[Link] = []
     max_length = None
@@ -475,19 +476,20 @@ def write_safetensors(
 # ---------------------------------------------------------------- peft fallback
 
 
-def merge_with_peft(chain: Chain, out: Path, *, shard_size: int, log=None) -> dict:
-    """The same merged model built in memory: the base loaded with the chain's model flags, each
-    step's adapters merged with peft's merge_and_unload after its tokenizer's vocabulary is applied
-    (what modeling.load_trained does), saved with save_pretrained."""
-    flags = chain.flags
-    tokenizer = modeling.load_tokenizer(chain.links[0].tokenizer, flags)
-    model = modeling.load_model(str(chain.base), flags, tokenizer, max_length=chain.max_length)
-    for link in chain.links:
-        modeling.apply_model_flags(model, flags, modeling.load_tokenizer(link.tokenizer, flags))
-        for adapter in link.adapters:
-            if log is not None:
-                log.info("merging %s with peft", adapter.path)
-            model = modeling.merge_adapter(model, str(adapter.path))
+def merge_with_peft(
+    artifact: Path,
+    out: Path,
+    *,
+    params: dict,
+    model_dir: str | Path | None,
+    spec_dir: str | Path,
+    artifacts: dict[str, Path],
+    shard_size: int,
+) -> dict:
+    """The same merged model built in memory, the way every other step rebuilds a train chain
+    (modeling.load_trained: the base loaded with the model flags, peft's merge_and_unload per
+    adapter), saved with save_pretrained."""
+    model, _ = modeling.load_trained(artifact, params, model_dir=model_dir, spec_dir=spec_dir, artifacts=artifacts)
     model.save_pretrained(out, max_shard_size=shard_size)
     tensors = _base_tensors(out)  # what was written, read back from the headers
     return {

@@ -43,13 +43,9 @@ from tunepipe.runtime import merge
 def run(ctx) -> dict:
     started = time.perf_counter()
     out = Path(ctx.out)
-    chain = merge.resolve_chain(
-        Path(ctx.inputs["train"]),
-        artifacts={k: Path(v) for k, v in ctx.artifacts.items()},
-        model_dir=ctx.files.get("model"),
-        spec_dir=ctx.spec_dir,
-        params=ctx.params,
-    )
+    artifact, artifacts = Path(ctx.inputs["train"]), {k: Path(v) for k, v in ctx.artifacts.items()}
+    where = {"model_dir": ctx.files.get("model"), "spec_dir": ctx.spec_dir, "artifacts": artifacts}
+    chain = merge.resolve_chain(artifact, ctx.upstream["train"], params=ctx.params, **where)
     shard_size = _shard_size(ctx.params.get("max_shard_size"))
     model_dir = out / "model"
     fallback = None
@@ -59,10 +55,10 @@ def run(ctx) -> dict:
         fallback = str(why)
         ctx.log.info("streaming merge not possible: %s; merging in memory with peft's merge_and_unload", fallback)
         shutil.rmtree(model_dir, ignore_errors=True)
-        info = merge.merge_with_peft(chain, model_dir, shard_size=shard_size, log=ctx.log)
+        info = merge.merge_with_peft(artifact, model_dir, params=ctx.params, shard_size=shard_size, **where)
     for file in sorted(chain.tokenizer.iterdir()):
         shutil.copyfile(file, model_dir / file.name)
-    template = Path(ctx.inputs["train"]) / "template.json"
+    template = artifact / "template.json"
     if template.is_file():
         shutil.copyfile(template, out / "template.json")
     record = {

@@ -151,7 +151,11 @@ def run_plan(
     runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going,
                      frozen_lock=lock if frozen else None)
     steps = [plan.step(step_id) for step_id in selected]
-    check_preflight([s for s in steps if s.id in forced or not store.has(s.key)], plan)
+    to_build = [s for s in steps if s.id in forced or not store.has(s.key)]
+    if to_build and not dry_run and not store.writable():
+        raise UserError(f"the cache {store.location} is read-only, and {len(to_build)} step(s) need building: "
+                        f"{', '.join(s.id for s in to_build)}", ["point TUNEPIPE_CACHE at a writable directory to build them"])
+    check_preflight(to_build, plan)
     if dry_run:
         outcomes = runner.dry_run(steps, annotate(plan, store, lock), forced)
         return RunResult(plan, outcomes, time.monotonic() - started)
@@ -186,7 +190,10 @@ def print_summary(result: RunResult, console: Console) -> None:
         if stage(outcome.kind).summary not in ("model", "report") or outcome.status not in ("built", CACHED):
             continue
         m = outcome.metrics
-        found = [" ".join(str(m[k]) for k in ("finetuning_type", "stage") if m.get(k))]
+        if stage(outcome.kind).summary == "report":
+            console.print(Text.assemble(f"  {outcome.id}: ", (_report(m), "bold")))
+            continue
+        found = [" ".join(str(m[k]) for k in ("finetuning_type", "stage", "format", "type") if m.get(k))]
         found += [f"train loss {_short(m['train_loss'])}"] if "train_loss" in m else []
         found += [f"eval loss {_short(m['eval_loss'])}"] if "eval_loss" in m else []
         found += [f"{m['steps']} steps"] if "steps" in m else []
@@ -207,6 +214,20 @@ def print_summary(result: RunResult, console: Console) -> None:
             console.print(Text.assemble(("\n> ", "dim"), (str(prompt), "bold"), "\n", (outcome.answer.strip(), "bold green")))
     if result.lock_written:
         console.print(Text(f"wrote {_relative(result.plan.lock_path)}", style="dim"))
+
+
+def _report(m: dict[str, Any]) -> str:
+    """A verify step's figures against its thresholds, in one line."""
+    parts = ["passed" if m.get("passed") else "FAILED"]
+    if "max_rel_logit_error" in m:
+        limit = m.get("threshold_max_rel_logit_error")
+        parts.append(f"max rel logit error {m['max_rel_logit_error']:.2g}" + (f" (≤ {limit:.2g})" if limit is not None else ""))
+    if "greedy_agreement" in m:
+        limit = m.get("threshold_min_greedy_agreement")
+        parts.append(f"greedy agreement {m['greedy_agreement']:.3f}" + (f" (≥ {limit:.2f})" if limit is not None else ""))
+    if "chat_template_tokens_match" in m:
+        parts.append("chat template tokens " + ("match" if m["chat_template_tokens_match"] else "DIFFER"))
+    return " · ".join(parts)
 
 
 def _relative(path: Path) -> str:
@@ -388,10 +409,10 @@ class _Runner:
         if self.frozen_lock is not None:
             locked = self.frozen_lock["steps"][step.id].get("outputs", {}).get("digest")
             if locked != output_digest(manifest)["digest"]:
-                # A warning, not a failure: a stage may write timings (trainer_state.json), so equal
-                # inputs need not give equal bytes; the key, which --frozen enforces, is the contract.
-                self.console.print(Text(f"warning: {step.id}: output differs from tunepipe.lock (same key, different bytes)",
-                                        style="yellow"), soft_wrap=True)
+                # Stages write no timings into artifacts: the same key must give the same bytes.
+                raise FrozenPlanError(f"--frozen: {step.id}: its output differs from {self.plan.lock_path.name} "
+                                      f"(same key {step.key[:12]}, other bytes)",
+                                      [f"locked digest {str(locked)[:12]}, built {output_digest(manifest)['digest'][:12]}"])
         self.finish(step, status, wall_s=wall_s, metrics=manifest.get("metrics", {}), answer=answer, command=command)
         label = "cached" if status == CACHED else f"built in {wall_s:.1f}s"
         self.console.print(Text.assemble(("✓ " if status != CACHED else "• ", "green"), f"{step.id} ", (label, "dim")))

@@ -78,6 +78,19 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def check_inputs(store, step: dict[str, Any]) -> None:
+    """Re-hash every input artifact against its manifest before the stage reads a byte of it: a
+    damaged input (a same-size overwrite, a flipped bit) is never trusted."""
+    for role, key in sorted(step.get("upstream", {}).items()):
+        problems = store.verify(key)
+        if problems:
+            raise UserError(
+                f"input {role} of {step['id']} (artifact {key[:12]}) is damaged: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                ["`tunepipe cache verify` removes damaged artifacts; the next run rebuilds them"],
+            )
+
+
 def run_step(step: dict[str, Any]) -> None:
     store = open_store(Path(step["cache_dir"]))
     key = step["key"]
@@ -86,6 +99,7 @@ def run_step(step: dict[str, Any]) -> None:
     if store.has(key) and not step.get("force"):
         log.info("%s is already in the store (built by another run); nothing to do", step["id"])
         return
+    check_inputs(store, step)
     out = store.begin(key) if committer else Path(tempfile.mkdtemp(prefix=f"tunepipe-{key[:12]}-"))
     try:
         work = store.scratch.work_dir(key)

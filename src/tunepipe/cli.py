@@ -29,10 +29,32 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect and clean the artifact store.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"tunepipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Declarative, cached pipelines for LLM fine-tuning: data → template → train → merge → quantize → export."""
+
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 SET_HELP = "Override a flag: section.key=value (section.N.key for one entry of a list section)."
 FLAG_EPILOG = ("Any catalog flag may follow the spec, in either spelling: --lora-rank 16, --lora_rank=16, "
                "--no-use-cache, --fp16. `tunepipe flags` lists them.")
+# Every command that reads a spec takes it, --set and catalog-flag overrides the same way:
+SPEC_ARG = typer.Argument(..., help="The pipeline spec (YAML).")
+SETS_OPT = typer.Option([], "--set", help=SET_HELP)
+
+
+def spec_command(*args, **kwargs):
+    """A command that reads a spec: extra `--flag value` arguments are catalog-flag overrides."""
+    return app.command(*args, context_settings=OVERRIDES, epilog=FLAG_EPILOG, **kwargs)
 
 
 def _console(stderr: bool = False):
@@ -84,11 +106,11 @@ def load(spec: Path, ctx: typer.Context, sets: list[str]):
     return resolved
 
 
-@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
+@spec_command()
 def validate(
     ctx: typer.Context,
-    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
-    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    spec: Path = SPEC_ARG,
+    sets: list[str] = SETS_OPT,
     print_spec: bool = typer.Option(False, "--print", help="Print the resolved spec (defaults filled in) as YAML."),
 ) -> None:
     """Check a spec: every error at once, as FILE:LINE:COL: section.key: message. Exit 2 on errors."""
@@ -137,17 +159,18 @@ class PlanFormat(str, Enum):
 
 
 def compile_spec(spec: Path, ctx: typer.Context, sets: list[str], executor: str | None = None):
+    """The spec, validated with its overrides (warnings printed), compiled to a plan."""
     from .compiler.plan import compile_plan
 
     resolved = load(spec, ctx, sets)
     return compile_plan(resolved.data, resolved.path, executor_override=executor)
 
 
-@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
+@spec_command()
 def plan(
     ctx: typer.Context,
-    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
-    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    spec: Path = SPEC_ARG,
+    sets: list[str] = SETS_OPT,
     fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="text tree, json, mermaid or dot."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Plan as if every step ran with this executor."),
 ) -> None:
@@ -159,11 +182,11 @@ def plan(
     typer.echo(render(compiled, annotate(compiled), fmt.value), nl=False)
 
 
-@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
+@spec_command()
 def run(
     ctx: typer.Context,
-    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
-    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    spec: Path = SPEC_ARG,
+    sets: list[str] = SETS_OPT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan and the exact commands; run nothing."),
     frozen: bool = typer.Option(False, "--frozen", help="CI: exit 3 if any step differs from tunepipe.lock."),
     force: list[str] = typer.Option([], "--force", help="Rebuild this step (id or kind), or 'all'."),
@@ -172,6 +195,7 @@ def run(
     keep_going: bool = typer.Option(False, "--keep-going", help="After a failure, finish the independent steps."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Independent steps to run at once."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Run every step with this executor kind."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the steps' INFO log lines."),
 ) -> None:
     """Build what is stale, reuse what is cached, write tunepipe.lock."""
     from .runner import print_summary, run_plan
@@ -179,7 +203,7 @@ def run(
     compiled = compile_spec(spec, ctx, sets, executor)  # the executor decides the world size, so the keys
     console = _console(stderr=True)
     result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
-                      keep_going=keep_going, jobs=jobs, console=console)
+                      keep_going=keep_going, jobs=jobs, console=console, verbose=verbose)
     print_summary(result, console)
     if result.with_status("failed"):
         raise typer.Exit(1)
@@ -250,11 +274,11 @@ def templates() -> None:
     _console().print(table)
 
 
-@app.command(context_settings=OVERRIDES, epilog=FLAG_EPILOG)
+@spec_command()
 def preview(
     ctx: typer.Context,
-    spec: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
-    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    spec: Path = SPEC_ARG,
+    sets: list[str] = SETS_OPT,
     n: int = typer.Option(3, "-n", min=1, help="Samples to show per dataset."),
 ) -> None:
     """Show the first training samples as the model sees them: trained tokens vs masked ones."""
@@ -265,10 +289,10 @@ def preview(
 
 
 def _store_and_plan(spec: Optional[Path], cache: Optional[Path], overrides: list[str] = ()):
-    """The store a cache command works on: --cache, else the spec's, else ./.tunepipe/cache."""
+    """The store a cache command works on — the spec's, found as `run` finds it (its overrides
+    included); else --cache; else $TUNEPIPE_CACHE or ./.tunepipe/cache — and the spec's plan."""
     from .store import default_cache_dir, open_store
 
-    plan_ = None
     if spec is not None:
         from .compiler.plan import compile_plan
         from .spec import load_spec
@@ -276,11 +300,15 @@ def _store_and_plan(spec: Optional[Path], cache: Optional[Path], overrides: list
         resolved = load_spec(spec, parse_overrides(list(overrides), []))
         plan_ = compile_plan(resolved.data, resolved.path, cache_dir=cache)
         return open_store(plan_.cache_dir), plan_
-    return open_store(cache.resolve() if cache else default_cache_dir(Path.cwd())), plan_
+    root = cache.resolve() if cache else default_cache_dir(Path.cwd())
+    if not root.is_dir():
+        _console(stderr=True).print(f"no cache at {root}: give the spec (tunepipe cache ls SPEC) or --cache DIR",
+                                    style="yellow", markup=False)
+    return open_store(root), None
 
 
-SPEC_OPT = typer.Option(None, "--spec", "-s", help="Use this spec's cache (and step ids).")
-CACHE_OPT = typer.Option(None, "--cache", help="The cache directory (default: $TUNEPIPE_CACHE or ./.tunepipe/cache).")
+SPEC_OPT = typer.Argument(None, help="Work on this spec's cache (and its step ids); default ./.tunepipe/cache.")
+CACHE_OPT = typer.Option(None, "--cache", help="The cache directory (default: the spec's, $TUNEPIPE_CACHE or ./.tunepipe/cache).")
 
 
 @cache_app.command("ls")
@@ -335,7 +363,8 @@ def cache_gc(ctx: typer.Context,
 
 @cache_app.command("rm")
 def cache_rm(names: list[str] = typer.Argument(..., help="Step ids (with --spec), keys or key prefixes."),
-             spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_OPT) -> None:
+             spec: Optional[Path] = typer.Option(None, "--spec", "-s", help="Use this spec's cache (and step ids)."),
+             cache: Optional[Path] = CACHE_OPT) -> None:
     """Remove artifacts from the store."""
     from . import runner
 
@@ -376,7 +405,9 @@ def main() -> None:
         err.print(exc.log_tail, markup=False)
         sys.exit(2 if exc.returncode == 2 else exc.exit_code)  # a stage's user error (bad input) stays exit 2
     except KeyboardInterrupt:
-        _console(stderr=True).print(Text("interrupted", style="yellow"))
+        _console(stderr=True).print(Text("interrupted: the running steps were stopped and nothing half-built was kept; "
+                                         "run the same command again to continue (finished steps stay cached)",
+                                         style="yellow"))
         sys.exit(130)
     except _usage_errors() as exc:  # a missing argument, a bad option value, an unknown command: exit 2
         exc.show()

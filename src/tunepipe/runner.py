@@ -18,6 +18,7 @@ cached run starts no process and never imports torch.
 from __future__ import annotations
 
 import difflib
+import re
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from rich.text import Text
 from .compiler.lockfile import keys_in_lock, output_digest, read_lock, write_lock
 from .compiler.plan import Plan, Step
 from .compiler.render import render_text
-from .compiler.status import CACHED, annotate, frozen_violations
+from .compiler.status import CACHED, STALE, StepStatus, annotate, frozen_violations
 from .errors import FrozenPlanError, StepFailed, UserError
 from .executors.base import Executor, get_executor
 from .stage_table import stage
@@ -38,6 +39,8 @@ from .store import LocalStore, open_store
 
 POLL_S = 0.1
 LOG_TAIL_LINES = 30
+# The worker's own INFO/DEBUG log lines (logging's default time format): kept in the step log, shown with -v.
+CHATTER = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|DEBUG) ")
 
 
 @dataclass
@@ -76,6 +79,7 @@ class _Running:
     started: float
     command: str
     launch_log: Path | None = None
+    counter: str = ""
     offset: int = 0
     partial: str = ""
 
@@ -120,6 +124,7 @@ def run_plan(
     keep_going: bool = False,
     jobs: int = 1,
     console: Console | None = None,
+    verbose: bool = False,
 ) -> RunResult:
     started = time.monotonic()
     console = console or Console(stderr=True)
@@ -149,7 +154,7 @@ def run_plan(
                 raise UserError(f"{step_id} needs {dep}, which is not built: run without --only, or with --until {step_id}")
 
     runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going,
-                     frozen_lock=lock if frozen else None)
+                     frozen_lock=lock if frozen else None, verbose=verbose)
     steps = [plan.step(step_id) for step_id in selected]
     to_build = [s for s in steps if s.id in forced or not store.has(s.key)]
     if to_build and not dry_run and not store.writable():
@@ -201,6 +206,14 @@ def print_summary(result: RunResult, console: Console) -> None:
         pictures = ", ".join(p.name for p in sorted(path.glob("*.png")))
         console.print(Text.assemble(f"  {outcome.id}: ", (" · ".join(f for f in found if f), "bold")))
         console.print(Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True)
+    final = [o for o in result.outcomes if stage(o.kind).summary == "model" and o.status in ("built", CACHED)]
+    if final:
+        step = result.plan.step(final[-1].id)
+        where = store.fetch(step.key)
+        model = where / "model" if (where / "model").is_dir() else where
+        console.print(Text.assemble("  final model: ", (f"{_relative(model)}", "bold")), soft_wrap=True)
+        if step.deliver is not None:
+            console.print(Text.assemble("  copied to: ", (f"{_relative(step.deliver)}", "bold")), soft_wrap=True)
     for outcome in result.with_status("failed"):
         status = f"exit status {outcome.returncode}" if outcome.returncode is not None else outcome.reason or "failed"
         console.print(Text.assemble(("  ✗ ", "bold red"), (outcome.id, "bold"), f" failed ({status})"))
@@ -243,8 +256,9 @@ def _short(value: Any) -> str:
 
 class _Runner:
     def __init__(self, plan: Plan, store: LocalStore, console: Console, *, jobs: int, keep_going: bool,
-                 frozen_lock: dict | None):
+                 frozen_lock: dict | None, verbose: bool = False):
         self.plan, self.store, self.console = plan, store, console
+        self.verbose = verbose
         self.jobs, self.keep_going = jobs, keep_going
         self.frozen_lock = frozen_lock
         self.executors: dict[str, Executor] = {}
@@ -263,6 +277,8 @@ class _Runner:
     # -- dry run -------------------------------------------------------------------------------
     def dry_run(self, steps: list[Step], statuses, forced: set[str]) -> list[StepOutcome]:
         outcomes, commands = [], {}
+        for step_id in forced:  # a forced step is rebuilt: the header counts it as stale
+            statuses[step_id] = StepStatus(statuses[step_id].step, STALE, ["forced"])
         for step in steps:
             if step.id in forced or statuses[step.id].state != CACHED:
                 commands[step.id] = str(self.prepare(step))
@@ -281,6 +297,8 @@ class _Runner:
         self.waiting: set[str] = set()  # steps whose key another run is building
         self.failures: list[StepFailed] = []
         self.progress = None  # created when the first step starts: a fully cached run needs none
+        self.started_count = 0
+        self.to_build = sum(1 for step in steps if step.id in forced or not self.store.has(step.key))
         pending = list(steps)
         try:
             while pending or self.running:
@@ -380,20 +398,23 @@ class _Runner:
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                      console=self.console, transient=True)
             self.progress.start()
-        task = self.progress.add_task(f"{step.id} [dim]{step.key[:12]}[/dim]", total=None)
-        return _Running(step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch), launch.log_path)
+        self.started_count += 1
+        counter = f"[{self.started_count}/{self.to_build}]"
+        task = self.progress.add_task(f"{counter} {step.id} [dim]{step.key[:12]}[/dim]", total=None)
+        return _Running(step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch), launch.log_path,
+                        counter)
 
     def stream(self, job: _Running, final: bool = False) -> None:
         text, job.offset = job.executor.logs(job.handle, job.offset)
         lines = (job.partial + text).split("\n")
         job.partial = "" if final else lines.pop()
         for line in lines:
-            if line or not final:
+            if (line or not final) and (self.verbose or not CHATTER.match(line)):
                 self.console.print(Text.assemble((f"{job.step.id} │ ", "dim"), line.rsplit("\r", 1)[-1]), soft_wrap=True)
         # A progress bar redraws one line with \r (tqdm: loss, tokens/s): show its latest state live.
         live = job.partial.rsplit("\r", 1)[-1].strip()
         if live and self.progress is not None:
-            self.progress.update(job.task, description=Text.assemble(job.step.id, " ", (live[-100:], "cyan")))
+            self.progress.update(job.task, description=Text.assemble(f"{job.counter} {job.step.id} ", (live[-100:], "cyan")))
 
     def log_tail(self, job: _Running) -> str:
         text, _ = job.executor.logs(job.handle, 0)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..store import sha256_file
+from ..store import ensure_root, sha256_file
 
 MEMO_NAME = "digests.json"
 
@@ -85,7 +85,7 @@ class DigestMemo:
         if not self.dirty or self.path is None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_root(self.path.parent)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.entries, separators=(",", ":")))
             os.replace(tmp, self.path)  # concurrent planners: last writer wins, every version valid

@@ -97,6 +97,19 @@ def writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def ensure_root(root: Path) -> None:
+    """Create the cache directory, with a `.gitignore` of `*` in it — and in the `.tunepipe/` above it
+    when that is where it lives — so that `git add -A` in a user's repository never commits the cache."""
+    root.mkdir(parents=True, exist_ok=True)
+    for directory in (root, root.parent) if root.parent.name == ".tunepipe" else (root,):
+        ignore = directory / ".gitignore"
+        if not ignore.exists():
+            try:
+                ignore.write_text("*\n")
+            except OSError:  # a read-only cache: nothing will be written to commit by mistake either
+                pass
+
+
 class Scratch:
     """The store's non-artifact side: per-key work and run directories, locks. Never trusted."""
 
@@ -107,6 +120,7 @@ class Scratch:
         """The file lock `name` (a key: held by the runner while it builds it), blocking by default."""
         from filelock import FileLock  # imported on first use: a fully cached run takes no lock
 
+        ensure_root(self.root)
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / "locks" / f"{name}.lock"))
 
@@ -208,6 +222,7 @@ class LocalStore(ArtifactStore):
     # -- writing -------------------------------------------------------------------------------
     def begin(self, key: str) -> Path:
         """A fresh temporary directory, on the store's filesystem, to write `key`'s artifact into."""
+        ensure_root(self.root)
         tmp = self.root / "tmp" / f"{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         return tmp

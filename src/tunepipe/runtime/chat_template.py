@@ -88,6 +88,19 @@ class SlotRenderer:
                 raise UserError(f"message role {role!r} is not one of system, user, assistant, function, tool")
         if source:
             out.append((source, False))
+        return self._train_opening_stop_words(out)
+
+    def _train_opening_stop_words(self, segments: Segments) -> Segments:
+        """When the turn right after an answer opens with a stop word (chatglm3's `<|user|>`, cpm's
+        `<用户>`), that token is what the model must emit to end the answer: it is trained with the
+        answer, as ChatGLM3's own fine-tuning code does. The text is unchanged; only the label moves."""
+        words = sorted((w for w in self.slots["stop_words"] if w), key=len, reverse=True)
+        out = list(segments)
+        for i in range(1, len(out)):
+            (answer, after_answer), (text, trained) = out[i - 1], out[i]
+            word = next((w for w in words if text.startswith(w)), None) if after_answer and not trained else None
+            if word is not None:
+                out[i - 1], out[i] = (answer + word, True), (text[len(word):], False)
         return out
 
     def prompt(self, messages: list[dict], tools: str | None = None) -> str:
@@ -173,18 +186,21 @@ def compile_jinja(source: str, where: str):
 
 
 def run_jinja(template, where: str, **context) -> str:
+    """Render a template compiled by `compile_jinja` within the sandbox's limits; whatever goes wrong
+    in it (a limit, Python internals, raise_exception, an error in its own expressions) is a template
+    error naming `where`."""
     import jinja2
-    from jinja2.exceptions import SecurityError
 
     try:
-        return template.render(**context)
-    except SecurityError as e:
-        raise UserError(f"{where}: the template tried to reach Python internals, which the sandbox forbids ({e})",
-                        ["a chat template may only use the messages, tools and special tokens it is given"]) from None
-    except UserError:
-        raise
+        return template_registry.render(template, **context)
+    except UserError as e:  # raise_exception() in the template
+        raise UserError(f"{where}: {e.message}", e.details) from None
     except jinja2.TemplateError as e:
-        raise UserError(f"{where}: template error: {e}") from None
+        violation = template_registry.sandbox_violation(e, where)
+        raise violation or UserError(f"{where}: template error: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the template's own code failed: its error, not tunepipe's
+        violation = template_registry.sandbox_violation(e, where)
+        raise violation or UserError(f"{where}: template error: {type(e).__name__}: {e}") from None
 
 
 def hf_messages(messages: list[dict]) -> list[dict]:
@@ -269,10 +285,17 @@ def tokenizer_jinja(tokenizer) -> JinjaRenderer:
         raise UserError(f"template: auto needs a tokenizer with a chat_template; {tokenizer.name_or_path} has none",
                         ["set template: to one of `tunepipe templates`, or give a template_file"])
 
-    def render(messages, tools, gen):
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+    where = f"chat_template of {tokenizer.name_or_path}"
 
-    return JinjaRenderer(render, f"chat_template of {tokenizer.name_or_path}")
+    def render(messages, tools, gen):
+        # transformers renders the tokenizer's own template in its sandbox (jinja2's limits: ranges of 100000)
+        try:
+            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # noqa: BLE001 - the template's code failed on this conversation
+            raise UserError(f"{where}: template error: {type(e).__name__}: {e}",
+                            ["set template: to one of `tunepipe templates`, or give a template_file"]) from None
+
+    return JinjaRenderer(render, where)
 
 
 def file_jinja(source: str, where: str, tokenizer) -> JinjaRenderer:

@@ -599,7 +599,7 @@ def add_export(imp: Importer, export: Path) -> None:
     if detect(doc, export) != LLAMA_FACTORY or "export_dir" not in doc:
         raise UserError(f"{export}: not an LLaMA-Factory export config (it has no export_dir)")
     for key, value in doc.items():
-        label = f"{export.name}: {key}"
+        label = f"{export.parent.name}/{export.name}: {key}"
         if value is None:
             imp.unset.append(label)
         elif key == "adapter_name_or_path":
@@ -618,7 +618,7 @@ def add_export(imp: Importer, export: Path) -> None:
             same = imp.rules["no_effect"].get(key, object()) == value
             imp.keep(label, value, imp.rules["kept_out"].get(key, "no tunepipe equivalent"), "same" if same else "lost")
     if not imp.train_out and imp.values.get("finetuning_type") == "lora":
-        imp.merge = f"from {export.name}: merge the trained LoRA adapter into the base model"
+        imp.merge = f"from {export.parent.name}/{export.name}: merge the trained LoRA adapter into the base model"
     else:
         imp.notes.append(f"{export.name}: no merge section: tunepipe merges the LoRA adapter its own train "
                          "step trains, and this spec trains none")

@@ -254,8 +254,7 @@ def merge_lora(
     _check_fp32_modules(config, tensors, dtypes)
 
     def compute(name: str) -> torch.Tensor:
-        file, stored, _ = tensors[name]
-        weight = _read(file, name).to(dtypes[name])
+        weight = _read(tensors[name][0], name).to(dtypes[name])
         for plan in plans:
             if name in plan.replace:
                 weight = _read(plan.file, plan.replace[name]).to(dtypes[name])
@@ -455,12 +454,11 @@ def write_safetensors(
     in memory. The header is known up front from the shapes; tensors are ordered as safetensors
     orders them (widest dtype first, then by name) so each stays aligned to its element size."""
     entries = sorted(entries, key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
-    header, offset = {}, 0
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in entries:
         size = _nbytes(shape, dtype)
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(file, "wb") as f:

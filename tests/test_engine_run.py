@@ -55,7 +55,7 @@ def statuses(result) -> dict[str, str]:
     return {o.id: o.status for o in result.outcomes}
 
 
-def artifact_bytes(store: Store, key: str) -> dict[str, bytes]:
+def artifact_bytes(store, key: str) -> dict[str, bytes]:
     base = store.fetch(key)
     return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*"))
             if p.is_file() and p.name not in ("manifest.json", "step.log")}
@@ -246,7 +246,7 @@ def wait_gone(pid: int, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-def assert_nothing_untrustworthy(store: Store) -> int:
+def assert_nothing_untrustworthy(store) -> int:
     """Every directory at a key's place is a complete, verified artifact; returns how many there are."""
     committed = 0
     if not store.root.exists():  # killed before the first step created the store
@@ -343,3 +343,59 @@ def test_a_stage_this_version_lacks_fails_preflight_before_anything_runs(project
     assert "nothing was run" in error.value.message
     assert "quantize: this version of tunepipe has no quantize stage yet; remove the quantize section" in error.value.details
     assert builds(project) == []
+
+
+# -- trust: damaged inputs, --frozen output digests, read-only caches ------------------------------
+
+
+def damage_in_place(path: Path) -> None:
+    """Overwrite a file's bytes, keeping its size and putting its mtime back: only a re-hash can tell."""
+    stat = path.stat()
+    data = path.read_bytes()
+    path.write_bytes(bytes(b ^ 0xFF for b in data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_damaged_input_is_never_read(project):
+    run(project)
+    plan = compile_project(project)
+    store = open_store(plan.cache_dir)
+    merged = store.fetch(plan.step("merge").key)
+    victim = next(p for p in sorted(merged.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "step.log"))
+    damage_in_place(victim)
+    assert store.has(plan.step("merge").key)  # the cheap check cannot see it
+    with pytest.raises(StepFailed) as failed:
+        run(project, force="infer")
+    assert "is damaged" in failed.value.log_tail and victim.name in failed.value.log_tail
+
+
+def test_frozen_fails_when_an_output_differs_from_the_lock(project):
+    run(project)
+    lock_path = project / "tunepipe.lock"
+    lock = json.loads(lock_path.read_text())
+    lock["specs"]["spec.json"]["steps"]["train"]["outputs"]["digest"] = "0" * 64
+    lock_path.write_text(json.dumps(lock))
+    with pytest.raises(UserError) as error:
+        run(project, frozen=True)
+    assert error.value.exit_code == 3 and "train: its output differs from tunepipe.lock" in error.value.message
+
+
+def test_a_read_only_cache_serves_a_cached_run_and_refuses_to_build(project, monkeypatch):
+    from tunepipe.store.local import LocalStore, Scratch
+
+    run(project)
+
+    def no_writes(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(LocalStore, "writable", lambda self: False)
+    monkeypatch.setattr(Scratch, "lock", no_writes)
+    monkeypatch.setattr(LocalStore, "begin", no_writes)
+    cached = run(project)
+    assert set(statuses(cached).values()) == {"cached"}
+    edit = read_spec(project)
+    edit["train"][0]["learning_rate"] = 0.5
+    write_spec(project, edit)
+    with pytest.raises(UserError) as error:
+        run(project)
+    assert "is read-only" in error.value.message and "train" in error.value.message

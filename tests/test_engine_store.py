@@ -22,7 +22,8 @@ def commit(store: Store, key: str, files: dict[str, bytes]):
     for name, data in files.items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_bytes(data)
-    return store.commit(tmp, key, {"id": "train", "kind": "train"})
+    store.commit(tmp, key, {"id": "train", "kind": "train"})
+    return store.fetch(key)
 
 
 def test_commit_makes_a_verified_artifact_with_its_manifest(tmp_path):
@@ -61,11 +62,37 @@ def test_a_second_commit_of_a_key_keeps_the_first(tmp_path):
     assert store.verify(KEY_A) == []
 
 
+def test_a_touched_file_is_re_hashed_by_the_cheap_check(tmp_path):
+    store = open_store(tmp_path / "cache")
+    commit(store, KEY_A, {"adapter.safetensors": b"\x01" * 64})
+    weights = store._path(KEY_A) / "adapter.safetensors"
+    weights.write_bytes(b"\x02" * 64)  # every value overwritten, size kept: the mtime tells
+    assert not store.has(KEY_A)
+    weights.write_bytes(b"\x01" * 64)  # put back: same bytes, another mtime: still trusted
+    assert store.has(KEY_A)
+
+
+def test_committed_files_follow_the_umask_and_the_cache_is_git_ignored(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = open_store(tmp_path / ".tunepipe" / "cache")
+        path = commit(store, KEY_A, {"model/weights.bin": b"w"})
+    finally:
+        os.umask(old)
+    assert (path / "model" / "weights.bin").stat().st_mode & 0o777 == 0o644
+    assert (path / "model").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / ".tunepipe" / ".gitignore").read_text() == "*\n"
+    assert (tmp_path / ".tunepipe" / "cache" / ".gitignore").read_text() == "*\n"
+
+
 def test_verify_catches_tampering_and_evicts(tmp_path):
     store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"weights.bin": b"abcd", "config.json": b"{}"})
     commit(store, KEY_B, {"weights.bin": b"efgh"})
-    (store._path(KEY_A) / "weights.bin").write_bytes(b"abce")  # same size: only a re-hash sees it
+    weights = store._path(KEY_A) / "weights.bin"
+    stat = weights.stat()
+    weights.write_bytes(b"abce")  # same size, and the same mtime put back: only a re-hash sees it
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert store.has(KEY_A)
     assert store.verify(KEY_A) == ["weights.bin: content changed (sha256 mismatch)"]
     (store._path(KEY_B) / "extra.txt").write_text("planted")

@@ -43,9 +43,9 @@ import dataclasses
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -77,7 +77,12 @@ PLAIN_INITS = (True, False, "gaussian")
 
 
 class StreamingUnsupported(Exception):
-    """The chain needs something the streaming merge does not do; merge_with_peft does it."""
+    """The chain needs something the streaming merge does not do; merge_with_peft does it.
+    `reason` names no local path (it goes into the artifact); the message adds `where`."""
+
+    def __init__(self, reason: str, where: Path | str | None = None):
+        super().__init__(f"{where}: {reason}" if where is not None else reason)
+        self.reason = reason
 
 
 # ---------------------------------------------------------------- the train chain
@@ -225,7 +230,7 @@ def merge_streaming(chain: Chain, out: Path, *, shard_size: int, log=None) -> di
     adapters = []
     for adapter in chain.adapters:
         if not isinstance(adapter.path, Path):
-            raise StreamingUnsupported(f"adapter {adapter.path} is not a local directory")
+            raise StreamingUnsupported("the adapter is not a local directory", adapter.path)
         adapters.append(adapter.path)
     return merge_lora(base, adapters, out, shard_size=shard_size, dtype=dtype, config=config, log=log)
 
@@ -288,7 +293,7 @@ def merge_lora(
 
 def _local_base(base: Path | str) -> Path:
     if not isinstance(base, Path) or not (base / "config.json").is_file():
-        raise StreamingUnsupported(f"the base model {base} is not a local HF directory")
+        raise StreamingUnsupported("the base model is not a local HF directory", base)
     return base
 
 
@@ -298,7 +303,7 @@ def _base_tensors(base: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, .
     elif (base / SINGLE).is_file():
         files = [SINGLE]
     else:
-        raise StreamingUnsupported(f"{base} has no safetensors weights ({SINGLE} or {INDEX})")
+        raise StreamingUnsupported(f"the base model has no safetensors weights ({SINGLE} or {INDEX})", base)
     tensors = {}
     for name in files:
         for key, (dtype, shape) in _header(base / name).items():
@@ -362,7 +367,7 @@ def _plan_adapter(path: Path, tensors: dict, base_config) -> AdapterPlan:
     _check_adapter_config(config, path)
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
-        raise StreamingUnsupported(f"adapter {path} has no {ADAPTER_WEIGHTS}")
+        raise StreamingUnsupported(f"the adapter has no {ADAPTER_WEIGHTS}", path)
     header = _header(file)
     lora, replace = {}, {}
     for key, (_, shape) in header.items():
@@ -371,20 +376,20 @@ def _plan_adapter(path: Path, tensors: dict, base_config) -> AdapterPlan:
             module = name.removesuffix(".lora_A.weight")
             b = f"{PEFT_PREFIX}{module}.lora_B.weight"
             if b not in header:
-                raise StreamingUnsupported(f"adapter {path}: {key} has no lora_B")
+                raise StreamingUnsupported(f"{key} has no lora_B", path)
             lora[f"{module}.weight"] = Lora(key, b, _scale(config, module), bool(config.get("fan_in_fan_out")))
             _check_lora_shape(path, f"{module}.weight", shape, header[b][1], lora[f"{module}.weight"], tensors)
         elif name.endswith(".lora_B.weight"):
             continue  # with its lora_A
         elif "lora_" in name:
-            raise StreamingUnsupported(f"adapter {path}: {key} is not a linear LoRA factor")
+            raise StreamingUnsupported(f"{key} is not a linear LoRA factor", path)
         else:  # stored whole: a modules_to_save copy, or a trained bias of a (wrapped) layer
             target = name.replace(".base_layer.", ".")
             if target not in tensors or tensors[target][2] != shape:
-                raise StreamingUnsupported(f"adapter {path}: {key} {list(shape)} matches no tensor of the base")
+                raise StreamingUnsupported(f"{key} {list(shape)} matches no tensor of the base", path)
             replace[target] = key
     if replace and getattr(base_config.get_text_config(), "tie_word_embeddings", False):
-        raise StreamingUnsupported(f"adapter {path}: modules_to_save on a model with tied embeddings")
+        raise StreamingUnsupported("modules_to_save on a model with tied embeddings", path)
     return AdapterPlan(file, lora, replace)
 
 
@@ -392,13 +397,13 @@ def _check_adapter_config(config: dict, path: Path) -> None:
     from peft import LoraConfig
 
     if config.get("peft_type") != "LORA":
-        raise StreamingUnsupported(f"adapter {path} is {config.get('peft_type')}, not LoRA")
+        raise StreamingUnsupported(f"the adapter is {config.get('peft_type')}, not LoRA", path)
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
-        raise StreamingUnsupported(f"adapter {path}: init_lora_weights {config['init_lora_weights']!r} rewrites the base weights")
+        raise StreamingUnsupported(f"init_lora_weights {config['init_lora_weights']!r} rewrites the base weights", path)
     defaults = {f.name: _field_default(f) for f in dataclasses.fields(LoraConfig)}
     for name, value in config.items():
         if name not in HANDLED_CONFIG and value != defaults.get(name) and value not in (None, False, {}, []):
-            raise StreamingUnsupported(f"adapter {path}: {name}={value!r}")
+            raise StreamingUnsupported(f"{name}={value!r} in adapter_config.json", path)
 
 
 def _field_default(field: dataclasses.Field):
@@ -419,12 +424,12 @@ def _scale(config: dict, module: str) -> float:
 
 def _check_lora_shape(path: Path, target: str, a_shape, b_shape, lora: Lora, tensors: dict) -> None:
     if target not in tensors:
-        raise StreamingUnsupported(f"adapter {path}: no tensor {target} in the base weights")
+        raise StreamingUnsupported(f"no tensor {target} in the base weights", path)
     if len(a_shape) != 2 or len(b_shape) != 2:
-        raise StreamingUnsupported(f"adapter {path}: {target} is not a linear layer")
+        raise StreamingUnsupported(f"{target} is not a linear layer", path)
     delta = (a_shape[1], b_shape[0]) if lora.fan_in_fan_out else (b_shape[0], a_shape[1])
     if tensors[target][2] != delta:
-        raise StreamingUnsupported(f"adapter {path}: {target} is {list(tensors[target][2])}, its LoRA update {list(delta)}")
+        raise StreamingUnsupported(f"{target} is {list(tensors[target][2])}, its LoRA update {list(delta)}", path)
 
 
 # ---------------------------------------------------------------- output

@@ -52,8 +52,8 @@ def run(ctx) -> dict:
     try:
         info = merge.merge_streaming(chain, model_dir, shard_size=shard_size, log=ctx.log)
     except merge.StreamingUnsupported as why:
-        fallback = str(why)
-        ctx.log.info("streaming merge not possible: %s; merging in memory with peft's merge_and_unload", fallback)
+        fallback = why.reason  # merge.json names no local path
+        ctx.log.info("streaming merge not possible: %s; merging in memory with peft's merge_and_unload", why)
         shutil.rmtree(model_dir, ignore_errors=True)
         info = merge.merge_with_peft(artifact, model_dir, params=ctx.params, shard_size=shard_size, **where)
     for file in sorted(chain.tokenizer.iterdir()):

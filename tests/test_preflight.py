@@ -123,12 +123,15 @@ def test_config_files_are_validated(tmp_path, host):
     ]
 
 
-def test_infer_backend_other_than_hf(host):
-    assert preflight("infer", step_params("infer", {"infer_backend": "vllm"}), {}) == [
-        "infer_backend vllm: tunepipe's infer stage generates with transformers (hf) only; "
-        "use infer_backend: hf (vllm is not integrated)"
-    ]
+def test_infer_backends_say_what_they_need(host):
+    assert preflight("infer", step_params("infer", {"infer_backend": "vllm"}), {})[0].startswith(
+        "infer_backend vllm: vllm needs a CUDA build")
+    assert "unmaintained" in preflight("infer", step_params("infer", {"infer_backend": "ctransformers"}), {})[0]
+    assert "mlc_llm" in preflight("infer", step_params("infer", {"infer_backend": "mlc"}), {})[0]
     assert preflight("infer", step_params("infer", {"infer_backend": "hf"}), {}) == []
+    host["missing"].add("llama_cpp")
+    assert preflight("infer", step_params("infer", {"infer_backend": "llama-cpp"}), {}) == [
+        "infer_backend llama-cpp: llama-cpp-python is not installed (pip install llama-cpp-python)"]
 
 
 def test_missing_training_stack(host):

@@ -209,6 +209,27 @@ def run(
         raise typer.Exit(1)
 
 
+class ChatBackend(str, Enum):
+    hf = "hf"
+    llama_cpp = "llama-cpp"
+
+
+@spec_command()
+def chat(
+    ctx: typer.Context,
+    target: Path = typer.Argument(..., help="A spec (its final model, from the cache) or an artifact directory."),
+    sets: list[str] = SETS_OPT,
+    backend: ChatBackend = typer.Option(ChatBackend.hf, "--backend", "-b", help="hf (transformers) or llama-cpp (the GGUF export)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+) -> None:
+    """Chat with the trained, merged or exported model through the pipeline's template."""
+    from .chat import chat as talk
+
+    overrides = parse_overrides(list(ctx.args), sets)
+    talk(target, overrides, backend.value, prompt, max_new_tokens, _console(stderr=True))
+
+
 class FlagsFormat(str, Enum):
     table = "table"
     json = "json"

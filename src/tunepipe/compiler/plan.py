@@ -174,6 +174,7 @@ class _Compiler:
         export_entries = spec.get("export") or []
         export_names = entry_names("export", export_entries)
         probes = template_for_entry[-1] if template_for_entry else None
+        exports: dict[str, Step] = {}  # format -> its first export step
         for name, step_id, entry in zip(export_names, step_ids("export", export_names), export_entries):
             sections = {"train": last_train, "export": entry}
             if entry.get("quantized"):
@@ -183,6 +184,7 @@ class _Compiler:
                 source = self.require(model_step, step_id)
                 inputs = self.model_inputs("model", source)
             export_step = self.add("export", step_id, sections, inputs, entry)
+            exports.setdefault(entry.get("format"), export_step)
             if entry.get("verify") is False:
                 continue
             verify_sections = {**sections, "verify": spec.get("verify") or {}}
@@ -193,6 +195,10 @@ class _Compiler:
 
         if spec.get("infer") is not None:
             inputs = self.model_inputs("model", self.require(model_step, "infer"))
+            if spec["infer"].get("infer_backend") == "llama-cpp":  # answered from the GGUF export, in llama.cpp
+                if "gguf" not in exports:
+                    raise UserError("infer_backend llama-cpp answers from a GGUF export: add export: [{format: gguf}]")
+                inputs["gguf"] = exports["gguf"].id
             self.add("infer", "infer", {"train": last_train}, inputs, spec["infer"])
 
     def model_inputs(self, role: str, step: Step) -> dict[str, str]:

@@ -33,7 +33,6 @@ PACKAGES = {
     "use_triton": ("triton", "triton", GPU),
     "use_exllama": ("gptqmodel", "gptqmodel", GPU),
 }
-INFER_BACKENDS = {"vllm": "vllm", "ctransformers": "ctransformers", "llama-cpp": "llama-cpp-python", "mlc": "mlc-llm"}
 FA2 = ("flash_attn", "flash-attn")
 
 
@@ -67,12 +66,22 @@ def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_d
     return problems
 
 
+INFER_BACKENDS = {
+    "vllm": "vllm needs a CUDA build (pip install vllm on a machine with an NVIDIA GPU) and is not integrated in "
+            "tunepipe's infer stage; use infer_backend: hf or llama-cpp",
+    "ctransformers": "ctransformers is unmaintained (no release since 2023) and runs none of the current "
+                     "architectures; use infer_backend: llama-cpp with a GGUF export",
+    "mlc": "the mlc backend needs mlc_llm (not on PyPI: its wheels live on MLC's own index) and is not integrated; "
+           "use infer_backend: hf or llama-cpp",
+}
+
+
 def infer_problems(params: dict, executor: dict, spec_dir) -> list[str]:
     backend = params["infer_backend"]
-    if backend == "hf":
-        return []
-    return [f"infer_backend {backend}: tunepipe's infer stage generates with transformers (hf) only; "
-            f"use infer_backend: hf ({INFER_BACKENDS.get(backend, backend)} is not integrated)"]
+    if backend == "llama-cpp":
+        return [] if _installed("llama_cpp") else ["infer_backend llama-cpp: llama-cpp-python is not installed "
+                                                   "(pip install llama-cpp-python)"]
+    return [f"infer_backend {backend}: {INFER_BACKENDS[backend]}"] if backend in INFER_BACKENDS else []
 
 
 def export_problems(params: dict, executor: dict, spec_dir) -> list[str]:

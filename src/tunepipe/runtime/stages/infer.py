@@ -1,7 +1,7 @@
 """The infer stage: the final model's greedy answer to `prompt`, the last line of `tunepipe run`.
 
 Input role `model`: a train artifact (`model/`, or `adapter/` on its recorded base) or a merge
-artifact. The prompt goes through the chat template the model was trained with (the artifact's
+artifact; with `infer_backend: llama-cpp`, also `gguf` (a GGUF export), answered by llama.cpp. The prompt goes through the chat template the model was trained with (the artifact's
 `template.json`, copied from the template stage), and generation stops at the template's stop
 tokens. Writes `answer.txt` (the answer) and `answer.json` (prompt, answer, token ids).
 
@@ -16,73 +16,33 @@ from pathlib import Path
 
 import torch
 
-from tunepipe.errors import UserError
-from tunepipe.runtime import modeling
+from tunepipe.runtime import generate, modeling
 
 
 def run(ctx) -> dict:
     p = ctx.params
-    prompt = p.get("prompt")
-    if not prompt:
-        raise UserError("infer.prompt is required: the text to answer")
+    prompt = p["prompt"]
+    messages = [{"role": "user", "content": prompt}]
     artifact = Path(ctx.inputs["model"])
-    # train.json names a local base model as the spec wrote it: this step's files["model"] is where it is.
-    model, tokenizer = modeling.load_trained(
-        artifact, _model_flags(p), model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir, artifacts=ctx.artifacts
-    )
-    device = "cuda" if torch.cuda.is_available() and not p.get("no_cuda") else "cpu"
-    model.to(device).eval()
-
     template = json.loads((artifact / "template.json").read_text()) if (artifact / "template.json").is_file() else None
-    prompt_ids = encode(tokenizer, template, prompt)
-    stop_ids = stop_token_ids(tokenizer, template)
-    stop_strings = [w for w in (template or {}).get("stop_words", []) if len(tokenizer.tokenize(w)) > 1]
-
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=torch.tensor([prompt_ids], device=device),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-            max_new_tokens=int(p["max_new_tokens"]),
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
-            use_cache=bool(p["use_cache"]),
-            **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
+    if p["infer_backend"] == "llama-cpp":  # the exported GGUF, in llama.cpp, through its embedded chat template
+        gguf = Path(ctx.inputs["gguf"]) / "model.gguf"
+        answer = generate.LlamaCppChat(gguf, template).answer(messages, int(p["max_new_tokens"]))
+    else:
+        # train.json names a local base model as the spec wrote it: this step's files["model"] is where it is.
+        model, tokenizer = modeling.load_trained(
+            artifact, _model_flags(p), model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir, artifacts=ctx.artifacts
         )
-    new_ids = output[0, len(prompt_ids) :].tolist()
-    answer_ids = new_ids[:-1] if new_ids and new_ids[-1] in stop_ids else new_ids
-    answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
-    for word in stop_strings:  # a multi-token stop word ends the text but is not part of the answer
-        answer = answer.split(word)[0]
+        device = "cuda" if torch.cuda.is_available() and not p.get("no_cuda") else "cpu"
+        chat = generate.HFChat(model, tokenizer, template, use_cache=bool(p["use_cache"]), device=device)
+        answer = chat.answer(messages, int(p["max_new_tokens"]))
 
-    (ctx.out / "answer.txt").write_text(answer + "\n", encoding="utf-8")
-    record = {"prompt": prompt, "answer": answer, "prompt_ids": prompt_ids, "token_ids": new_ids,
-              "stopped": bool(new_ids) and new_ids[-1] in stop_ids}  # fmt: skip
+    (ctx.out / "answer.txt").write_text(answer.text + "\n", encoding="utf-8")
+    record = {"prompt": prompt, "answer": answer.text, "prompt_ids": answer.prompt_ids, "token_ids": answer.token_ids,
+              "stopped": answer.stopped, "backend": p["infer_backend"]}  # fmt: skip
     (ctx.out / "answer.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    ctx.log.info("answer: %s", answer)
-    return {"answer": answer, "new_tokens": len(new_ids)}
-
-
-def encode(tokenizer, template: dict | None, prompt: str) -> list[int]:
-    """The generation prompt, as the model saw prompts in training."""
-    if template is None or template.get("source") == "pt":  # plain-text model: continue the text
-        return tokenizer(prompt)["input_ids"]
-    from tunepipe.runtime.chat_template import encode_prompt
-
-    return encode_prompt(tokenizer, template, [{"role": "user", "content": prompt}])
-
-
-def stop_token_ids(tokenizer, template: dict | None) -> list[int]:
-    ids = list((template or {}).get("stop_token_ids") or [])
-    for word in (template or {}).get("stop_words", []):
-        token = tokenizer.convert_tokens_to_ids(word)
-        if token is not None and token != tokenizer.unk_token_id and token not in ids:
-            ids.append(token)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise UserError("infer: the model has neither an eos token nor template stop words to stop at")
-    return ids
+    ctx.log.info("answer: %s", answer.text)
+    return {"answer": answer.text, "new_tokens": len(answer.token_ids)}
 
 
 def _model_flags(params: dict) -> dict:

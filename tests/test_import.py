@@ -317,3 +317,22 @@ def test_broken_yaml_is_a_user_error_with_its_location(tmp_path):
     config.write_text("- just\n- a list\n")
     with pytest.raises(UserError, match="expected a mapping of config keys, got list"):
         import_config(config)
+
+
+def test_axolotl_liger_and_fsdp_mappings_become_flags_and_a_file(checkout):
+    root = checkout("axolotl")
+    out, source = imported(root, Path("examples/llama-3/fft-8b-liger-fsdp.yaml"))
+    spec = load_spec(out)
+    assert spec.data["model"]["enable_liger_kernel"] is True
+    train = spec.data["train"][0]
+    assert (train["fsdp"], train["fsdp_config"], train["finetuning_type"]) == ("full_shard auto_wrap", "fsdp_config.json", "full")
+    assert json.loads((root / "fsdp_config.json").read_text()) == source["fsdp_config"]
+    assert spec.data["data"]["val_size"] == 0.02
+    entry = json.loads((root / "dataset_info.json").read_text())["FineTome-100k"]
+    assert entry == {"split": "train[:20%]", "hf_hub_url": "mlabonne/FineTome-100k", "formatting": "sharegpt",
+                     "columns": {"messages": "conversations"},
+                     "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                              "system_tag": "system", "observation_tag": "tool"}}
+    assert "datasets[0]: roles read as human/gpt; axolotl also reads user/assistant" in out.read_text()
+    line = next(line for line in out.read_text().splitlines() if line.lstrip().startswith("enable_liger_kernel"))
+    assert line.count("patches every one Liger has") == 1  # one note for the four keys that set it

@@ -56,6 +56,7 @@ KEPT_ON_ERROR = {"model_name_or_path", "adapter_name_or_path", "dataset", "stage
 MAX_ROUNDS = 6
 DATASET_INFO = "dataset_info.json"
 JINJA_FILE = "chat_template.jinja"
+FSDP_FILE = "fsdp_config.json"
 
 
 @dataclass
@@ -119,6 +120,9 @@ LLAMA_FACTORY_MARKS = ("stage", "finetuning_type", "do_train", "template", "expo
 def detect(doc: dict[str, Any], path: Path) -> str:
     if isinstance(doc.get("model"), dict) and "version" in doc:
         raise UserError(f"{path}: this is a tunepipe spec already: run tunepipe validate {path}")
+    if isinstance(doc.get("model"), str) and any(k in doc for k in ("peft_config", "train_dataset", "model_class")):
+        raise UserError(f"{path}: a LLaMA-Factory v1 config (model:, peft_config:, train_dataset:): tunepipe "
+                        "imports the flat configs of llamafactory-cli train and export only")
     axolotl_datasets = isinstance(doc.get("datasets"), list) and any(
         isinstance(d, dict) and "path" in d for d in doc["datasets"])
     if "base_model" in doc or axolotl_datasets:
@@ -234,7 +238,7 @@ class Importer:
             return
         if found.section not in IMPORTED_SECTIONS:
             self.keep(key, raw, f"a tunepipe {found.section} flag: importing a training config adds no "
-                                f"{found.section} stage; add a {found.section}: section to use it")
+                                f"{found.section} stage; add the {found.section}: section to use it")
             return
         values = entry.get("values") or {}
         if isinstance(value, (str, int, float, bool)) and value in values:
@@ -246,7 +250,7 @@ class Importer:
             first = ", ".join(k for k, _ in self.origins.get(flag, [])) or "the importer"
             self.keep(key, raw, f"conflicts with {first}, imported as {flag}: {show(self.values[flag])}")
             return
-        notes = [entry["note"]] if entry.get("note") and value != found.default else []  # moot when off
+        notes = [entry["note"]] if entry.get("note") and value is not False else []  # moot when off
         if entry.get("value_note") and raw != value:
             notes.append(entry["value_note"])
         notes += [note] if note else []
@@ -322,8 +326,8 @@ class Importer:
     def reject(self, section: str, flag: str, message: str) -> bool:
         """Move out a flag tunepipe's validation rejects; False for flags that must stay (KEPT_ON_ERROR)."""
         known = self.catalog.flags.get(flag)
-        if flag not in self.values or known is None or known.section != section or \
-                flag in KEPT_ON_ERROR or known.type == "path":
+        if flag not in self.values or known is None or known.section != section or flag in KEPT_ON_ERROR \
+                or (known.type == "path" and isinstance(self.values[flag], str)):
             return False
         del self.values[flag]
         self.comments.pop(flag, None)
@@ -349,7 +353,8 @@ class Importer:
             column = indent + max(len(f"{k}: {show(v)}") for k, v in target.items()) + 2
             for flag in target:
                 if self.comments.get(flag):
-                    target.yaml_add_eol_comment("# " + "; ".join(self.comments[flag]), flag, column=min(column, 60))
+                    text = "; ".join(dict.fromkeys(self.comments[flag]))  # several keys, one note
+                    target.yaml_add_eol_comment("# " + text, flag, column=min(column, 60))
         for section in self.catalog.sections:
             if section in sections:
                 doc[section] = sections[section]
@@ -419,9 +424,10 @@ def output_path(imp: Importer, key: str, value: Any, entry: dict) -> None:
 
 def dataset_dir(imp: Importer, key: str, value: Any, entry: dict) -> None:
     """LLaMA-Factory's folder of dataset_info.json, referenced where it is."""
-    if value == "ONLINE":
-        imp.keep(key, value, "LLaMA-Factory's ONLINE loads dataset names from the hub; tunepipe needs a "
-                             "dataset_info.json entry with hf_hub_url for each")
+    if value == "ONLINE" or str(value).startswith("REMOTE:"):
+        imp.keep(key, value, "LLaMA-Factory reads these datasets (or their dataset_info.json) from the hub; "
+                             "tunepipe reads a local dataset_info.json: download it and set data.dataset_dir")
+        imp.notes.append(f"{key}: {value}: set data.dataset_dir to a folder with the datasets' dataset_info.json")
         return
     found = imp.locate(value, lambda p: (p / DATASET_INFO).is_file()) or imp.locate(value, Path.is_dir)
     if found is None:
@@ -473,13 +479,19 @@ def jinja_template(imp: Importer, key: str, value: Any, entry: dict) -> None:
     found = imp.locate(value, Path.is_file) if isinstance(value, str) and "\n" not in value and len(value) < 4096 else None
     if found is not None:
         imp.set("template_file", imp.relative(found), key, value)
-        return
-    imp.files[JINJA_FILE] = value
-    imp.set("template_file", JINJA_FILE, key, "<inline Jinja>",
-            f"the inline template is written to {JINJA_FILE} beside the spec")
+    else:
+        imp.files[JINJA_FILE] = value
+        imp.set("template_file", JINJA_FILE, key, "<inline Jinja>",
+                f"the inline template is written to {JINJA_FILE} beside the spec")
+    replace_template(imp, f"{key} renders instead (template_file)")
+
+
+def replace_template(imp: Importer, reason: str) -> None:
+    """Move an imported template name out of the spec (listed with the reason) for another choice."""
     imp.values.pop("template", None)
-    imp.origins.pop("template", None)
     imp.comments.pop("template", None)
+    for key, raw in imp.origins.pop("template", []):
+        imp.keep(key, raw, reason)
 
 
 def switch(imp: Importer, key: str, value: Any, entry: dict) -> None:
@@ -564,11 +576,21 @@ def fsdp(imp: Importer, key: str, value: Any, entry: dict) -> None:
     imp.put(key, " ".join(map(str, value)) if isinstance(value, list) else value, entry, raw=value)
 
 
+def fsdp_config(imp: Importer, key: str, value: Any, entry: dict) -> None:
+    """axolotl's FSDP options are a mapping; tunepipe's fsdp_config names a JSON file (the transformers
+    Trainer's), written beside the spec."""
+    if not isinstance(value, dict):
+        input_path(imp, key, value, entry)
+        return
+    imp.files[FSDP_FILE] = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    imp.set("fsdp_config", FSDP_FILE, key, "<a mapping>", f"written to {FSDP_FILE} beside the spec")
+
+
 TRANSFORMS: dict[str, Callable[[Importer, str, Any, dict], None]] = {
     "input_path": input_path, "output_path": output_path, "dataset_dir": dataset_dir, "template": template,
     "jinja_template": jinja_template, "switch": switch, "adapter": adapter, "quantized_load": quantized_load,
     "lora_target": lora_target, "eval_steps": eval_steps, "evals_per_epoch": evals_per_epoch,
-    "use_reentrant": use_reentrant, "fsdp": fsdp,
+    "use_reentrant": use_reentrant, "fsdp": fsdp, "fsdp_config": fsdp_config,
 }
 DEFAULT_TRANSFORMS: dict[str, Callable[[Importer, Any], Any]] = {
     "twice_lora_rank": lambda imp, _: 2 * imp.effective("lora_rank"),
@@ -586,10 +608,18 @@ def from_llama_factory(imp: Importer, doc: dict[str, Any]) -> None:
     elif stage not in imp.catalog.flags["stage"].choices:
         imp.train_out = f"LLaMA-Factory stage {stage} has no tunepipe equivalent (tunepipe trains " \
                         f"{' and '.join(imp.catalog.flags['stage'].choices)})"
+    elif doc.get("finetuning_type", "lora") not in methods(imp):
+        imp.train_out = f"LLaMA-Factory finetuning_type {doc['finetuning_type']} has no tunepipe equivalent " \
+                        f"(tunepipe trains {', '.join(methods(imp))})"
     for key, value in doc.items():
         imp.carry(key, value)
     if "dataset" in imp.values and "dataset_dir" not in doc:
         default_dataset_dir(imp, "data")
+
+
+def methods(imp: Importer) -> list[str]:
+    """The finetuning_type values that train something."""
+    return [m for m in imp.catalog.flags["finetuning_type"].choices if m != "none"]
 
 
 def add_export(imp: Importer, export: Path) -> None:
@@ -628,6 +658,9 @@ def add_export(imp: Importer, export: Path) -> None:
 def from_axolotl(imp: Importer, doc: dict[str, Any]) -> None:
     if doc.get("rl"):
         imp.train_out = f"axolotl rl: {doc['rl']} has no tunepipe equivalent (tunepipe trains sft and pt)"
+    for key in ("reward_model", "process_reward_model"):
+        if doc.get(key):
+            imp.train_out = f"axolotl {key}: true trains a reward model; tunepipe trains language models (sft and pt)"
     for key, value in doc.items():
         if key in ("datasets", "pretraining_dataset", "test_datasets"):
             continue
@@ -643,6 +676,8 @@ def from_axolotl(imp: Importer, doc: dict[str, Any]) -> None:
         if key in doc and not doc[key]:
             imp.unset.append(key)
     add_axolotl_datasets(imp, datasets)
+    if "dataset" not in imp.values and not imp.train_out:
+        imp.train_out = "none of the config's datasets has a tunepipe equivalent (see below)"
 
 
 def add_axolotl_datasets(imp: Importer, datasets: list[tuple[str, Any, bool]]) -> None:
@@ -660,6 +695,10 @@ def add_axolotl_datasets(imp: Importer, datasets: list[tuple[str, Any, bool]]) -
             imp.keep(label, ds, "a plain-text dataset among chat/instruction ones: tunepipe trains it with "
                                 "stage: pt, in a train entry of its own")
         converted = [c for c in converted if c[3] != "text"]
+    if converted and all(c[4] == "alpaca" for c in converted) and "template" in imp.values \
+            and not any(k.startswith("datasets[") for k, _ in imp.origins.get("template", [])):
+        replace_template(imp, "axolotl renders alpaca datasets with its alpaca prompt; chat_template only "
+                              "serves chat_template datasets (and the saved tokenizer)")
     names = []
     for label, ds, name, entry, kind, hint in converted:
         name = unique(name, imp.dataset_info)
@@ -733,9 +772,16 @@ def dataset_format(imp: Importer, label: str, kind: str, ds: dict, type_name: st
         return entry, {"field_messages", "conversation"}, hint
     # chat_template: OpenAI-style messages by default, its keys renamed by the entry
     props = ds.get("message_property_mappings") or {}
-    tags = {"role_tag": props.get("role") or ds.get("message_field_role") or "role",
-            "content_tag": props.get("content") or ds.get("message_field_content") or "content",
-            "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool"}
+    role_tag = props.get("role") or ds.get("message_field_role") or "role"
+    # axolotl takes human or user, gpt or assistant; a dataset_info.json tag names one: ShareGPT's when
+    # the messages have ShareGPT's keys (from/value), else OpenAI's.
+    user, assistant = ("human", "gpt") if role_tag == "from" else ("user", "assistant")
+    tags = {"role_tag": role_tag, "content_tag": props.get("content") or ds.get("message_field_content") or "content",
+            "user_tag": user, "assistant_tag": assistant, "system_tag": "system", "observation_tag": "tool"}
+    if not ds.get("roles"):
+        other = "user/assistant" if user == "human" else "human/gpt"
+        imp.notes.append(f"{label}: roles read as {user}/{assistant}; axolotl also reads {other}, and tunepipe "
+                         f"drops rows that use those (map them with the entry's tags in {DATASET_INFO})")
     used = {"field_messages", "message_property_mappings", "message_field_role", "message_field_content", "chat_template"}
     for role, names in (ds.get("roles") or {}).items():
         names = [names] if isinstance(names, str) else list(names)

@@ -346,9 +346,9 @@ def _sandbox_class():
             if self.deadline is not None and time.monotonic() > self.deadline:
                 raise TemplateLimitError(f"rendering one conversation took more than {MAX_RENDER_SECONDS:g} s")
 
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's names: no clash with kwargs
-            __self.tick()
-            return _check_value(super().call(__context, __obj, *args, **kwargs))
+        def call(self, context, obj, /, *args, **kwargs):  # positional: a template may pass obj=… itself
+            self.tick()
+            return _check_value(super().call(context, obj, *args, **kwargs))
 
         def call_binop(self, context, operator, left, right):
             self.tick()

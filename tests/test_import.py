@@ -99,9 +99,12 @@ def test_no_key_is_lost_without_a_comment(checkout, tool, config):
     for key, value in source.items():
         if key in spec and same(value, spec[key]):
             continue
-        assert re.search(rf"(?<![\w.]){re.escape(key)}\b", comments), f"{key}: {value!r} is neither in the spec nor named in a comment"
+        named = re.search(rf"(?<![\w.]){re.escape(key)}\b", comments)
+        assert named, f"{key}: {value!r} is neither in the spec nor named in a comment"
     info = json.dumps(result.dataset_info)
     for i, dataset in enumerate(source.get("datasets") or []):
+        if f"  datasets[{i}]: {show(dataset)}  — " in result.text:  # kept out whole, with every field
+            continue
         for key, value in dataset.items():
             named = re.search(rf"datasets\[{i}\]\.{re.escape(key)}\b", comments)
             carried = all(json.dumps(leaf) in info for leaf in leaves(value))  # into the dataset_info.json entry
@@ -156,7 +159,8 @@ def test_values_tunepipe_rejects_are_kept_out_with_its_message(checkout):
     assert (train["report_to"], train["eval_steps"]) == ("none", 500)  # tunepipe's defaults: the values are out
     assert ("train", 0, "lora_rank") not in spec.explicit
     text = out.read_text()
-    assert "#   report_to: swanlab  — tunepipe rejects it as train.report_to: expected one of none, tensorboard, wandb, all" in text
+    assert ("#   report_to: swanlab  — tunepipe rejects it as train.report_to: expected one of none, tensorboard, "
+            "wandb, all") in text
     assert "#   lora_rank: 8  — tunepipe rejects it as train.lora_rank: only applies to LoRA" in text
     assert "#   eval_steps: 100  — tunepipe rejects it as train.eval_steps: only used with evaluation_strategy: steps" in text
     assert 'evaluation_strategy: "no"' in text  # a YAML 1.1 reader must not see false
@@ -167,7 +171,7 @@ def test_values_tunepipe_rejects_are_kept_out_with_its_message(checkout):
 
 
 def test_an_untrainable_stage_keeps_the_train_section_out(checkout):
-    root = checkout("llama_factory")
+    checkout("llama_factory")
     result = import_config(Path("examples/train_lora/llama3_lora_dpo.yaml"))
     assert "\ntrain:" not in result.text
     assert "# No train section: LLaMA-Factory stage dpo has no tunepipe equivalent" in result.text
@@ -244,7 +248,8 @@ def test_axolotl_local_conversations_read_through_the_generated_entry(checkout):
     assert normalise(rows[1], attr, "sft") is None
     assert '#   datasets[0].roles.user: ["user"]  — a role has one name' in out.read_text()
     train = spec.data["train"][0]
-    assert (train["max_steps"], train["lora_target"], train["evaluation_strategy"], train["eval_steps"]) == (100, ["q_proj", "v_proj"], "steps", 20)
+    assert (train["max_steps"], train["lora_target"]) == (100, ["q_proj", "v_proj"])
+    assert (train["evaluation_strategy"], train["eval_steps"]) == ("steps", 20)
     assert ("train", 0, "num_train_epochs") not in spec.explicit  # max_steps decides
 
 
@@ -336,3 +341,29 @@ def test_axolotl_liger_and_fsdp_mappings_become_flags_and_a_file(checkout):
     assert "datasets[0]: roles read as human/gpt; axolotl also reads user/assistant" in out.read_text()
     line = next(line for line in out.read_text().splitlines() if line.lstrip().startswith("enable_liger_kernel"))
     assert line.count("patches every one Liger has") == 1  # one note for the four keys that set it
+
+
+def test_axolotl_pretraining_corpus_trains_stage_pt(checkout):
+    root = checkout("axolotl")
+    out, _ = imported(root, Path("examples/tiny-llama/pretrain.yml"))
+    spec = load_spec(out)
+    train = spec.data["train"][0]
+    assert (train["stage"], train["finetuning_type"], train["max_steps"]) == ("pt", "full", 200)
+    assert ("train", 0, "num_train_epochs") in spec.explicit  # num_epochs: 4 was in the config
+    assert json.loads((root / "dataset_info.json").read_text()) == {
+        "c4_en": {"subset": "en", "hf_hub_url": "allenai/c4", "formatting": "alpaca", "columns": {"prompt": "text"}}}
+
+
+def test_axolotl_user_defined_format_and_a_corpus_among_instructions(checkout):
+    from tunepipe.runtime.datasets import load_info, normalise, resolve
+
+    root = checkout("axolotl")
+    out, source = imported(root, Path("examples/local/mixed.yml"))
+    spec = load_spec(out)
+    assert spec.data["data"]["dataset"] == ["instructions"] and spec.data["train"][0]["stage"] == "sft"
+    attr = resolve("instructions", root, load_info(root), spec.data["data"])
+    assert normalise({"question": "2+2?", "answer": "4"}, attr, "sft")["messages"] == [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    text = out.read_text()
+    assert "#   datasets[1]: " in text and "tunepipe trains it with stage: pt, in a train entry of its own" in text
+    assert '#   datasets[0].type.format: "[INST] {instruction} [/INST]"  — tunepipe\'s template renders the prompt' in text

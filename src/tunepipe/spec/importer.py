@@ -39,7 +39,7 @@ from functools import lru_cache
 from importlib import resources
 from io import StringIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..errors import UserError
 from .catalog import TOP_LEVEL, load_catalog
@@ -139,7 +139,8 @@ def detect(doc: dict[str, Any], path: Path) -> str:
 def show(value: Any) -> str:
     """A value as it would read in YAML, on one line."""
     if isinstance(value, str):
-        return value if value and re.fullmatch(r"[\w./:+@<>|-]+( [\w./:+@<>|-]+)*", value) else json.dumps(value, ensure_ascii=False)
+        plain = value and re.fullmatch(r"[\w./:+@<>|-]+( [\w./:+@<>|-]+)*", value)
+        return value if plain else json.dumps(value, ensure_ascii=False)
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
@@ -315,7 +316,8 @@ class Importer:
                 value = default["value"]
             if value == flag.default:
                 continue
-            self.set(flag.name, value, note=f"not in the config: {default['note']} (tunepipe's default is {show(flag.default)})")
+            self.set(flag.name, value,
+                     note=f"not in the config: {default['note']} (tunepipe's default is {show(flag.default)})")
 
     def section_present(self, section: str) -> bool:
         if section == "train" and self.train_out:
@@ -476,7 +478,8 @@ def template(imp: Importer, key: str, value: Any, entry: dict) -> None:
 
 def jinja_template(imp: Importer, key: str, value: Any, entry: dict) -> None:
     """axolotl's own Jinja chat template (a file or the template itself) → template_file."""
-    found = imp.locate(value, Path.is_file) if isinstance(value, str) and "\n" not in value and len(value) < 4096 else None
+    a_path = isinstance(value, str) and "\n" not in value and len(value) < 4096
+    found = imp.locate(value, Path.is_file) if a_path else None
     if found is not None:
         imp.set("template_file", imp.relative(found), key, value)
     else:
@@ -520,7 +523,7 @@ def quantized_load(imp: Importer, key: str, value: Any, entry: dict) -> None:
         return
     bits = entry["arg"]
     if imp.values.get("quantization_bit", bits) != bits:
-        imp.keep(key, value, f"conflicts with quantization_bit: {imp.values['quantization_bit']} (adapter: qlora)")
+        imp.keep(key, value, f"conflicts with quantization_bit: {imp.values['quantization_bit']}, set by another key")
         return
     imp.set("quantization_bit", bits, key, value)
     if "quantization_method" not in imp.values:
@@ -680,39 +683,48 @@ def from_axolotl(imp: Importer, doc: dict[str, Any]) -> None:
         imp.train_out = "none of the config's datasets has a tunepipe equivalent (see below)"
 
 
+class Dataset(NamedTuple):
+    label: str  # datasets[0]
+    source: dict  # the axolotl entry
+    name: str  # its dataset_info.json name
+    entry: dict  # its dataset_info.json entry
+    kind: str  # alpaca | sharegpt | text (import_map.yaml dataset_types)
+    hint: tuple | None  # (template, note, the entry's key that implies it)
+
+
 def add_axolotl_datasets(imp: Importer, datasets: list[tuple[str, Any, bool]]) -> None:
-    converted = []
+    converted: list[Dataset] = []
     for label, ds, pretrain in datasets:
         if not isinstance(ds, dict) or not isinstance(ds.get("path"), str):
             imp.keep(label, ds, "expected a mapping with a path")
             continue
         result = axolotl_dataset(imp, label, ds, pretrain)
         if result is not None:
-            converted.append((label, ds, *result))
-    text = [c for c in converted if c[3] == "text"]
+            converted.append(Dataset(label, ds, *result))
+    text = [d for d in converted if d.kind == "text"]
     if text and len(text) < len(converted):
-        for label, ds, *_ in text:
-            imp.keep(label, ds, "a plain-text dataset among chat/instruction ones: tunepipe trains it with "
-                                "stage: pt, in a train entry of its own")
-        converted = [c for c in converted if c[3] != "text"]
-    if converted and all(c[4] == "alpaca" for c in converted) and "template" in imp.values \
+        for d in text:
+            imp.keep(d.label, d.source, "a plain-text dataset among chat/instruction ones: tunepipe trains it with "
+                                        "stage: pt, in a train entry of its own")
+        converted = [d for d in converted if d.kind != "text"]
+    if converted and all(d.kind == "alpaca" for d in converted) and "template" in imp.values \
             and not any(k.startswith("datasets[") for k, _ in imp.origins.get("template", [])):
         replace_template(imp, "axolotl renders alpaca datasets with its alpaca prompt; chat_template only "
                               "serves chat_template datasets (and the saved tokenizer)")
-    names = []
-    for label, ds, name, entry, kind, hint in converted:
-        name = unique(name, imp.dataset_info)
-        imp.dataset_info[name] = entry
-        names.append(name)
-        imp.origins.setdefault("dataset", []).append((label, ds))
-        imp.comments.setdefault("dataset", []).append(f"{imp.name} {label}: {ds['path']} ({show(ds.get('type', 'pretrain'))})")
-        if hint and "template" not in imp.values and "template_file" not in imp.values:
-            imp.set("template", hint[0], f"{label}.{hint[2]}", ds[hint[2]], hint[1])
-    if not names:
+    for d in converted:
+        name = unique(d.name, imp.dataset_info)
+        imp.dataset_info[name] = d.entry
+        imp.origins.setdefault("dataset", []).append((d.label, d.source))
+        kind_name = show(d.source.get("type", "pretrain"))
+        imp.comments.setdefault("dataset", []).append(f"{imp.name} {d.label}: {d.source['path']} ({kind_name})")
+        if d.hint and "template" not in imp.values and "template_file" not in imp.values:
+            template, note, key = d.hint
+            imp.set("template", template, f"{d.label}.{key}", d.source[key], note)
+    if not converted:
         return
-    imp.values["dataset"] = ",".join(names)
+    imp.values["dataset"] = ",".join(imp.dataset_info)
     imp.set("dataset_dir", ".", note=f"the {DATASET_INFO} tunepipe import writes beside this spec")
-    if converted[0][4] == "text" and not imp.train_out:
+    if converted[0].kind == "text" and not imp.train_out:
         imp.set("stage", "pt", note="axolotl trains plain-text datasets on every token: tunepipe's pt")
 
 
@@ -782,13 +794,15 @@ def dataset_format(imp: Importer, label: str, kind: str, ds: dict, type_name: st
         other = "user/assistant" if user == "human" else "human/gpt"
         imp.notes.append(f"{label}: roles read as {user}/{assistant}; axolotl also reads {other}, and tunepipe "
                          f"drops rows that use those (map them with the entry's tags in {DATASET_INFO})")
-    used = {"field_messages", "message_property_mappings", "message_field_role", "message_field_content", "chat_template"}
+    used = {"field_messages", "message_property_mappings", "message_field_role", "message_field_content",
+            "chat_template"}
     for role, names in (ds.get("roles") or {}).items():
         names = [names] if isinstance(names, str) else list(names)
         if f"{role}_tag" in tags and names:
             tags[f"{role}_tag"] = names[0]
             if len(names) > 1:
-                imp.keep(f"{label}.roles.{role}", names[1:], f"a role has one name in dataset_info.json tags: {names[0]} is used")
+                imp.keep(f"{label}.roles.{role}", names[1:],
+                         f"a role has one name in dataset_info.json tags: {names[0]} is used")
     used.add("roles")
     columns = {"messages": ds.get("field_messages") or "messages"}
     if ds.get("field_tools"):
@@ -818,9 +832,11 @@ def dataset_location(imp: Importer, label: str, ds: dict) -> tuple[dict, set[str
     else:
         location["hf_hub_url"] = path
     if files is not None and not (found is not None and isinstance(files, str) and found.is_dir()):
-        imp.keep(f"{label}.data_files", files, "dataset_info.json names one file or folder (file_name) or a hub dataset")
+        imp.keep(f"{label}.data_files", files,
+                 "dataset_info.json names one file or folder (file_name) or a hub dataset")
     if ds.get("ds_type") is not None:
-        imp.keep(f"{label}.ds_type", ds["ds_type"], "tunepipe reads json, jsonl, csv and parquet by their suffix", "same")
+        imp.keep(f"{label}.ds_type", ds["ds_type"], "tunepipe reads json, jsonl, csv and parquet by their suffix",
+                 "same")
     return location, used
 
 

@@ -864,7 +864,7 @@ def import_config(path: Path, *, spec_dir: Path | None = None, run_dir: Path | N
                              f"(tunepipe import TRAIN.yaml --export {path.name}) to get a merge section")
     else:
         if export is not None:
-            raise UserError("--export takes an LLaMA-Factory export config; axolotl merges with merge_lora")
+            raise UserError("--export takes a LLaMA-Factory export config (axolotl merges with `axolotl merge-lora`)")
         from_axolotl(imp, doc)
     if imp.train_out:
         for flag in [f for f in imp.values if imp.catalog.flags[f].section == "train"]:
@@ -959,7 +959,10 @@ def planned_writes(result: ImportResult, spec_dir: Path, output: Path | None, fo
         p == spec_path or p.read_text(encoding="utf-8") != text)]
     if result.dataset_info:
         info_path = spec_dir / DATASET_INFO
-        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        except ValueError as exc:
+            raise UserError(f"{info_path}: not valid JSON ({exc}); fix it or move it away") from None
         if not isinstance(info, dict):
             raise UserError(f"{info_path}: expected a JSON object of dataset entries")
         clashes = [n for n, e in result.dataset_info.items() if n in info and info[n] != e]

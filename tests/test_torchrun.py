@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from tunepipe.executors.base import get_executor
 from tunepipe.store import open_store
 
 KEY = "ab" * 32
+DATA_KEY = "cd" * 32
 
 
 def step(executor: dict, key: str = KEY):
@@ -57,9 +59,13 @@ def test_two_cpu_processes_train_with_ddp(tmp_path, pretrained):
     data = tokenized(tmp_path / "data", n=32, val=4)
     params = train_params(max_steps=4, per_device_train_batch_size=2, plot_loss=True, logging_steps=1)
     cache = tmp_path / "cache"
+    store = open_store(cache)  # the tokenized data as the template step's artifact: the worker fetches it by key
+    staging = store.begin(DATA_KEY)
+    shutil.copytree(data, staging, dirs_exist_ok=True)
+    store.commit(staging, DATA_KEY, {"id": "template", "kind": "template"})
     payload = {
         "id": "train", "kind": "train", "key": KEY, "stage_version": 1, "params": params,
-        "inputs": {"template": str(data)}, "upstream": {}, "files": {"model": str(pretrained)}, "seed": 42,
+        "upstream": {"template": DATA_KEY}, "files": {"model": str(pretrained)}, "seed": 42,
         "spec_dir": str(tmp_path), "cache_dir": str(cache), "log": str(tmp_path / "step.log"), "force": False,
     }  # fmt: skip
     step_json = tmp_path / "STEP.json"

@@ -105,8 +105,7 @@ def step_payload(plan: Plan, step: Step, store: LocalStore, log_path: Path, forc
     return {
         "id": step.id, "kind": step.kind, "key": step.key, "stage_version": step.stage_version,
         "params": step.params,
-        "inputs": {role: str(store.fetch(plan.step(dep).key)) for role, dep in step.inputs.items()},
-        "upstream": step.upstream,
+        "upstream": step.upstream,  # input artifacts by role: the worker fetches them when it starts
         "files": {role: str(path) for role, path in step.files.items()},
         "seed": plan.seed, "spec_dir": str(plan.spec_dir), "cache_dir": str(store.root),
         "log": str(log_path), "force": force,
@@ -166,6 +165,9 @@ def run_plan(
         return RunResult(plan, outcomes, time.monotonic() - started)
     outcomes = runner.run(steps, forced)  # raises StepFailed on a failure, unless keep_going
     failed = any(outcome.status == "failed" for outcome in outcomes)
+    from .modelcard import write_cards
+
+    write_cards(plan, store)  # after verify: a delivered export's card carries its verify report
     lock_written = False if frozen or failed else write_lock(plan, store)
     return RunResult(plan, outcomes, time.monotonic() - started, lock_written)
 

@@ -78,9 +78,12 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def check_inputs(store, step: dict[str, Any]) -> None:
-    """Re-hash every input artifact against its manifest before the stage reads a byte of it: a
-    damaged input (a same-size overwrite, a flipped bit) is never trusted."""
+def fetch_inputs(store, step: dict[str, Any]) -> dict[str, Path]:
+    """Every input artifact (by role) as a local directory, re-hashed against its manifest before the
+    stage reads a byte of it: a damaged input (a same-size overwrite, a flipped bit) is never trusted.
+    Inputs are found by key when the step starts, not when it was submitted (a queued SLURM job's
+    inputs are built by the jobs it waits for)."""
+    inputs = {}
     for role, key in sorted(step.get("upstream", {}).items()):
         problems = store.verify(key)
         if problems:
@@ -89,6 +92,8 @@ def check_inputs(store, step: dict[str, Any]) -> None:
                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
                 ["`tunepipe cache verify` removes damaged artifacts; the next run rebuilds them"],
             )
+        inputs[role] = store.fetch(key)
+    return inputs
 
 
 def run_step(step: dict[str, Any]) -> None:
@@ -99,14 +104,13 @@ def run_step(step: dict[str, Any]) -> None:
     if store.has(key) and not step.get("force"):
         log.info("%s is already in the store (built by another run); nothing to do", step["id"])
         return
-    check_inputs(store, step)
+    inputs = fetch_inputs(store, step)
     out = store.begin(key) if committer else Path(tempfile.mkdtemp(prefix=f"tunepipe-{key[:12]}-"))
     try:
         work = store.scratch.work_dir(key)
         ctx = StepContext(
-            id=step["id"], kind=step["kind"], key=key, params=step["params"],
-            inputs={role: Path(p) for role, p in step["inputs"].items()},
-            artifacts={step["upstream"][role]: Path(p) for role, p in step["inputs"].items()},
+            id=step["id"], kind=step["kind"], key=key, params=step["params"], inputs=inputs,
+            artifacts={step["upstream"][role]: path for role, path in inputs.items()},
             upstream=dict(step["upstream"]),
             files={role: Path(p) for role, p in step["files"].items()},
             seed=step.get("seed"), spec_dir=Path(step["spec_dir"]), out=out, work=work, log=log,

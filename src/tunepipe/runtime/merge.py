@@ -39,9 +39,9 @@ builds the same model with peft, through `modeling.load_trained` (merge_and_unlo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,13 +64,14 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# adapter_config.json fields the streaming merge reads or that do not change merged weights; every
-# other field must hold peft's default, or the adapter goes to peft.
+# adapter_config.json fields the streaming merge reads or that do not change merged weights (the
+# last two are read only with megatron_config / use_qalora). Every other field must be unset
+# (null, false, empty), or the adapter goes to peft: a peft option added later falls back, safely.
 HANDLED_CONFIG = {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora",
-    "fan_in_fan_out", "bias", "modules_to_save", "init_lora_weights",
+    "fan_in_fan_out", "bias", "modules_to_save", "init_lora_weights", "megatron_core", "qalora_group_size",
 }  # fmt: skip
 # Initialisations that only draw A and B; the others (pissa, olora, corda, loftq, …) rewrite the base.
 PLAIN_INITS = (True, False, "gaussian")
@@ -394,32 +395,31 @@ def _plan_adapter(path: Path, tensors: dict, base_config) -> AdapterPlan:
 
 
 def _check_adapter_config(config: dict, path: Path) -> None:
-    from peft import LoraConfig
-
     if config.get("peft_type") != "LORA":
         raise StreamingUnsupported(f"the adapter is {config.get('peft_type')}, not LoRA", path)
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
         raise StreamingUnsupported(f"init_lora_weights {config['init_lora_weights']!r} rewrites the base weights", path)
-    defaults = {f.name: _field_default(f) for f in dataclasses.fields(LoraConfig)}
     for name, value in config.items():
-        if name not in HANDLED_CONFIG and value != defaults.get(name) and value not in (None, False, {}, []):
+        if name not in HANDLED_CONFIG and value not in (None, False, {}, []):
             raise StreamingUnsupported(f"{name}={value!r} in adapter_config.json", path)
-
-
-def _field_default(field: dataclasses.Field):
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
 
 
 def _scale(config: dict, module: str) -> float:
     """peft's scaling of `module` (LoraModel._create_and_replace, LoraLayer.update_layer)."""
-    from peft.utils.other import get_pattern_key
-
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+    r = rank_pattern.get(_pattern_key(rank_pattern.keys(), module), config["r"])
+    alpha = alpha_pattern.get(_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _pattern_key(pattern_keys, module: str) -> str:
+    """The rank_pattern/alpha_pattern key that applies to `module`: peft.utils.other.get_pattern_key,
+    copied because importing peft adds ~110 MB to a process that otherwise holds one tensor at a time
+    (tests check the merged values against peft's own merge with both patterns)."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
 
 
 def _check_lora_shape(path: Path, target: str, a_shape, b_shape, lora: Lora, tensors: dict) -> None:

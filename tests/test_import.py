@@ -164,6 +164,8 @@ def test_values_tunepipe_rejects_are_kept_out_with_its_message(checkout):
     assert "#   lora_rank: 8  — tunepipe rejects it as train.lora_rank: only applies to LoRA" in text
     assert "#   eval_steps: 100  — tunepipe rejects it as train.eval_steps: only used with evaluation_strategy: steps" in text
     assert 'evaluation_strategy: "no"' in text  # a YAML 1.1 reader must not see false
+    assert train["warmup_ratio"] == 0.0  # the transformers Trainer lets warmup_steps win; so does the spec
+    assert "#   warmup_ratio: 0.1  — the transformers Trainer ignores it when warmup_steps is set (20)" in text
     assert re.search(r"template: yi +# tunepipe's yi renders 01-ai/Yi-34B-Chat's own chat template, whose tokens "
                      r"differ from LLaMA-Factory's yi template", text)
     assert "LLaMA-Factory's packing lets packed samples attend to each other" in text
@@ -187,11 +189,12 @@ def test_an_export_config_with_its_training_config_adds_the_merge(checkout):
     train, export = Path("examples/train_lora/llama3_lora_sft.yaml"), Path("examples/merge_lora/llama3_lora_sft.yaml")
     out, _ = imported(root, train, export=export)
     spec = load_spec(out)
-    assert spec.data["merge"] == {"merge_lora": False, "merge_lora_and_save": False, "auto_merge_weights": False}
+    assert spec.data["merge"]["max_shard_size"] == "2GB"  # export_size: 2 (GB)
+    assert {p[1] for p in spec.explicit if p[0] == "merge"} == {"max_shard_size"}
     assert spec.data["train"][0]["finetuning_type"] == "lora"
     kept = {k.key: k for k in import_config(train, export=export).kept_out}
     assert kept["merge_lora/llama3_lora_sft.yaml: adapter_name_or_path"].kind == "same"  # the train step's output_dir
-    assert kept["merge_lora/llama3_lora_sft.yaml: export_size"].value == 2
+    assert kept["merge_lora/llama3_lora_sft.yaml: export_device"].value == "cpu"
     assert kept["merge_lora/llama3_lora_sft.yaml: export_dir"].kind == "lost"
     # an export config merging another adapter says so
     other = root / "other_export.yaml"
@@ -201,6 +204,22 @@ def test_an_export_config_with_its_training_config_adds_the_merge(checkout):
     # alone, an export config imports what it can and says how to get a merge section
     alone = import_config(export)
     assert "\nmerge:" not in alone.text and "--export llama3_lora_sft.yaml" in alone.text
+
+
+def test_a_gptq_export_config_with_a_full_fine_tune_adds_the_quantize(checkout):
+    root = checkout("llama_factory")
+    export = root / "gptq_export.yaml"  # merge_lora/llama3_gptq.yaml, quantizing the full fine-tune's output
+    export.write_text((root / "examples/merge_lora/llama3_gptq.yaml").read_text().replace(
+        "meta-llama/Meta-Llama-3-8B-Instruct", "saves/llama3-8b/full/sft"))
+    out, _ = imported(root, Path("examples/train_full/llama3_full_sft.yaml"), export=export)
+    spec = load_spec(out)
+    assert spec.data["merge"] is None
+    assert [(q["method"], q["bits"]) for q in spec.data["quantize"]] == [("gptq", 4)]
+    kept = {k.key: k for k in import_config(Path("examples/train_full/llama3_full_sft.yaml"), export=export).kept_out}
+    label = f"{root.name}/gptq_export.yaml"
+    assert kept[f"{label}: model_name_or_path"].reason == "the model this spec's train step trains"
+    assert "calibrates GPTQ on samples of the pipeline's own tokenized data" in kept[f"{label}: export_quantization_dataset"].reason
+    assert kept[f"{label}: export_size"].kind == "lost"  # no merge to shard
 
 
 def test_axolotl_lora_plans_its_flags_and_writes_dataset_info(checkout, tmp_path):

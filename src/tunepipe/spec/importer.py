@@ -357,11 +357,12 @@ class Importer:
                 if self.comments.get(flag):
                     text = "; ".join(dict.fromkeys(self.comments[flag]))  # several keys, one note
                     target.yaml_add_eol_comment("# " + text, flag, column=min(column, 60))
+        if self.merge is not None:
+            sections.setdefault("merge", CommentedMap())
         for section in self.catalog.sections:
             if section in sections:
                 doc[section] = sections[section]
         if self.merge is not None:
-            doc["merge"] = CommentedMap()
             doc.yaml_add_eol_comment("# " + self.merge, "merge")
         return doc
 
@@ -626,35 +627,48 @@ def methods(imp: Importer) -> list[str]:
 
 
 def add_export(imp: Importer, export: Path) -> None:
-    """An LLaMA-Factory export config beside the training config: the merge section. Its keys are listed
-    under its file name: as the training config's (no effect), or what differs."""
+    """A LLaMA-Factory export config beside the training config: merge (a LoRA run) and quantize (GPTQ)
+    sections. Its keys are listed under its file name: as the training config's, or what differs."""
     doc = read_config(export)
     if detect(doc, export) != LLAMA_FACTORY or "export_dir" not in doc:
-        raise UserError(f"{export}: not an LLaMA-Factory export config (it has no export_dir)")
+        raise UserError(f"{export}: not a LLaMA-Factory export config (it has no export_dir)")
+    name = f"{export.parent.name}/{export.name}"
+    trains = not imp.train_out
+    lora = trains and imp.values.get("finetuning_type") == "lora"
+    trained = imp.values.get("output_dir")
     for key, value in doc.items():
-        label = f"{export.parent.name}/{export.name}: {key}"
+        label = f"{name}: {key}"
         if value is None:
             imp.unset.append(label)
         elif key == "adapter_name_or_path":
-            trained = imp.values.get("output_dir")
-            same = isinstance(value, str) and imp.from_run_dir(value) == trained
+            same = lora and isinstance(value, str) and imp.from_run_dir(value) == trained
             imp.keep(label, value, "the merge step merges the adapter this spec's train step trains"
                      + ("" if same else f", not this one (the training config writes {show(trained)})"),
                      "same" if same else "lost")
-        elif key in ("model_name_or_path", "template") or key in imp.values:
-            ours = imp.values.get(key)
-            theirs = imp.path_value(value, hub=True)[0] if key == "model_name_or_path" else value
-            same = ours == theirs or (key == "template" and ours == template_name(imp, str(value))[0])
+        elif key == "model_name_or_path":
+            base = imp.path_value(value, hub=True)[0] == imp.values.get(key)
+            ours = trains and isinstance(value, str) and imp.from_run_dir(value) == trained
+            imp.keep(label, value, "the base model, as in the training config" if base else
+                     "the model this spec's train step trains" if ours else
+                     f"differs from the training config's {key}: {show(imp.values.get(key))}",
+                     "same" if base or ours else "lost")
+        elif key == "export_size" and lora:
+            imp.set("max_shard_size", f"{value}GB", label, value, "LLaMA-Factory's export_size is in GB")
+        elif key == "export_quantization_bit" and trains:
+            imp.set("method", "gptq", label, value, "LLaMA-Factory quantizes its export with GPTQ")
+            imp.set("bits", value, label, value)
+        elif key in ("template",) or key in imp.values:
+            same = imp.values.get(key) in (value, template_name(imp, str(value))[0] if key == "template" else value)
             imp.keep(label, value, "as in the training config" if same else
-                     f"differs from the training config's {key}: {show(ours)}", "same" if same else "lost")
+                     f"differs from the training config's {key}: {show(imp.values.get(key))}", "same" if same else "lost")
         else:
             same = imp.rules["no_effect"].get(key, object()) == value
             imp.keep(label, value, imp.rules["kept_out"].get(key, "no tunepipe equivalent"), "same" if same else "lost")
-    if not imp.train_out and imp.values.get("finetuning_type") == "lora":
-        imp.merge = f"from {export.parent.name}/{export.name}: merge the trained LoRA adapter into the base model"
-    else:
-        imp.notes.append(f"{export.name}: no merge section: tunepipe merges the LoRA adapter its own train "
-                         "step trains, and this spec trains none")
+    if lora:
+        imp.merge = f"from {name}: merge the trained LoRA adapter into the base model"
+    elif "adapter_name_or_path" in doc:
+        imp.notes.append(f"{name}: no merge section: tunepipe merges the LoRA adapter its own train step "
+                         "trains, and this spec trains none")
 
 
 # ------------------------------------------------------------------------------------ axolotl
@@ -866,6 +880,7 @@ def import_config(path: Path, *, spec_dir: Path | None = None, run_dir: Path | N
         if export is not None:
             raise UserError("--export takes a LLaMA-Factory export config (axolotl merges with `axolotl merge-lora`)")
         from_axolotl(imp, doc)
+    warmup_steps_win(imp)
     if imp.train_out:
         for flag in [f for f in imp.values if imp.catalog.flags[f].section == "train"]:
             for key, raw in imp.origins.pop(flag, []):
@@ -876,6 +891,17 @@ def import_config(path: Path, *, spec_dir: Path | None = None, run_dir: Path | N
     settle(imp)
     return ImportResult(tool=imp.name, source=path, text=imp.text(), dataset_info=imp.dataset_info,
                         files=imp.files, kept_out=imp.kept, notes=imp.notes)
+
+
+def warmup_steps_win(imp: Importer) -> None:
+    """Both tools train with the transformers Trainer, where warmup_steps > 0 wins over warmup_ratio;
+    in tunepipe warmup_ratio wins: keep the steps."""
+    if (imp.values.get("warmup_steps") or 0) > 0 and imp.values.get("warmup_ratio"):
+        for key, raw in imp.origins.pop("warmup_ratio", []):
+            imp.keep(key, raw, f"the transformers Trainer ignores it when warmup_steps is set "
+                               f"({imp.values['warmup_steps']}); tunepipe would let it win")
+        del imp.values["warmup_ratio"]
+        imp.comments.pop("warmup_ratio", None)
 
 
 def settle(imp: Importer) -> None:

@@ -218,7 +218,8 @@ def test_a_gptq_export_config_with_a_full_fine_tune_adds_the_quantize(checkout):
     kept = {k.key: k for k in import_config(Path("examples/train_full/llama3_full_sft.yaml"), export=export).kept_out}
     label = f"{root.name}/gptq_export.yaml"
     assert kept[f"{label}: model_name_or_path"].reason == "the model this spec's train step trains"
-    assert "calibrates GPTQ on samples of the pipeline's own tokenized data" in kept[f"{label}: export_quantization_dataset"].reason
+    calibration = kept[f"{label}: export_quantization_dataset"].reason
+    assert "calibrates GPTQ on samples of the pipeline's own tokenized data" in calibration
     assert kept[f"{label}: export_size"].kind == "lost"  # no merge to shard
 
 

@@ -20,4 +20,4 @@ for service in slurmctld slurmd munge; do
   fi
 done
 missing && { echo "slurm-ci: binaries still missing after install: ${need[*]}" >&2; exit 1; }
-echo "slurm-ci: $(sbatch --version)"
+echo "slurm-ci: installed slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm) and munge"

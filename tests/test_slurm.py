@@ -24,6 +24,7 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 from tunepipe.errors import UserError
 from tunepipe.executors import base
+from tunepipe.executors import slurm as slurm_module
 from tunepipe.executors.slurm import NO_EXIT_STATUS, SlurmExecutor, job_state, parse_squeue, sbatch_argv
 from tunepipe.runner import run_plan, step_payload
 from tunepipe.store import open_store
@@ -114,6 +115,7 @@ def test_one_process_steps_run_the_worker_on_one_node(tmp_path):
     ({"rdzv_endpoint": "node0:29400"}, "is not an option of the slurm executor"),
     ({"nnodes": "2"}, "executor.nnodes must be a int"),
     ({"exclusive": "yes"}, "executor.exclusive must be a bool"),
+    ({"partition": True}, "executor.partition must be a str"),
     ({"nnodes": 0}, "must be at least 1"),
     ({"gres": "gpu:8", "gpus_per_node": 8}, "gpus_per_node or gres, not both"),
     ({"signal": "USR9@120"}, "is not SIGNAL"),
@@ -182,9 +184,9 @@ def wait(executor, jobs, timeout=60.0) -> dict:
     return {job: executor.state(job) for job in jobs}
 
 
-def wait_for_log(job, text: str, timeout=30.0) -> None:
+def wait_for_log(job, text: str, timeout=30.0, count=1) -> None:
     deadline = time.monotonic() + timeout
-    while text not in (job.launch.log_path.read_text() if job.launch.log_path.exists() else ""):
+    while (job.launch.log_path.read_text() if job.launch.log_path.exists() else "").count(text) < count:
         assert time.monotonic() < deadline, f"{text!r} not in the log of job {job}"
         time.sleep(0.2)
 
@@ -214,9 +216,12 @@ def test_submit_poll_logs(project):
     store = open_store(plan.cache_dir)
     key = plan.step("data").key
     assert store.has(key) and "fake data running data" in (store.fetch(key) / "step.log").read_text()
+    with pytest.raises(UserError, match="sbatch refused the job") as refused:
+        executor.submit(prepared(executor, plan, "template", partition="nosuch"))
+    assert any("invalid partition" in line.lower() for line in refused.value.details)
 
 
-def test_afterok_chain_runs_in_order(project):
+def test_afterok_chain_runs_in_order_followed_by_one_squeue_at_a_time(project, monkeypatch):
     plan = compile_project(project)
     executor = SlurmExecutor()
     data = executor.submit(prepared(executor, plan, "data"))
@@ -224,7 +229,15 @@ def test_afterok_chain_runs_in_order(project):
     train = executor.submit(prepared(executor, plan, "train"), dependencies=[template])
     pending = executor.state(train)
     assert pending.state == "PENDING" and pending.reason == "Dependency"
-    states = wait(executor, [data, template, train])
+    calls = []
+    real = slurm_module._slurm
+    monkeypatch.setattr(slurm_module, "_slurm", lambda argv: calls.append((time.monotonic(), argv)) or real(argv))
+    started = time.monotonic()
+    states = wait(executor, [data, template, train])  # polls each job every 0.2 s
+    elapsed = time.monotonic() - started
+    assert all(argv[0] == "squeue" for _, argv in calls) and len(calls) <= elapsed / executor.query_interval_s + 1
+    assert f"--jobs={data},{template},{train}" in calls[0][1]  # one call for all of them
+    assert all(b - a >= executor.query_interval_s for (a, _), (b, _) in zip(calls, calls[1:]))
     assert [states[j].state for j in (data, template, train)] == ["COMPLETED"] * 3
     assert builds(project) == ["data", "template", "train"]
     started = [float(line.split()[2]) for line in (project.parent / "builds.log").read_text().splitlines()]
@@ -274,8 +287,9 @@ def test_cancel_a_running_job_leaves_nothing_committed(project, monkeypatch):
     assert list((Path(plan.cache_dir) / "tmp").iterdir()) == []  # the worker removed its partial artifact
 
 
+@pytest.mark.slow
 def test_the_warning_signal_requeues_the_job_and_it_finishes(project, monkeypatch):
-    monkeypatch.setenv("FAKE_SLOW", "data:1")
+    monkeypatch.setenv("FAKE_SLOW", "data:0.5")
     plan = compile_project(project)
     executor = SlurmExecutor()
     job = executor.submit(prepared(executor, plan, "data", signal="USR1@60", requeue=True))
@@ -296,13 +310,37 @@ def test_the_warning_signal_requeues_the_job_and_it_finishes(project, monkeypatc
     assert (store.fetch(key) / "data.txt").read_bytes() == (reference.fetch(key) / "data.txt").read_bytes()
 
 
-def tmp_store_build(root: Path):
+@pytest.mark.slow
+def test_a_distributed_train_step_runs_torchrun_under_srun_and_requeues(project, monkeypatch):
+    """nproc_per_node 2 on the one node: srun starts torchrun, whose rendezvous comes from the job's
+    environment; the warning signal stops torchrun's workers through `scancel --signal=TERM`."""
+    monkeypatch.setenv("FAKE_SLOW", "train:1.2")
+    plan = compile_project(project)
+    run_plan(plan, until="template", console=Console(file=io.StringIO()))  # its inputs, built locally
+    executor = SlurmExecutor()
+    job = executor.submit(prepared(executor, plan, "train", nproc_per_node=2, signal="USR1@60", requeue=True))
+    wait_for_log(job, "fake train running train", timeout=60, count=2)  # both ranks
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    state = wait(executor, [job], timeout=90)[job]
+    log = executor.logs(job)[0]
+    assert (state.state, state.exit_code) == ("COMPLETED", 0), log[-3000:]
+    assert "requeueing job" in log and ", run 2" in log
+    runs = [line.split() for line in (project.parent / "builds.log").read_text().splitlines() if line.startswith("train")]
+    assert len(runs) == 4 and len({pid for _, pid, _ in runs}) == 4  # 2 ranks, twice
+    store = open_store(plan.cache_dir)
+    reference = tmp_store_build(project.parent / "reference", until="train")
+    key = plan.step("train").key
+    assert (store.fetch(key) / "train.txt").read_bytes() == (reference.fetch(key) / "train.txt").read_bytes()
+
+
+def tmp_store_build(root: Path, until: str = "data"):
     make_project(root)
     plan = compile_project(root)
-    run_plan(plan, until="data", console=Console(file=io.StringIO()))
+    run_plan(plan, until=until, console=Console(file=io.StringIO()))
     return open_store(plan.cache_dir)
 
 
+@pytest.mark.slow
 def test_a_plan_through_the_runner_matches_the_local_executor(project, tmp_path, monkeypatch):
     """The runner drives the slurm executor step by step (submit, poll, logs): same keys, same outputs."""
     monkeypatch.setattr(base, "EXECUTORS", (*base.EXECUTORS, "slurm"))

@@ -9,17 +9,19 @@ characters), so a value holding `$` or a backquote is a user error. The body:
         nnodes > 1 or nproc_per_node > 1, one `srun` task per node running torchrun, whose node
         count, node rank and rendezvous endpoint (first host of $SLURM_JOB_NODELIST, on
         master_port, else a port derived from the job id) come from the job's environment at run time
-    its exit status, written to `<log>.exit` as "JOBID STATUS" when the step ends (no accounting
+    its exit status, written to `<log stem>.exit` as "JOBID STATUS" when the step ends (no accounting
         is assumed: once a job has left squeue, that record is the only trace of how it ended)
 
 The step runs in the background so that the script's traps work while it runs. With `signal`
 (e.g. `USR1@120`: `--signal=B:USR1@120`, SLURM signals the batch shell 120 s before the time
-limit) the trap sends the step SIGTERM — what torchrun forwards to its workers and what the worker
-unwinds on; the train stage keeps its checkpoints in the store's work dir — waits for it, and with
-`requeue` runs `scontrol requeue $SLURM_JOB_ID`: the job restarts from the top and the train stage
-resumes from its checkpoint. A SIGTERM reaching the shell (scancel, the time limit, preemption:
-SLURM signals every process of the job, the step included) is only waited through, so that the
-exit status is still written.
+limit) the trap sends the step SIGTERM (`kill` to the worker; `scancel --signal=TERM` to the srun
+step, whose processes are torchrun and its workers: srun itself would take SIGTERM as "kill the
+step") — the signal the worker unwinds on and torchrun forwards, and the one SLURM sends on
+preemption anyway — waits for it, and with `requeue` runs `scontrol requeue $SLURM_JOB_ID`: the job
+starts again from the top (appending to its log) and the train stage resumes from the checkpoints
+it keeps in the store's work dir. A SIGTERM reaching the shell (scancel, the time limit,
+preemption: SLURM signals every process of the job, the step included) is only waited through, so
+that the exit status is still written.
 
 The handle is a `SlurmJob`: a str, the job id (what a run record stores), carrying its `Launch`.
 States come from one `squeue` call for every job this executor follows, at most every
@@ -376,7 +378,7 @@ def check_options(options: dict) -> None:
             hint = f" (did you mean {close[0]}?)" if close else f"; slurm options: {', '.join(sorted(OPTIONS))}"
             raise UserError(f"executor.{name} is not an option of the slurm executor{hint}")
         kind = OPTIONS[name][0]
-        if value is not None and (not isinstance(value, _TYPES[kind]) or (kind == "int" and isinstance(value, bool))):
+        if value is not None and (not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "bool")):
             raise UserError(f"executor.{name} must be a {kind} ({OPTIONS[name][1]}), got {value!r}")
     for name in ("nnodes", "nproc_per_node"):
         if options.get(name) is not None and int(options[name]) < 1:

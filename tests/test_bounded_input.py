@@ -78,9 +78,20 @@ train:
     assert train["b"]["lora_target"] == ["q_proj", "v_proj"] and train["d"]["lora_target"] == ["k_proj", "o_proj"]
 
 
-def template_spec(write_spec, source: str) -> str:
-    write_spec(source, "chat.jinja")
-    return write_spec(BASE + "template: {template_file: chat.jinja}\ntrain: {finetuning_type: lora, lora_target: all}\n")
+def template_spec(write_spec, source: str, name: str = "chat.jinja") -> str:
+    write_spec(source, name)
+    return write_spec(BASE + f"template: {{template_file: {name}}}\ntrain: {{finetuning_type: lora, lora_target: all}}\n")
+
+
+def test_an_alias_bomb_in_a_yaml_template_file_is_refused_and_located(cli, write_spec):
+    """A slot holding the bomb was once reported in full: a 25 MB error message."""
+    levels = "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdef", "bcdefg"))
+    path = template_spec(write_spec, "user: '{{content}}'\na: &a [x,x,x,x,x,x,x,x,x]\n" + levels + "description: *g\n",
+                         "slots.yaml")
+    code, output, seconds = validate(cli, path)
+    assert code == 2 and "Traceback" not in output and len(output) < 1000
+    assert f"{path.parent / 'slots.yaml'}:6:8: YAML aliases expand to more than {MAX_ALIAS_NODES} nodes" in output
+    assert seconds < 5
 
 
 @pytest.mark.parametrize("source, message, seconds", [

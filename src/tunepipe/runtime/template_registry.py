@@ -107,10 +107,12 @@ def read_template_file(path) -> tuple[Any, list[str]]:
         return None, [f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"]
     if path.suffix not in YAML_SUFFIXES:
         return text, []
-    from ruamel.yaml import YAML
+    from tunepipe.spec.loader import AliasExpansionError, bounded_yaml
 
     try:
-        entry = YAML(typ="safe", pure=True).load(text)
+        entry = bounded_yaml("safe").load(text)
+    except AliasExpansionError as e:  # a few bytes of nested aliases standing for millions of values
+        return None, [f"{where}:{e.problem_mark.line + 1}:{e.problem_mark.column + 1}: {e.problem}"]
     except Exception as e:  # ruamel's parser and scanner errors have no common public base
         return None, [f"{where}: not valid YAML/JSON ({e})"]
     if not isinstance(entry, dict):

@@ -221,6 +221,10 @@ def test_a_gptq_export_config_with_a_full_fine_tune_adds_the_quantize(checkout):
     calibration = kept[f"{label}: export_quantization_dataset"].reason
     assert "calibrates GPTQ on samples of the pipeline's own tokenized data" in calibration
     assert kept[f"{label}: export_size"].kind == "lost"  # no merge to shard
+    # the published config quantizes the base model: nothing this spec trains
+    kept = {k.key: k for k in import_config(Path("examples/train_full/llama3_full_sft.yaml"),
+                                            export=Path("examples/merge_lora/llama3_gptq.yaml")).kept_out}
+    assert "not a model this spec trains" in kept["merge_lora/llama3_gptq.yaml: export_quantization_bit"].reason
 
 
 def test_axolotl_lora_plans_its_flags_and_writes_dataset_info(checkout, tmp_path):

@@ -231,9 +231,12 @@ class Importer:
 
     def put(self, key: str, value: Any, entry: dict, note: str | None = None, raw: Any = None) -> None:
         """Set the flag `entry` names (default: `key`) to `value`, which `raw` (default: `value`) was in the config."""
-        flag = entry.get("flag", key)
         raw = value if raw is None else raw
+        resolved = self.catalog.resolve_name(entry.get("flag", key))  # the catalog's spellings (and aliases)
+        flag, negated = resolved or (entry.get("flag", key), False)
         found = self.catalog.flags.get(flag)
+        if negated and isinstance(value, bool):
+            value = not value
         if found is None:
             self.keep(key, raw, self.rules["kept_out"].get(key, "no tunepipe equivalent"))
             return
@@ -636,6 +639,8 @@ def add_export(imp: Importer, export: Path) -> None:
     trains = not imp.train_out
     lora = trains and imp.values.get("finetuning_type") == "lora"
     trained = imp.values.get("output_dir")
+    model = doc.get("model_name_or_path")
+    quantizes_ours = trains and isinstance(model, str) and imp.from_run_dir(model) == trained  # a full run's output
     for key, value in doc.items():
         label = f"{name}: {key}"
         if value is None:
@@ -654,9 +659,11 @@ def add_export(imp: Importer, export: Path) -> None:
                      "same" if base or ours else "lost")
         elif key == "export_size" and lora:
             imp.set("max_shard_size", f"{value}GB", label, value, "LLaMA-Factory's export_size is in GB")
-        elif key == "export_quantization_bit" and trains:
+        elif key == "export_quantization_bit" and quantizes_ours:
             imp.set("method", "gptq", label, value, "LLaMA-Factory quantizes its export with GPTQ")
             imp.set("bits", value, label, value)
+        elif key == "export_quantization_bit":
+            imp.keep(label, value, f"it quantizes {show(model)}, not a model this spec trains")
         elif key in ("template",) or key in imp.values:
             same = imp.values.get(key) in (value, template_name(imp, str(value))[0] if key == "template" else value)
             imp.keep(label, value, "as in the training config" if same else

@@ -952,8 +952,8 @@ def import_command(config: Path, output: Path | None = None, *, force: bool = Fa
         sys.stdout.write(result.text)
     err = sys.stderr
     kept = sum(k.kind != "same" for k in result.kept_out)
-    print(f"imported {config} ({result.tool})" + (f" into {output}" if output else "")
-          + f"; {kept} key{'s' if kept != 1 else ''} kept out (listed at the end of the spec)", file=err)
+    lost = f"{kept} key{'s' if kept != 1 else ''} kept out (listed at the end of the spec)" if kept else "every key carried over"
+    print(f"imported {config} ({result.tool})" + (f" into {output}" if output else "") + f"; {lost}", file=err)
     for target in writes:
         if target != (Path(output).resolve() if output else None):
             print(f"wrote {target}", file=err)

@@ -230,6 +230,19 @@ def chat(
     talk(target, overrides, backend.value, prompt, max_new_tokens, _console(stderr=True))
 
 
+@app.command("import")
+def import_(
+    config: Path = typer.Argument(..., help="A LLaMA-Factory or axolotl training config (YAML)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the spec here (default: print it)."),
+    export: Optional[Path] = typer.Option(None, "--export", help="A LLaMA-Factory export config: adds merge (and quantize)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the spec and the files written beside it."),
+) -> None:
+    """Convert a LLaMA-Factory or axolotl config into a tunepipe spec; keys without an equivalent are listed in comments."""
+    from .spec.importer import import_command
+
+    raise typer.Exit(import_command(config, output, force=force, export=export))
+
+
 class FlagsFormat(str, Enum):
     table = "table"
     json = "json"

@@ -42,6 +42,8 @@ class Flag:
     choices_by: Any = None
     # {export type: value}: the value a null flag takes for an export of that type (verify thresholds).
     by_type: Any = None
+    # Other names of this flag (newer transformers / LLaMA-Factory spellings), accepted everywhere.
+    aliases: tuple = ()
 
     @property
     def kebab(self) -> str:
@@ -58,6 +60,7 @@ class Catalog:
     flags: dict[str, Flag]
     by_section: dict[str, list[Flag]] = field(default_factory=dict)
     negations: dict[str, str] = field(default_factory=dict)  # no_X -> X
+    aliases: dict[str, str] = field(default_factory=dict)  # another tool's or version's name -> the flag
 
     def section_flags(self, section: str) -> list[Flag]:
         return self.by_section.get(section, [])
@@ -69,6 +72,8 @@ class Catalog:
             return snake, False
         if snake in self.negations:
             return self.negations[snake], True
+        if snake in self.aliases:
+            return self.aliases[snake], False
         return None
 
     def suggest(self, key: str, candidates: list[str] | None = None) -> str | None:
@@ -121,6 +126,7 @@ def parse_catalog(text: str) -> Catalog:
         entry["range"] = _as_tuple(entry.get("range"))
         entry["examples"] = _as_tuple(entry.get("examples"))
         entry["used_by"] = tuple(entry.get("used_by") or [entry["section"]])
+        entry["aliases"] = tuple(entry.get("aliases") or ())
         flag = Flag(**entry)
         if flag.name in flags:
             raise ValueError(f"flags.yaml: flag {flag.name} is defined twice")
@@ -130,4 +136,6 @@ def parse_catalog(text: str) -> Catalog:
         catalog.by_section.setdefault(flag.section, []).append(flag)
         if flag.negatable:
             catalog.negations[f"no_{flag.name}"] = flag.name
+        for alias in flag.aliases:
+            catalog.aliases[alias] = flag.name
     return catalog

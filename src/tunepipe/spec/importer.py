@@ -258,7 +258,7 @@ class Importer:
         if entry.get("value_note") and raw != value:
             notes.append(entry["value_note"])
         notes += [note] if note else []
-        if entry.get("alias"):
+        if key.replace("-", "_") in self.catalog.aliases:
             notes.append(f"{key} is a newer name of tunepipe's {flag}")
         self.set(flag, value, key, raw, "; ".join(notes) or None)
 

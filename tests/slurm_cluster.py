@@ -110,7 +110,7 @@ def start_cluster(root: Path) -> SlurmCluster:
     """Start munged, slurmctld and slurmd with their state in `root`; returns once the node is idle."""
     for sub in ("munge", "etc", "state", "spool", "log", "run"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    root.chmod(0o700)
+    root.chmod(0o711)  # munged wants every directory above its socket searchable
     node = socket.gethostname().split(".")[0]
     cluster = SlurmCluster(root, root / "etc" / "slurm.conf", node, partition="debug")
     munge_socket = root / "munge" / "munge.socket"
@@ -209,13 +209,17 @@ def daemon(cluster: SlurmCluster, name: str, *args: str) -> None:
         cluster.processes[name] = subprocess.Popen(
             [shutil.which(name, path=SEARCH_PATH), *args], stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, env={**os.environ, **cluster.env}, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (only a prctl call)
         )  # fmt: skip
+
+
+_PRCTL = ctypes.CDLL(None).prctl  # looked up here: the child only calls it
+PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the test process dies, even killed with -9 (Linux prctl PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_until_idle(cluster: SlurmCluster) -> None:

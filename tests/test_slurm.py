@@ -9,6 +9,7 @@ through the runner giving the same keys and output digests as the local executor
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shlex
 import subprocess
@@ -25,7 +26,13 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 from tunepipe.errors import UserError
 from tunepipe.executors import base
 from tunepipe.executors import slurm as slurm_module
-from tunepipe.executors.slurm import NO_EXIT_STATUS, SlurmExecutor, job_state, parse_squeue, sbatch_argv
+from tunepipe.executors.slurm import (
+    NO_EXIT_STATUS,
+    SlurmExecutor,
+    job_state,
+    parse_squeue,
+    sbatch_argv,
+)
 from tunepipe.runner import run_plan, step_payload
 from tunepipe.store import open_store
 
@@ -197,7 +204,7 @@ def builds(project: Path) -> list[str]:
 
 
 def squeue_knows(job) -> bool:
-    result = subprocess.run(["squeue", "-h", "--states=all", f"--jobs={job}"], capture_output=True, text=True)
+    result = subprocess.run(["squeue", "-h", "--states=all", f"--jobs={job}"], capture_output=True, text=True, check=False)
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
@@ -237,7 +244,7 @@ def test_afterok_chain_runs_in_order_followed_by_one_squeue_at_a_time(project, m
     elapsed = time.monotonic() - started
     assert all(argv[0] == "squeue" for _, argv in calls) and len(calls) <= elapsed / executor.query_interval_s + 1
     assert f"--jobs={data},{template},{train}" in calls[0][1]  # one call for all of them
-    assert all(b - a >= executor.query_interval_s for (a, _), (b, _) in zip(calls, calls[1:]))
+    assert all(b - a >= executor.query_interval_s for (a, _), (b, _) in itertools.pairwise(calls))
     assert [states[j].state for j in (data, template, train)] == ["COMPLETED"] * 3
     assert builds(project) == ["data", "template", "train"]
     started = [float(line.split()[2]) for line in (project.parent / "builds.log").read_text().splitlines()]
@@ -346,10 +353,13 @@ def test_a_plan_through_the_runner_matches_the_local_executor(project, tmp_path,
     monkeypatch.setattr(base, "EXECUTORS", (*base.EXECUTORS, "slurm"))
     local_root = tmp_path / "local"
     make_project(local_root)
-    local = run_plan(compile_project(local_root), console=Console(file=io.StringIO()))
+    local = run_plan(compile_project(local_root), jobs=2, console=Console(file=io.StringIO()))
     slurm_plan = compile_project(project, executor_override="slurm")
     assert {s.executor["kind"] for s in slurm_plan.steps} == {"slurm"}
-    slurm = run_plan(slurm_plan, console=Console(file=io.StringIO(), width=200))
+    dry = run_plan(slurm_plan, dry_run=True, console=Console(file=io.StringIO(), width=200))
+    train = next(o for o in dry.outcomes if o.id == "train")
+    assert train.command.startswith("sbatch --parsable ") and f"#SBATCH --job-name=tunepipe-train-{train.key[:8]}" in train.command
+    slurm = run_plan(slurm_plan, jobs=2, console=Console(file=io.StringIO(), width=200))  # the node has 2 CPUs
     assert [(o.id, o.key, o.status) for o in slurm.outcomes] == [(o.id, o.key, "built") for o in local.outcomes]
     assert json.loads((project / "tunepipe.lock").read_text()) == json.loads((local_root / "tunepipe.lock").read_text())
     assert slurm.outcomes[-1].answer == local.outcomes[-1].answer

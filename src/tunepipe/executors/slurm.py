@@ -40,9 +40,9 @@ import shutil
 import signal as signals
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import UserError
 from .base import Executor, Launch, worker_argv
@@ -426,7 +426,7 @@ def _as_list(value) -> list[str]:
 def _slurm(argv: list[str]) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
         raise UserError(f"{argv[0]} not found: the slurm executor needs SLURM's client commands on PATH")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
 
 EXECUTOR = SlurmExecutor

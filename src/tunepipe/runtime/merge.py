@@ -19,8 +19,8 @@ trained; plus the model flags the chain replays (the last step's win, as in `mod
 **The streaming merge** writes a complete HF directory: config.json (the base's, with the chain's
 model flags applied by `modeling.load_config`), generation_config.json when the base has one, and
 the weights as `model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
-when they exceed `shard_size` bytes. Each output tensor is read from its shard, upcast to float32,
-each adapter applied in order — `W + scale·(B@A)` (transposed for `fan_in_fan_out`), `scale =
+when they exceed `shard_size` bytes. Each output tensor is read from its shard and, when an adapter
+changes it, upcast to float32 with each adapter applied in order — `W + scale·(B@A)` (transposed for `fan_in_fan_out`), `scale =
 lora_alpha/r` or `lora_alpha/√r` with `use_rslora`, r and alpha per module from `rank_pattern`/
 `alpha_pattern`; a tensor the adapter stores whole (`modules_to_save`, trained biases) replaces
 the base's — and cast back to the dtype the chain holds the model in (the stored one, or the
@@ -287,7 +287,7 @@ def merge_lora(
     config.save_pretrained(out)
     if (base / "generation_config.json").is_file():
         (out / "generation_config.json").write_bytes((base / "generation_config.json").read_bytes())
-    merged = set().union(*(set(p.lora) | set(p.replace) for p in plans)) if plans else set()
+    merged = set().union(*(set(p.lora) | set(p.replace) for p in plans))
     return {"tensors": len(tensors), "merged_tensors": len(merged), "bytes": total, "shards": len(shards),
             "dtype": _dtype_label(dtype, dtypes)}  # fmt: skip
 

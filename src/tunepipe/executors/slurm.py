@@ -204,7 +204,7 @@ def sbatch_script(step_id: str, kind: str, key: str, options: dict, step_json: P
     distributed = kind == "train" and (_count(options, "nnodes") > 1 or _count(options, "nproc_per_node") > 1)
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {d}" for d in directives(step_id, key, options, log_path, distributed)]
-    lines += [f"# tunepipe step {step_id} (key {key}), written by tunepipe's slurm executor", "set -u"]
+    lines += [f"# tunepipe step {step_id} (key {key}), written by tunepipe's slurm executor"]
     exit_file = shlex.quote(str(exit_path(log_path)))
     lines += [f"exit_file={exit_file}", 'rm -f "$exit_file"',
               'echo "tunepipe: job $SLURM_JOB_ID on $(hostname), run $((${SLURM_RESTART_COUNT:-0} + 1))"']
@@ -220,7 +220,7 @@ def sbatch_script(step_id: str, kind: str, key: str, options: dict, step_json: P
     lines += [f"{command} &", "step_pid=$!", *_WAIT_LINES]
     if options.get("signal") and options.get("requeue"):
         lines += [
-            'if [ "$requeue" = 1 ] && [ "$status" != 0 ]; then',
+            'if [ "$warned" = 1 ] && [ "$status" != 0 ]; then',
             '  echo "tunepipe: step stopped (exit status $status); requeueing job $SLURM_JOB_ID"',
             '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
             '  echo "tunepipe: scontrol requeue failed"',
@@ -240,7 +240,7 @@ _WAIT_LINES = [
 
 
 def _trap_lines(options: dict, distributed: bool) -> list[str]:
-    lines = ["step_pid=", "requeue=0",
+    lines = ["step_pid=", "warned=0",
              "trap 'echo \"tunepipe: got SIGTERM; waiting for the step to stop\"' TERM"]
     if not options.get("signal"):
         return lines
@@ -252,7 +252,7 @@ def _trap_lines(options: dict, distributed: bool) -> list[str]:
     return lines + [
         "on_warning() {",
         f'  echo "tunepipe: got SIG{name} before the time limit; stopping the step to {action} the job"',
-        "  requeue=1",
+        "  warned=1",
         f"  {stop}",
         "}",
         f"trap on_warning {name}",

@@ -23,12 +23,16 @@ its pre-tokenizer is set to "gpt-2" and those models read the BPE vocabulary, as
 
 from __future__ import annotations
 
+import os
+import sys
+
+if os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
+    sys.path.pop(0)  # before any import: bench/tokenize.py would shadow the standard library's tokenize
+
 import argparse
 import json
 import logging
-import os
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time

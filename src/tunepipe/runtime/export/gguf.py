@@ -115,11 +115,13 @@ def write_gguf(model_dir: Path, path: Path, config: dict, arch: gguf_arch.Arch, 
     plan = gguf_arch.plan_tensors(model_dir, config, arch)
     qtypes = [tensor_type(t, type, plan) for t in plan]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
-    writer.add_name(model_dir.parent.name if model_dir.name == "model" else model_dir.name)
+    writer.add_type("model")
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[type]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     gguf_arch.write_hparams(writer, config, arch, config["vocab_size"], log)
     vocab = gguf_vocab.write_vocab(writer, model_dir, config["vocab_size"], chat_template, log)
+    if vocab.get("llama_cpp_name"):
+        writer.add_name(vocab["llama_cpp_name"])
     for tensor, qtype in zip(plan, qtypes):
         writer.add_tensor_info(tensor.name, *_stored_layout(tensor.shape, qtype), raw_dtype=qtype)
     writer.write_header_to_file()

@@ -58,9 +58,27 @@ def write_vocab(writer, model_dir: Path, n_vocab: int, chat_template: str | None
         writer.add_chat_template(chat_template)
     else:
         log.warning("no chat template to embed in the GGUF: llama.cpp and Ollama will not know the prompt format")
+    if name := llama_cpp_name(tokenizer, model_dir):
+        info["llama_cpp_name"] = name
     info.update(merges=len(special.merges), special_token_ids=dict(special.special_token_ids),
                 add_special_tokens=dict(special.add_special_token), chat_template=bool(chat_template))
     return info
+
+
+def llama_cpp_name(tokenizer, model_dir: Path) -> str | None:
+    """`general.name` when llama.cpp must see one. GGUF has no per-token strip flags: llama.cpp strips
+    the whitespace after special tokens (as Phi-3's tokenizer does) only for a model whose name
+    contains "phi3", and then requires its </s> <unk> <s> <|endoftext|> tokens. Any other name is left
+    out: llama.cpp would match it against such model-family rules."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    added = tokenizer.added_tokens_decoder.values()
+    vocab = tokenizer.get_vocab()
+    if (config.model_type == "phi3" and any(t.special and t.rstrip for t in added)
+            and all(t in vocab for t in ("</s>", "<unk>", "<s>", "<|endoftext|>"))):
+        return "phi3"
+    return None
 
 
 def adds_special_tokens(tokenizer) -> dict[str, bool]:

@@ -23,24 +23,23 @@ then torch.onnx/onnxscript, with transformers' patches for its models), traced w
 as its `cache`; this module only renames the graph's inputs, outputs and dims to
 onnxruntime-genai's convention.
 
-`verify(...)` runs each probe in an onnxruntime CPU session, a prefill of the probe then DECODE_STEPS
-steps that feed the presents back as past, next to the HF model in float32 with its own cache. Both are
-fed the same tokens (the HF model's greedy continuation), so one disagreement does not derail the rest;
-it returns the logit errors and the argmax agreement, and decides nothing.
+`verify(...)` runs each probe in an onnxruntime CPU session, a prefill of the probe then
+onnx_common.DECODE_STEPS steps that feed the presents back as past, next to the HF model in float32
+with its own cache. Both are fed the same tokens (the HF model's greedy continuation), so one
+disagreement does not derail the rest; it returns the logit errors and the argmax agreement, and
+decides nothing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
-from tunepipe.errors import UserError
+from tunepipe.runtime.export import onnx_common as common
 
 SUPPORTED_TYPES = ("fp32", "int8", "int4")
 REQUIRES = (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"))
@@ -48,17 +47,8 @@ REQUIRES = (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onn
 MODEL_FILE = "model.onnx"
 DATA_FILE = f"{MODEL_FILE}.data"
 INT4_BLOCK_SIZE = 32
-DECODE_STEPS = 8
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-)
-# Shapes the graph is traced with: torch.export freezes a dim of size 0 or 1, so each dynamic one is >= 2.
-SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST = 2, 3, 5
 PAST_NAMES = ("past_key_values.{}.key", "past_key_values.{}.value")
 PRESENT_NAMES = ("present.{}.key", "present.{}.value")
-# A cache leaf's path in the traced graph's names: `input.cache.layers.3.keys`, `output.cache.layers.3.values`.
-CACHE_LEAF = re.compile(r"\.layers\.(\d+)\.(keys|values)$")
 
 
 # ── export ──────────────────────────────────────────────────────────────────
@@ -66,13 +56,14 @@ CACHE_LEAF = re.compile(r"\.layers\.(\d+)\.(keys|values)$")
 
 def export(model_dir: Path, out: Path, *, type: str, template: dict, log: logging.Logger) -> dict:
     """Write the graph for `type`, its configs and the tokenizer into `out`; returns the manifest info."""
-    _check_type(type)
-    _require()
+    common.check_type("ONNX", type, SUPPORTED_TYPES)
+    common.require("ONNX", REQUIRES)
+    import onnx_ir
     import torch
     import transformers
 
     model_dir, out = Path(model_dir), Path(out)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = common.load_model(model_dir)
     log.info("tracing %s (%s) with transformers' OnnxExporter", model_dir, model.config.model_type)
     started = time.monotonic()
     program = _trace(model, type)
@@ -81,16 +72,12 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
         program = _quantize_int4(program)
     log.info("traced and converted in %.1f s", time.monotonic() - started)
 
-    import onnx_ir
-
     out.mkdir(parents=True, exist_ok=True)
     onnx_ir.save(program, str(out / MODEL_FILE), external_data=DATA_FILE)
-    generation = _generation_config(model_dir, model.config, template)
-    generation.save_pretrained(out)
+    generation, tokenizer_files = common.write_side_files(model_dir, out, model.config, template)
     kv_heads, head_dim = _kv_dims(program.graph)
     genai = _genai_config(model.config, generation, layers=layers, kv_heads=kv_heads, head_dim=head_dim)
     (out / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
-    tokenizer_files = _copy_tokenizer(model_dir, out)
     return {
         "type": type,
         "exporter": f"transformers {transformers.__version__} OnnxExporter (torch {torch.__version__})",
@@ -104,77 +91,25 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     }
 
 
-def _check_type(type: str) -> None:
-    if type not in SUPPORTED_TYPES:
-        raise UserError(
-            f"unknown ONNX export type {type!r}",
-            details=[f"`type` of an onnx export is one of: {', '.join(SUPPORTED_TYPES)}"],
-        )
-
-
-def _require() -> None:
-    missing = [pip for module, pip in REQUIRES if importlib.util.find_spec(module) is None]
-    if missing:
-        raise UserError(
-            f"ONNX export needs the Python package(s) {', '.join(missing)}",
-            details=[f"pip install {' '.join(missing)}"],
-        )
-
-
 def _trace(model, type: str):
     """The model as an `onnx_ir.Model`, int8-quantized by the exporter itself when `type` is int8."""
     import torch
-    from transformers.exporters import OnnxConfig, OnnxExporter, OnnxRuntimeDynamicConfig, OnnxRuntimeQuantizer
+    from transformers.exporters import (
+        OnnxConfig,
+        OnnxExporter,
+        OnnxRuntimeDynamicConfig,
+        OnnxRuntimeQuantizer,
+    )
 
-    inputs = _sample_inputs(model)
+    inputs = common.sample_inputs(model)
     quantizer = None
     if type == "int8":
         # onnxruntime's defaults, per-tensor weights: per-channel int8 without reduce_range saturates in the
         # u8s8 kernels of CPUs without VNNI (rel. logit error 0.80 against 0.16 on a tiny llama).
         quantizer = OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig(op_types_to_quantize=["MatMul"]))
-    config = OnnxConfig(dynamic_shapes=_dynamic_shapes(inputs), quantizer=quantizer)
+    config = OnnxConfig(dynamic_shapes=common.dynamic_shapes(inputs), quantizer=quantizer)
     with torch.no_grad():
         return OnnxExporter().export(model, inputs, config).program
-
-
-def _sample_inputs(model) -> dict:
-    """Forward kwargs of a step that continues a non-empty past: the cache is filled by a forward over
-    SAMPLE_PAST tokens, so its layers have whatever shapes the architecture gives them. It is a plain
-    DynamicCache (every layer a full one): a sliding-window layer would add its window as a graph input and
-    output, and the model's sliding-window mask applies the window over a full cache all the same."""
-    import torch
-    from transformers import DynamicCache
-
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    past_ids = torch.randint(vocab, (SAMPLE_BATCH, SAMPLE_PAST), generator=generator)
-    cache = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=past_ids, cache=cache, use_cache=True)
-    total = SAMPLE_PAST + SAMPLE_SEQUENCE
-    return {
-        "input_ids": torch.randint(vocab, (SAMPLE_BATCH, SAMPLE_SEQUENCE), generator=generator),
-        "attention_mask": torch.ones(SAMPLE_BATCH, total, dtype=torch.int64),
-        "position_ids": torch.arange(SAMPLE_PAST, total).expand(SAMPLE_BATCH, -1).contiguous(),
-        "cache": cache,
-        "use_cache": True,
-    }
-
-
-def _dynamic_shapes(inputs: dict) -> dict:
-    """Batch and lengths dynamic, every other axis (heads, head_dim, the cache's scalars) fixed."""
-    from torch.export import Dim
-    from transformers.exporters.utils import get_leaf_tensors
-
-    dynamic = Dim.DYNAMIC
-    cache = get_leaf_tensors(inputs["cache"])
-    return {
-        "input_ids": {0: dynamic, 1: dynamic},
-        "attention_mask": {0: dynamic, 1: dynamic},
-        "position_ids": {0: dynamic, 1: dynamic},
-        # One entry per cache leaf, in the order the exporter flattens the cache (the same walk).
-        "cache": [{0: dynamic, 2: dynamic} if CACHE_LEAF.search(f".{path}") else None for path in cache],
-    }
 
 
 def _name_graph(graph) -> int:
@@ -183,7 +118,7 @@ def _name_graph(graph) -> int:
     layers = set()
     for values, names in ((graph.inputs, PAST_NAMES), (graph.outputs, PRESENT_NAMES)):
         for value in values:
-            match = CACHE_LEAF.search(value.name)
+            match = common.CACHE_LEAF.search(value.name)
             if match:
                 layers.add(int(match[1]))
                 value.name = names[match[2] == "values"].format(match[1])
@@ -266,24 +201,6 @@ def _kv_dims(graph) -> tuple[int, int]:
     return int(shape[1]), int(shape[3])
 
 
-def _generation_config(model_dir: Path, config, template: dict):
-    """The model's generation config (or one from its config), its eos ids extended with the template's
-    stop tokens so a runtime stops where the pipeline's template ends a turn."""
-    from transformers import GenerationConfig
-
-    if (model_dir / "generation_config.json").exists():
-        generation = GenerationConfig.from_pretrained(model_dir)
-    else:
-        generation = GenerationConfig.from_model_config(config)
-    eos = generation.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    eos += [token for token in template.get("stop_token_ids") or [] if token not in eos]
-    generation.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
-    if generation.pad_token_id is None:
-        generation.pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos or [None])[0]
-    return generation
-
-
 def _genai_config(config, generation, *, layers: int, kv_heads: int, head_dim: int) -> dict:
     """onnxruntime-genai's genai_config.json for the graph this module writes."""
     eos = generation.eos_token_id
@@ -335,69 +252,20 @@ def _genai_config(config, generation, *, layers: int, kv_heads: int, head_dim: i
     return {"model": model, "search": search}
 
 
-def _copy_tokenizer(model_dir: Path, out: Path) -> list[str]:
-    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    for name in copied:
-        shutil.copyfile(model_dir / name, out / name)
-    return copied
-
-
 # ── verify ──────────────────────────────────────────────────────────────────
 
 
 def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict,
            log: logging.Logger) -> dict:
-    """Compare the exported graph in onnxruntime with the HF model over each probe's prefill and
-    DECODE_STEPS cached decode steps; returns the figures (see the module docstring)."""
-    _check_type(type)
-    _require()
-    import numpy as np
-    import torch
-    import transformers
-
-    probes = [list(probe) for probe in probes if len(probe)]
-    if not probes:
-        raise UserError("ONNX verify got no probe tokens", details=["give verify at least one non-empty probe"])
-    session = OnnxDecoder(Path(export_dir) / MODEL_FILE)
-    model = transformers.AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=torch.float32).eval()
-    rel, absolute, prefill_agree, decode_agree = [], [], [], []
-    for probe in probes:
-        exported, reference = session.start(), HfDecoder(model)
-        got, want = exported.step(probe), reference.step(probe)
-        _errors(got, want, rel, absolute)
-        prefill_agree += _agreement(got, want)
-        for _ in range(DECODE_STEPS):
-            token = int(want[-1].argmax())
-            got, want = exported.step([token]), reference.step([token])
-            _errors(got, want, rel, absolute)
-            decode_agree += _agreement(got, want)
-    agreement = prefill_agree + decode_agree
-    figures = {
-        "max_rel_logit_error": float(max(rel)),
-        "max_abs_logit_error": float(max(absolute)),
-        "greedy_agreement": float(np.mean(agreement)),
-        "prefill_greedy_agreement": float(np.mean(prefill_agree)),
-        "decode_greedy_agreement": float(np.mean(decode_agree)),
-        "probes": len(probes),
-        "positions": len(agreement),
-        "decode_steps": DECODE_STEPS,
-        "type": type,
-    }
+    """Compare the exported graph in onnxruntime with the HF model over each probe's prefill and its
+    cached decode steps; returns the figures (see onnx_common.compare)."""
+    common.check_type("ONNX", type, SUPPORTED_TYPES)
+    common.require("ONNX", REQUIRES)
+    probes = common.check_probes("ONNX", probes)
+    runtime = OnnxDecoder(Path(export_dir) / MODEL_FILE)
+    figures = common.compare(runtime, common.load_model(model_dir), probes, format="ONNX", type=type)
     log.info("onnxruntime vs HF: %s", figures)
     return figures
-
-
-def _errors(got, want, rel: list, absolute: list) -> None:
-    """Per position: max |Δ| and max |Δ| / max |reference|."""
-    import numpy as np
-
-    delta = np.abs(got - want).max(axis=-1)
-    absolute.extend(delta.tolist())
-    rel.extend((delta / np.abs(want).max(axis=-1)).tolist())
-
-
-def _agreement(got, want) -> list[bool]:
-    return (got.argmax(axis=-1) == want.argmax(axis=-1)).tolist()
 
 
 class OnnxDecoder:
@@ -438,18 +306,3 @@ class OnnxDecoder:
         self.cache = {spec.name: results[spec.name.replace("past_key_values.", "present.")] for spec in self.past}
         self.length = end
         return results["logits"][0].astype(np.float32)
-
-
-class HfDecoder:
-    """The HF model stepping through a sequence with its own DynamicCache."""
-
-    def __init__(self, model):
-        self.model, self.cache = model, None
-
-    def step(self, tokens: list[int]):
-        import torch
-
-        with torch.no_grad():
-            output = self.model(input_ids=torch.tensor([tokens]), cache=self.cache, use_cache=True)
-        self.cache = output.cache
-        return output.logits[0].float().numpy()

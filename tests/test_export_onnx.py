@@ -12,10 +12,11 @@ import logging
 import random
 
 import pytest
-
 from tiny_models import ARCHS, make_tiny_model
+
 from tunepipe.errors import UserError
 from tunepipe.runtime.export import onnx as onnx_export
+from tunepipe.runtime.export import onnx_common
 
 LOG = logging.getLogger("test_export_onnx")
 TEMPLATE = {"name": "chatml", "eos_token": "<|im_end|>", "stop_token_ids": [2]}
@@ -62,7 +63,7 @@ def test_fp32_export_computes_the_model(exported, arch):
     figures = _verify(model_dir, export_dir)
     assert figures["max_rel_logit_error"] < 1e-4, figures
     assert figures["greedy_agreement"] == 1.0, figures
-    assert figures["decode_steps"] == onnx_export.DECODE_STEPS == 8
+    assert figures["decode_steps"] == onnx_common.DECODE_STEPS == 8
     assert figures["probes"] == 2
     assert figures["positions"] == sum(len(probe) + 8 for probe in PROBES)
     assert info["layers"] == 2 and info["quantization"] is None
@@ -73,7 +74,7 @@ def test_fp32_export_computes_the_model(exported, arch):
 def test_graph_signature_is_genai_shaped(exported):
     import onnx
 
-    model_dir, export_dir, info = exported("llama")
+    _, export_dir, info = exported("llama")
     model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
     inputs = {value.name: _dims(value) for value in model.graph.input}
     outputs = {value.name: _dims(value) for value in model.graph.output}
@@ -174,7 +175,7 @@ def test_quantized_exports_run(exported, type):
     import onnx
 
     model_dir, export_dir, info = exported("llama", type)
-    _, fp32_dir, fp32_info = exported("llama")
+    *_, fp32_info = exported("llama")
     figures = _verify(model_dir, export_dir, type)
     LOG.warning("llama %s: %s", type, figures)
     # Quantized weights: every projection and the LM head (7 per layer + 1); the attention MatMuls stay float.

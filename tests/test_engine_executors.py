@@ -9,20 +9,12 @@ from tunepipe.executors.base import EXECUTORS, Executor, get_executor
 
 
 def test_the_known_executors_are_the_modules_that_exist():
-    assert EXECUTORS == ("local", "torchrun")
+    assert EXECUTORS == ("local", "torchrun", "slurm")
     for kind in EXECUTORS:
         assert isinstance(get_executor(kind), Executor)
 
 
-def test_slurm_is_planned_not_available():
-    with pytest.raises(UserError) as error:
-        get_executor("slurm")
-    message = error.value.message
-    assert "not available in this version of tunepipe" in message and "planned" in message
-    assert "local or torchrun" in message
-
-
 @pytest.mark.parametrize("kind", ["base", "preflight", "kubernetes", ""])
 def test_other_names_are_user_errors_naming_the_known_ones(kind):
-    with pytest.raises(UserError, match=r"unknown executor .* \(known: local, torchrun\)"):
+    with pytest.raises(UserError, match=r"unknown executor .* \(known: local, torchrun, slurm\)"):
         get_executor(kind)

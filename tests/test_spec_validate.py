@@ -192,6 +192,10 @@ RULE_CASES = [
     ("infer_needs_prompt", "infer: {}\n", "infer needs a prompt"),
     ("export_type_fits_format", "export: [{format: onnx, type: q8_0}]\n", "export.type: 'q8_0' is not a onnx type"),
     ("quantize_method_is_real", "quantize: [{method: cpm}]\n", "quantize.method: cpm names OpenBMB's cpm_kernels"),
+    ("executor_options_fit_kind", "executor: {kind: torchrun, partition: gpu}\n",
+     "executor.partition: is a slurm option; executor kind torchrun does not take it"),
+    ("executor_options_fit_kind", "  executor: {kind: local, rdzv_endpoint: h:1}\n",
+     "train.executor.rdzv_endpoint: is a torchrun option; executor kind local does not take it"),
 ]
 
 

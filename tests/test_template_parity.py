@@ -257,6 +257,12 @@ FAMILIES = {
     "internlm": (INTERNLM, ["<s>", "</s>", "<eoh>", "<eoa>", "<|User|>", "<|Bot|>", "<|System|>"], "<s>", "</s>", True, False),
 }
 FAMILY_IS_SP = {f[0]: f[5] for f in FAMILIES.values()}
+# Families whose chat template ends a conversation without an eos that their own fine-tuning code
+# appends (and tunepipe trains, as the template's suffix).
+APPENDS_EOS = {"chatglm3", "cpm"}
+# Families whose registry template trains the stop word opening the turn after an answer (their next
+# role token) as the answer's end; their Jinja chat templates do not mark it, so `auto` masks it.
+STOP_TRAINED = {"chatglm3", "cpm", "baichuan", "baichuan2"}
 # Families without a chat template of their own: checked against their generated Jinja only.
 GENERIC = ["default", "alpaca", "empty"]
 
@@ -355,7 +361,8 @@ def test_input_ids_equal_apply_chat_template(base_tokenizers, name, turns, syste
     tokenizer = family_tokenizer(base_tokenizers, name)
     messages = conversation(turns, system)
     encoded = tunepipe_encode(tokenizer, name, messages)
-    assert encoded.input_ids.tolist() == reference_ids(tokenizer, messages)
+    reference = reference_ids(tokenizer, messages) + ([tokenizer.eos_token_id] if name in APPENDS_EOS else [])
+    assert encoded.input_ids.tolist() == reference
 
     # labels: one trained run per answer, each decoding to the template's answer slot for it
     slots = template_registry.get(name)
@@ -367,6 +374,8 @@ def test_input_ids_equal_apply_chat_template(base_tokenizers, name, turns, syste
         expected = slots["assistant"].replace("{{content}}", answer.strip() if slots.get("strip_content") else answer)
         if i == len(answers) - 1:
             expected += slots.get("suffix") or ""
+        else:  # a stop word opening the next (user) turn is trained as this answer's end
+            expected += next((w for w in slots["stop_words"] if slots["user"].startswith(w)), "")
         expected = expected.replace("{{eos_token}}", eos).replace("{{bos_token}}", bos)
         assert text_of(tokenizer, run) == expected
     # every other token is masked, and the generation prompt is the reference's
@@ -384,8 +393,13 @@ def test_auto_template_masks_like_the_registry(base_tokenizers, name):
     messages = conversation(3, FAMILIES[name][4])
     by_slots = tunepipe_encode(tokenizer, name, messages)
     by_jinja = tunepipe_encode(tokenizer, "auto", messages)
-    assert by_jinja.input_ids.tolist() == by_slots.input_ids.tolist()
-    assert by_jinja.labels.tolist() == by_slots.labels.tolist()
+    n = len(by_slots.input_ids) - (name in APPENDS_EOS)  # the eos the family's chat template lacks
+    expected = by_slots.labels[:n].copy()
+    if name in STOP_TRAINED:
+        stop_ids = [tokenizer.convert_tokens_to_ids(w) for w in template_registry.get(name)["stop_words"]]
+        expected[np.isin(expected, stop_ids)] = ct.IGNORE
+    assert by_jinja.input_ids.tolist() == by_slots.input_ids[:n].tolist()
+    assert by_jinja.labels.tolist() == expected.tolist()
 
 
 def test_qwen3_masks_the_empty_think_block(base_tokenizers):

@@ -33,7 +33,8 @@ def data_dirs(tmp_path_factory) -> dict[str, Path]:
     dirs = {}
     for name, datasets, stage in (("sft", ["identity", "tiny_chat"], "sft"), ("pt", ["tiny_corpus"], "pt")):
         out = tmp_path_factory.mktemp(f"data-{name}")
-        ctx = StepContext(id="data", kind="data", key="k", params={"dataset": datasets, "val_size": 0.1, "stage": stage},
+        ctx = StepContext(id="data", kind="data", key="k",
+                          params={**step_defaults("data"), "dataset": datasets, "val_size": 0.1, "stage": stage},
                           inputs={}, files={"dataset_dir": EXAMPLES / "data"}, seed=42, spec_dir=EXAMPLES, out=out,
                           work=out / "work", log=logging.getLogger("test"))
         data.run(ctx)
@@ -41,10 +42,17 @@ def data_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+def step_defaults(kind: str) -> dict:
+    """Every flag a `kind` step reads, with the catalog's defaults: what the compiler passes."""
+    from tunepipe.spec.catalog import load_catalog
+
+    return {f.name: f.default for f in load_catalog().flags.values() if kind in f.used_by}
+
+
 def run_template(tmp_path: Path, data_dir: Path, files: dict | None = None, **params) -> Path:
     out = tmp_path / f"tpl-{len(list(tmp_path.glob('tpl-*')))}"
     out.mkdir()
-    params = {"template": "chatml", "cutoff_len": 128, "stage": "sft", **params}
+    params = {**step_defaults("template"), "template": "chatml", "cutoff_len": 128, "stage": "sft", **params}
     ctx = StepContext(id="template", kind="template", key="k", params=params, inputs={"data": data_dir},
                       files={"model": MODEL, **(files or {})}, seed=42, spec_dir=tmp_path, out=out, work=out / "work",
                       log=logging.getLogger("test"))
@@ -262,7 +270,7 @@ def test_registry_is_light_and_listed():
 def test_preview_shows_trained_and_masked_tokens():
     from rich.console import Console
 
-    from tunepipe.runtime.preview import preview
+    from tunepipe.preview import preview
     from tunepipe.spec import load_spec
 
     spec = load_spec(EXAMPLES / "quickstart.yaml")
@@ -281,7 +289,7 @@ def test_preview_tokenizes_as_the_template_stage_does():
 
     from rich.console import Console
 
-    from tunepipe.runtime.preview import preview
+    from tunepipe.preview import preview
     from tunepipe.spec import load_spec
 
     spec = load_spec(EXAMPLES / "quickstart.yaml").data

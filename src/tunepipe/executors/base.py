@@ -73,18 +73,14 @@ def worker_argv(step_json: Path, python: str | None = None) -> list[str]:
 
 
 # The executor modules of this version; `base` and `preflight` live beside them but are not executors.
-EXECUTORS = ("local", "torchrun")
-PLANNED = {"slurm": "planned"}
+EXECUTORS = ("local", "torchrun", "slurm")
 
 
 def executor_problem(kind: str) -> str | None:
     """Why `kind` is not an executor of this version, or None when it is one."""
     if kind in EXECUTORS:
         return None
-    known = ", ".join(EXECUTORS)
-    if kind in PLANNED:
-        return f"executor {kind!r} is not available in this version of tunepipe ({PLANNED[kind]}); use {' or '.join(EXECUTORS)}"
-    return f"unknown executor {kind!r} (known: {known})"
+    return f"unknown executor {kind!r} (known: {', '.join(EXECUTORS)})"
 
 
 def get_executor(kind: str) -> Executor:

@@ -319,7 +319,9 @@ def load_trained(
         else:
             path = _spec_path(base["path"], spec_dir)
         model = load_model(path, flags, tokenizer, max_length=base.get("max_length"), **model_kwargs)
-    for adapter in [*(_spec_path(a, spec_dir) for a in base.get("merged_adapters", [])), str(artifact / "adapter")]:
+    # An `own` base (a from-scratch init saved beside the adapter) was saved with its merged adapters in it.
+    merged = [] if base["kind"] == "own" else [_spec_path(a, spec_dir) for a in base.get("merged_adapters", [])]
+    for adapter in [*merged, str(artifact / "adapter")]:
         model = merge_adapter(model, adapter)
     return model, tokenizer
 

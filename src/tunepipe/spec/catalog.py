@@ -44,6 +44,8 @@ class Flag:
     by_type: Any = None
     # Other names of this flag (newer transformers / LLaMA-Factory spellings), accepted everywhere.
     aliases: tuple = ()
+    # Executor options: the executor kinds that take this one (empty: every kind).
+    executors: tuple = ()
 
     @property
     def kebab(self) -> str:
@@ -127,6 +129,7 @@ def parse_catalog(text: str) -> Catalog:
         entry["examples"] = _as_tuple(entry.get("examples"))
         entry["used_by"] = tuple(entry.get("used_by") or [entry["section"]])
         entry["aliases"] = tuple(entry.get("aliases") or ())
+        entry["executors"] = tuple(entry.get("executors") or ())
         flag = Flag(**entry)
         if flag.name in flags:
             raise ValueError(f"flags.yaml: flag {flag.name} is defined twice")

@@ -313,6 +313,27 @@ def quantize_method_is_real(ctx: RuleContext) -> None:
             ctx.error(("quantize", index, "method"), reason)
 
 
+def executor_options_fit_kind(ctx: RuleContext) -> None:
+    """Each executor kind takes its own options only: `partition:` on a torchrun step is a mistake."""
+    base = ctx.data.get("executor") or {}
+    for path in sorted(ctx.spec.explicit, key=str):
+        if "executor" not in path[:-1]:
+            continue
+        flag = ctx.catalog.flags.get(path[-1])
+        if flag is None or not flag.executors:
+            continue
+        owner = path[:path.index("executor")]
+        own = ctx.data
+        for part in owner:
+            own = own[part]
+        kind = (own.get("executor") or {}).get("kind") or base.get("kind") or "local"
+        if kind not in flag.executors:
+            fits = [f.name for f in ctx.catalog.section_flags("executor") if not f.executors or kind in f.executors]
+            close = difflib.get_close_matches(flag.name, fits, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            ctx.error(path, f"is a {' / '.join(flag.executors)} option; executor kind {kind} does not take it{hint}")
+
+
 def infer_needs_prompt(ctx: RuleContext) -> None:
     infer = ctx.data.get("infer")
     if infer is not None and not infer.get("prompt"):
@@ -346,6 +367,7 @@ RULES: list[Callable[[RuleContext], None]] = [
     infer_needs_prompt,
     export_type_fits_format,
     quantize_method_is_real,
+    executor_options_fit_kind,
 ]
 
 

@@ -201,7 +201,7 @@ class RemoteStore(ArtifactStore):
         """Raise RemoteUnavailable unless the remote answers: the directory exists (a filesystem) or
         the bucket does (an object store, whose prefixes need not exist before the first push)."""
         anchor = self.root.split("/", 1)[0] if self.object_store else self.root
-        missing = f"{'bucket' if self.object_store else 'directory'} {anchor} does not exist"
+        missing = f"{'bucket' if self.object_store else 'directory'} {redact(anchor)} does not exist"
         try:
             info = self.fs.info(anchor)
         except FileNotFoundError:
@@ -375,14 +375,16 @@ class RemoteStore(ArtifactStore):
     @contextmanager
     def _writing(self, target: str) -> Iterator[IO[bytes]]:
         """A file to write `target` through, visible under its name only if the block completes."""
-        if self.object_store:
-            with self.fs.open(target, "wb", autocommit=False) as f:
-                try:
-                    yield f
-                except BaseException:
-                    with suppress(Exception):
-                        f.discard()
-                    raise
+        if self.object_store:  # close, then commit or discard: the order of fsspec's own transactions
+            f = self.fs.open(target, "wb", autocommit=False)
+            try:
+                yield f
+            except BaseException:
+                with suppress(Exception):
+                    f.close()
+                    f.discard()
+                raise
+            f.close()
             f.commit()
             return
         self.fs.makedirs(self.fs._parent(target), exist_ok=True)
@@ -455,17 +457,17 @@ class RemoteStore(ArtifactStore):
 
     def rm(self, key: str) -> bool:
         """Remove `key` from the remote, manifest first (so it is never half visible); whether it was there."""
-        base, existed = self._dir(key), False
+        names = self._sizes(key)
+        if not names:
+            return False
+        base = self._dir(key)
         with self._reaching("rm", writing=True):
-            with suppress(FileNotFoundError):
+            if MANIFEST in names:
                 self.fs.rm_file(f"{base}/{MANIFEST}")
-                existed = True
-            with suppress(FileNotFoundError):
-                if self.fs.find(base):
-                    self.fs.rm(base, recursive=True)
-                    existed = True
+            with suppress(FileNotFoundError):  # another gc may be removing it too
+                self.fs.rm(base, recursive=True)
             self.fs.invalidate_cache(base)
-        return existed
+        return True
 
     def gc(self, keep: set[str], older_than_days: float | None = None) -> list[str]:
         """Remove the keys not in `keep` (and, with `older_than_days`, only those pushed longer ago);

@@ -24,7 +24,6 @@ from rich.console import Console
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 from tunepipe.errors import UserError
-from tunepipe.executors import base
 from tunepipe.executors import slurm as slurm_module
 from tunepipe.executors.slurm import (
     NO_EXIT_STATUS,
@@ -349,8 +348,7 @@ def tmp_store_build(root: Path, until: str = "data"):
 
 @pytest.mark.slow
 def test_a_plan_through_the_runner_matches_the_local_executor(project, tmp_path, monkeypatch):
-    """The runner drives the slurm executor step by step (submit, poll, logs): same keys, same outputs."""
-    monkeypatch.setattr(base, "EXECUTORS", (*base.EXECUTORS, "slurm"))
+    """The runner queues the plan on slurm (submit with afterok, poll, logs): same keys, same outputs."""
     local_root = tmp_path / "local"
     make_project(local_root)
     local = run_plan(compile_project(local_root), jobs=2, console=Console(file=io.StringIO()))
@@ -363,3 +361,44 @@ def test_a_plan_through_the_runner_matches_the_local_executor(project, tmp_path,
     assert [(o.id, o.key, o.status) for o in slurm.outcomes] == [(o.id, o.key, "built") for o in local.outcomes]
     assert json.loads((project / "tunepipe.lock").read_text()) == json.loads((local_root / "tunepipe.lock").read_text())
     assert slurm.outcomes[-1].answer == local.outcomes[-1].answer
+
+
+@pytest.mark.slow
+def test_detach_queues_the_whole_dag_at_once_and_a_later_run_reattaches(project):
+    from tunepipe.jobs import status_rows
+    from tunepipe.runner import read_run_record
+
+    plan = compile_project(project, executor_override="slurm")
+    store = open_store(plan.cache_dir)
+    detached = run_plan(plan, detach=True, console=Console(file=io.StringIO()))
+    assert {o.status for o in detached.outcomes} == {"queued"}  # everything queued, nothing waited for
+    records = {s.id: read_run_record(store.scratch.run_dir(s.key)) for s in plan.steps}
+    assert {r["executor"] for r in records.values()} == {"slurm"} and all(r["handle"].isdigit() for r in records.values())
+    assert {row["state"] for row in status_rows(plan, store)} <= {"job", "cached"}
+    # the client is gone; a new run finds the jobs by their run records and follows them
+    again = run_plan(compile_project(project, executor_override="slurm"), console=Console(file=io.StringIO()))
+    assert {o.status for o in again.outcomes} <= {"built", "cached"}
+    assert {s.id: read_run_record(store.scratch.run_dir(s.key))["handle"] for s in plan.steps} == {
+        k: r["handle"] for k, r in records.items()}  # never submitted twice
+    assert sorted(builds(project)) == sorted(s.id for s in plan.steps)  # each step built once
+    assert all(store.has(s.key) for s in plan.steps)
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_queued_dag_and_nothing_is_committed(project):
+    from tunepipe.jobs import cancel_steps
+    from tunepipe.runner import read_run_record
+
+    plan = compile_project(project, executor_override="slurm")
+    store = open_store(plan.cache_dir)
+    run_plan(plan, until="train", detach=True, console=Console(file=io.StringIO()))
+    cancelled = cancel_steps(plan, store, None)
+    assert cancelled and cancelled[0] == "data"  # its dependents, queued behind it, are cancelled by SLURM itself
+    executor = SlurmExecutor()
+    for step_id in ("data", "template", "train"):
+        run_dir = store.scratch.run_dir(plan.step(step_id).key)
+        launch = executor.prepare(plan.step(step_id), run_dir / "STEP.json", run_dir / "step.log")
+        job = executor.attach(read_run_record(run_dir)["handle"], launch)
+        wait(executor, [job], timeout=30)
+        assert not store.has(plan.step(step_id).key), step_id
+    assert cancel_steps(plan, store, None) == []  # nothing left to cancel

@@ -196,6 +196,7 @@ def run(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Independent steps to run at once."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Run every step with this executor kind."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the steps' INFO log lines."),
+    detach: bool = typer.Option(False, "--detach", help="Queue every stale step on its batch system (slurm) and return."),
 ) -> None:
     """Build what is stale, reuse what is cached, write tunepipe.lock."""
     from .runner import print_summary, run_plan
@@ -203,10 +204,54 @@ def run(
     compiled = compile_spec(spec, ctx, sets, executor)  # the executor decides the world size, so the keys
     console = _console(stderr=True)
     result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
-                      keep_going=keep_going, jobs=jobs, console=console, verbose=verbose)
+                      keep_going=keep_going, jobs=jobs, console=console, verbose=verbose, detach=detach)
     print_summary(result, console)
     if result.with_status("failed"):
         raise typer.Exit(1)
+
+
+@spec_command()
+def status(ctx: typer.Context, spec: Path = SPEC_ARG, sets: list[str] = SETS_OPT,
+           executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind.")) -> None:
+    """Each step: cached, stale (and why), or its job's state (pending, running, failed …)."""
+    from rich.table import Table
+
+    from .jobs import status_rows
+    from .store import open_store
+
+    compiled = compile_spec(spec, ctx, sets, executor)
+    table = Table(title=f"{compiled.name}: {len(compiled.steps)} steps")
+    for column in ("step", "key", "state", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in status_rows(compiled, open_store(compiled.cache_dir)):
+        table.add_row(row["id"], row["key"], row["state"], row["detail"])
+    _console().print(table)
+
+
+@spec_command()
+def logs(ctx: typer.Context, spec: Path = SPEC_ARG, step: str = typer.Argument(..., help="A step id (or kind)."),
+         sets: list[str] = SETS_OPT, follow: bool = typer.Option(False, "--follow", "-f", help="Follow a running job."),
+         executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind.")) -> None:
+    """Print a step's log (its artifact's when cached, else its last run's); -f follows a running job."""
+    from .jobs import follow_log
+    from .store import open_store
+
+    compiled = compile_spec(spec, ctx, sets, executor)
+    follow_log(compiled, open_store(compiled.cache_dir), step, follow, lambda text: typer.echo(text, nl=False))
+
+
+@spec_command()
+def cancel(ctx: typer.Context, spec: Path = SPEC_ARG,
+           steps: list[str] = typer.Argument(None, help="Step ids or kinds (default: every step)."),
+           sets: list[str] = SETS_OPT,
+           executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind.")) -> None:
+    """Cancel the running or queued jobs of a spec's steps (local processes and SLURM jobs alike)."""
+    from .jobs import cancel_steps
+    from .store import open_store
+
+    compiled = compile_spec(spec, ctx, sets, executor)
+    cancelled = cancel_steps(compiled, open_store(compiled.cache_dir), steps or None)
+    typer.echo(f"cancelled {len(cancelled)} job(s)" + (f": {', '.join(cancelled)}" if cancelled else ""))
 
 
 class ChatBackend(str, Enum):

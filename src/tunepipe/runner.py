@@ -100,6 +100,23 @@ def select_steps(plan: Plan, names: str | list[str] | None) -> list[str]:
     return selected
 
 
+RUN_RECORD = "run.json"
+
+
+def write_run_record(run_dir: Path, executor: str, handle: Any) -> None:
+    """`runs/<key>/run.json`: which executor runs the step and its handle (a pid, a SLURM job id)."""
+    record = {"executor": executor, "handle": str(handle), "submitted": time.time()}
+    (run_dir / RUN_RECORD).write_text(json.dumps(record, sort_keys=True))
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((run_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"executor", "handle"} <= set(record) else None
+
+
 def step_payload(plan: Plan, step: Step, store: LocalStore, log_path: Path, force: bool) -> dict[str, Any]:
     """The STEP.json a worker receives (docs/internals.md)."""
     return {
@@ -124,6 +141,7 @@ def run_plan(
     jobs: int = 1,
     console: Console | None = None,
     verbose: bool = False,
+    detach: bool = False,
 ) -> RunResult:
     started = time.monotonic()
     console = console or Console(stderr=True)
@@ -153,7 +171,7 @@ def run_plan(
                 raise UserError(f"{step_id} needs {dep}, which is not built: run without --only, or with --until {step_id}")
 
     runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going,
-                     frozen_lock=lock if frozen else None, verbose=verbose)
+                     frozen_lock=lock if frozen else None, verbose=verbose, detach=detach)
     steps = [plan.step(step_id) for step_id in selected]
     to_build = [s for s in steps if s.id in forced or not store.has(s.key)]
     if to_build and not dry_run and not store.writable():
@@ -164,6 +182,8 @@ def run_plan(
         outcomes = runner.dry_run(steps, annotate(plan, store, lock), forced)
         return RunResult(plan, outcomes, time.monotonic() - started)
     outcomes = runner.run(steps, forced)  # raises StepFailed on a failure, unless keep_going
+    if any(outcome.status == "queued" for outcome in outcomes):  # --detach: nothing more to do here now
+        return RunResult(plan, outcomes, time.monotonic() - started)
     failed = any(outcome.status == "failed" for outcome in outcomes)
     from .modelcard import write_cards
 
@@ -221,6 +241,10 @@ def print_summary(result: RunResult, console: Console) -> None:
         console.print(Text.assemble(("  ✗ ", "bold red"), (outcome.id, "bold"), f" failed ({status})"))
         if outcome.log:
             console.print(Text(f"    log: {_relative(Path(outcome.log))}", style="dim"), soft_wrap=True)
+    queued = result.with_status("queued")
+    if queued:
+        console.print(Text(f"  queued {len(queued)} job(s): " + ", ".join(f"{o.id} ({o.reason})" for o in queued)))
+        console.print(Text(f"  follow them with: tunepipe status {result.plan.spec_path.name}", style="dim"))
     for outcome in result.with_status("skipped"):
         console.print(Text(f"  - {outcome.id} skipped: {outcome.reason}", style="dim"))
     for outcome in result.outcomes:
@@ -258,9 +282,9 @@ def _short(value: Any) -> str:
 
 class _Runner:
     def __init__(self, plan: Plan, store: LocalStore, console: Console, *, jobs: int, keep_going: bool,
-                 frozen_lock: dict | None, verbose: bool = False):
+                 frozen_lock: dict | None, verbose: bool = False, detach: bool = False):
         self.plan, self.store, self.console = plan, store, console
-        self.verbose = verbose
+        self.verbose, self.detach = verbose, detach
         self.jobs, self.keep_going = jobs, keep_going
         self.frozen_lock = frozen_lock
         self.executors: dict[str, Executor] = {}
@@ -305,10 +329,12 @@ class _Runner:
         try:
             while pending or self.running:
                 for step in list(pending):
-                    if len(self.running) >= self.jobs:
-                        break
+                    if self.local_slots() <= 0 and not self.executor(step).queues:
+                        continue  # --jobs bounds the processes of this machine; a batch system queues the rest
                     if self.advance(step):
                         pending.remove(step)
+                if self.detach and not pending:
+                    return self.detached(steps)
                 for job in list(self.running.values()):
                     self.follow(job)
                 if self.running or self.waiting:
@@ -327,6 +353,28 @@ class _Runner:
         # With keep_going the failures are outcomes: the caller prints the summary and decides the exit status.
         return [self.outcomes[step.id] for step in steps]
 
+    def local_slots(self) -> int:
+        return self.jobs - sum(1 for job in self.running.values() if not job.executor.queues)
+
+    def detached(self, steps: list[Step]) -> list[StepOutcome]:
+        """--detach: every stale step is queued; leave them to the batch system (status re-attaches)."""
+        for job in self.running.values():
+            self.finish(job.step, "queued", command=job.command, reason=f"job {job.handle}")
+            job.lock.release()
+        self.running = {}
+        return [self.outcomes[step.id] for step in steps]
+
+    def queued_behind(self, step: Step, deps: dict[str, str | None]) -> list[str] | None:
+        """The jobs `step` can be queued behind now (a batch system runs it once they succeed), or None
+        when it must wait: its executor queues, and every unfinished dependency is a job of it."""
+        waiting = [d for d, state in deps.items() if state != "done"]
+        if not waiting or not self.executor(step).queues:
+            return None if waiting else []
+        jobs = [self.running.get(d) for d in waiting]
+        if any(job is None or job.executor is not self.executor(step) for job in jobs):
+            return None
+        return [job.handle for job in jobs]
+
     def advance(self, step: Step) -> bool:
         """Skip, reuse or start `step` if its dependencies allow; returns whether it left the queue."""
         deps = {d: self.status(d) for d in step.deps if d in self.selected}
@@ -334,7 +382,8 @@ class _Runner:
         if broken:
             self.finish(step, "skipped", reason=f"{broken[0]} did not build")
             return True
-        if any(state != "done" for state in deps.values()):
+        behind = self.queued_behind(step, deps)
+        if behind is None:
             return False
         if step.id not in self.forced and self.store.has(step.key):
             self.done(step, CACHED)
@@ -352,7 +401,7 @@ class _Runner:
             key_lock.release()
             self.done(step, CACHED)
             return True
-        self.running[step.id] = self.start(step, key_lock)
+        self.running[step.id] = self.start(step, key_lock, behind)
         return True
 
     def follow(self, job: _Running) -> None:
@@ -383,14 +432,22 @@ class _Runner:
             return None
         return "done" if outcome.status in (CACHED, "built") else outcome.status
 
-    def start(self, step: Step, key_lock) -> _Running:
+    def start(self, step: Step, key_lock, behind: list[str] | None = None) -> _Running:
+        """Submit `step` (behind the jobs it waits for, on a queueing executor) — or re-attach to the
+        job a run record names, when an earlier client queued it and it is still alive."""
+        executor = self.executor(step)
         try:
             launch = self.prepare(step)
             run_dir = self.store.scratch.run_dir(step.key)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            payload = step_payload(self.plan, step, self.store, launch.log_path, step.id in self.forced)
-            (run_dir / "STEP.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
-            handle = self.executor(step).submit(launch)
+            handle = self.reattach(step, executor, launch) if step.id not in self.forced else None
+            if handle is None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                payload = step_payload(self.plan, step, self.store, launch.log_path, step.id in self.forced)
+                (run_dir / "STEP.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+                handle = executor.submit(launch, dependencies=behind) if behind else executor.submit(launch)
+                write_run_record(run_dir, executor.kind, handle)
+            else:
+                self.console.print(Text(f"{step.id}: re-attached to job {handle} (queued by an earlier run)"))
         except BaseException:
             key_lock.release()
             raise
@@ -405,6 +462,14 @@ class _Runner:
         task = self.progress.add_task(f"{counter} {step.id} [dim]{step.key[:12]}[/dim]", total=None)
         return _Running(step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch), launch.log_path,
                         counter)
+
+    def reattach(self, step: Step, executor: Executor, launch) -> Any:
+        """The live job of this step's run record, if its executor can re-attach (batch systems)."""
+        record = read_run_record(self.store.scratch.run_dir(step.key))
+        if record is None or record["executor"] != executor.kind or not hasattr(executor, "attach"):
+            return None
+        handle = executor.attach(record["handle"], launch)
+        return handle if executor.poll(handle) is None else None
 
     def stream(self, job: _Running, final: bool = False) -> None:
         text, job.offset = job.executor.logs(job.handle, job.offset)

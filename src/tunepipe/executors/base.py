@@ -44,6 +44,9 @@ class Launch:
 
 class Executor:
     kind = "base"
+    # A batch system that runs a job once the jobs it names succeed (`submit(launch, dependencies=)`):
+    # the runner queues the whole stale DAG at once instead of waiting for each step.
+    queues = False
 
     def prepare(self, step: Any, step_json: Path, log_path: Path) -> Launch:
         raise NotImplementedError

@@ -19,6 +19,9 @@ class LocalHandle:
     launch: Launch
     process: subprocess.Popen
 
+    def __str__(self) -> str:  # the handle as a run record stores it: the process id
+        return str(self.process.pid)
+
 
 class LocalExecutor(Executor):
     kind = "local"

@@ -111,6 +111,7 @@ class SlurmJob(str):
 
 class SlurmExecutor(Executor):
     kind = "slurm"
+    queues = True
     query_interval_s = QUERY_INTERVAL_S
 
     def __init__(self) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("fsspec", reason="the remote cache needs fsspec (pip install fsspec)")
+
 from tunepipe.errors import UserError
 from tunepipe.store import MANIFEST, LocalStore, tree_digest
 from tunepipe.store.base import CHUNK

@@ -130,9 +130,8 @@ def _reason(exc: BaseException) -> str:
 
 def _safe_name(name: str) -> bool:
     """A manifest file name that stays inside the artifact directory."""
-    path = PurePosixPath(name)
-    return (isinstance(name, str) and bool(name) and "\\" not in name and not path.is_absolute()
-            and all(part not in ("", ".", "..") for part in name.split("/")) and name != MANIFEST)
+    return (name != MANIFEST and "\\" not in name and not PurePosixPath(name).is_absolute()
+            and all(part not in ("", ".", "..") for part in name.split("/")))
 
 
 def _valid_manifest(manifest: Any, key: str) -> bool:
@@ -387,7 +386,7 @@ class RemoteStore(ArtifactStore):
             f.close()
             f.commit()
             return
-        self.fs.makedirs(self.fs._parent(target), exist_ok=True)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         partial = f"{target}.{uuid.uuid4().hex[:8]}{PARTIAL}"
         try:
             with self.fs.open(partial, "wb") as f:

@@ -35,6 +35,17 @@ SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
         Trainer._save_checkpoint = save_then_die
+    if os.environ.get("TERM_AT"):  # a cancel / SLURM's warning signal arriving during that step
+        from transformers import Trainer
+
+        step = Trainer.training_step
+
+        def step_then_term(self, *args, **kwargs):
+            if self.state.global_step == int(os.environ["TERM_AT"]) - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(self, *args, **kwargs)
+
+        Trainer.training_step = step_then_term
 
     logging.basicConfig(level=logging.INFO)
     from tunepipe.runtime.context import StepContext
@@ -99,6 +110,16 @@ def test_bit_identical_runs_and_kill_9_resume(tmp_path, pretrained):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "checkpoint-6" in resumed.stderr
     assert digests(out_c) == a
+
+    # SIGTERM mid-step: the step finishes, a checkpoint of it is saved (5 is no save_steps multiple),
+    # the stage exits 143 without an artifact, and the rerun resumes there to the same bytes
+    termed, out_d = run_stage(tmp_path, "d", params, pretrained, data, TERM_AT=5)
+    assert termed.returncode == 128 + signal.SIGTERM, termed.stderr[-3000:]
+    assert not (out_d / "adapter").exists()
+    assert sorted(p.name for p in (tmp_path / "d" / "work" / "trainer").iterdir()) == ["checkpoint-3", "checkpoint-5"]
+    requeued, out_e = run_stage(tmp_path, "d2", params, pretrained, data, work="d")
+    assert requeued.returncode == 0 and "checkpoint-5" in requeued.stderr, requeued.stderr[-3000:]
+    assert digests(out_e) == a
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

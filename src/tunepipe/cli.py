@@ -123,7 +123,16 @@ def validate(
         from .spec.catalog import STAGE_SECTIONS
 
         stages = [s for s in STAGE_SECTIONS if resolved.data.get(s)]
-        typer.echo(f"{spec}: ok ({', '.join(stages) or 'no stages'})")
+        swept = ""
+        if resolved.sweep is not None:  # every point is validated like the file
+            from .spec import load_spec, sweep
+
+            overrides = parse_overrides(list(ctx.args), sets)
+            chosen = sweep.points(resolved.sweep)
+            for point in chosen:
+                load_spec(spec, [*overrides, *sweep.overrides(point, resolved.data)])
+            swept = f"; a sweep of {len(chosen)} points"
+        typer.echo(f"{spec}: ok ({', '.join(stages) or 'no stages'}{swept})")
 
 
 
@@ -158,12 +167,14 @@ class PlanFormat(str, Enum):
     dot = "dot"
 
 
-def compile_spec(spec: Path, ctx: typer.Context, sets: list[str], executor: str | None = None):
-    """The spec, validated with its overrides (warnings printed), compiled to a plan."""
-    from .compiler.plan import compile_plan
+def compile_spec(spec: Path, ctx: typer.Context, sets: list[str], executor: str | None = None, point: int | None = None):
+    """The spec, validated with its overrides (warnings printed), compiled to a plan (a sweep's
+    merged plan, or its point `point`)."""
+    from .compiler.sweep import compile_resolved
 
+    overrides = parse_overrides(list(ctx.args), sets)
     resolved = load(spec, ctx, sets)
-    return compile_plan(resolved.data, resolved.path, executor_override=executor)
+    return compile_resolved(resolved, overrides, point=point, executor_override=executor)
 
 
 @spec_command()
@@ -173,13 +184,17 @@ def plan(
     sets: list[str] = SETS_OPT,
     fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="text tree, json, mermaid or dot."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Plan as if every step ran with this executor."),
+    point: Optional[int] = typer.Option(None, "--point", min=1, help="One point of the spec's sweep (1-based)."),
 ) -> None:
     """Show the DAG of steps, each cached or stale — and why, compared with tunepipe.lock."""
     from .compiler.render import render
     from .compiler.status import annotate
 
-    compiled = compile_spec(spec, ctx, sets, executor)
+    compiled = compile_spec(spec, ctx, sets, executor, point)
     typer.echo(render(compiled, annotate(compiled), fmt.value), nl=False)
+    if compiled.points and fmt == PlanFormat.text:
+        for sweep_point, _ in compiled.points:
+            typer.echo(f"  @{sweep_point.name}: {sweep_point.label}")
 
 
 @spec_command()
@@ -197,11 +212,12 @@ def run(
     executor: Optional[str] = typer.Option(None, "--executor", help="Run every step with this executor kind."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the steps' INFO log lines."),
     detach: bool = typer.Option(False, "--detach", help="Queue every stale step on its batch system (slurm) and return."),
+    point: Optional[int] = typer.Option(None, "--point", min=1, help="Only this point of the spec's sweep (1-based)."),
 ) -> None:
     """Build what is stale, reuse what is cached, write tunepipe.lock."""
     from .runner import print_summary, run_plan
 
-    compiled = compile_spec(spec, ctx, sets, executor)  # the executor decides the world size, so the keys
+    compiled = compile_spec(spec, ctx, sets, executor, point)  # the executor decides the world size, so the keys
     console = _console(stderr=True)
     result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
                       keep_going=keep_going, jobs=jobs, console=console, verbose=verbose, detach=detach)
@@ -373,11 +389,11 @@ def _store_and_plan(spec: Optional[Path], cache: Optional[Path], overrides: list
     from .store import default_cache_dir, open_store
 
     if spec is not None:
-        from .compiler.plan import compile_plan
+        from .compiler.sweep import compile_resolved
         from .spec import load_spec
 
-        resolved = load_spec(spec, parse_overrides(list(overrides), []))
-        plan_ = compile_plan(resolved.data, resolved.path, cache_dir=cache)
+        parsed = parse_overrides(list(overrides), [])
+        plan_ = compile_resolved(load_spec(spec, parsed), parsed, cache_dir=cache)
         return open_store(plan_.cache_dir), plan_
     root = cache.resolve() if cache else default_cache_dir(Path.cwd())
     if not root.is_dir():

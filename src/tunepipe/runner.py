@@ -251,8 +251,78 @@ def print_summary(result: RunResult, console: Console) -> None:
         if outcome.answer is not None:
             prompt = result.plan.step(outcome.id).params.get("prompt")
             console.print(Text.assemble(("\n> ", "dim"), (str(prompt), "bold"), "\n", (outcome.answer.strip(), "bold green")))
+    if result.plan.points:
+        print_sweep(result, store, console)
     if result.lock_written:
         console.print(Text(f"wrote {_relative(result.plan.lock_path)}", style="dim"))
+
+
+def sweep_rows(plan: Plan, store: LocalStore) -> list[dict[str, Any]]:
+    """One row per sweep point: its values, its last train step's losses and its verify figures,
+    best first by the spec's metric_for_best_model (eval_loss, else train_loss, when it is `loss`)."""
+    rows = []
+    for point, ids in plan.points:
+        row: dict[str, Any] = {"point": point.name, "values": point.label}
+        for own_id, step_id in ids.items():
+            step = plan.step(step_id)
+            manifest = store.manifest(step.key) if store.has(step.key) else None
+            metrics = (manifest or {}).get("metrics", {})
+            if step.kind == "train":
+                row.update(train_loss=metrics.get("train_loss"), eval_loss=metrics.get("eval_loss"),
+                           train=step_id, metric=step.params.get("metric_for_best_model") or "loss",
+                           greater=bool(step.params.get("greater_is_better")))
+            elif step.kind == "verify" and metrics:
+                row[f"{own_id} agreement"] = metrics.get("greedy_agreement")
+        rows.append(row)
+
+    def score(row):
+        name = row.get("metric", "loss")
+        value = row.get("eval_loss") if name in ("loss", "eval_loss") and row.get("eval_loss") is not None else (
+            row.get(name) if name not in ("loss", "eval_loss") else row.get("train_loss"))
+        if value is None:
+            return (1, 0.0)
+        return (0, -value if row.get("greater") else value)
+
+    return sorted(rows, key=score)
+
+
+def print_sweep(result: RunResult, store: LocalStore, console: Console) -> None:
+    from rich.table import Table
+
+    rows = sweep_rows(result.plan, store)
+    extra = sorted({k for row in rows for k in row if k.endswith(" agreement")})
+    table = Table(title=f"sweep: {len(rows)} points, best first")
+    for column in ("point", "values", "train loss", "eval loss", *extra):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["point"], row["values"], _short(row.get("train_loss") or "—"), _short(row.get("eval_loss") or "—"),
+                      *(_short(row.get(k) if row.get(k) is not None else "—") for k in extra))
+    console.print(table)
+    picture = sweep_plot(result.plan, store, rows)
+    if picture is not None:
+        console.print(Text(f"  loss curves: {_relative(picture)}", style="dim"))
+
+
+def sweep_plot(plan: Plan, store: LocalStore, rows: list[dict[str, Any]]) -> Path | None:
+    """`<spec>.sweep.png` beside the spec: every point's training loss curve, overlaid. Drawn in a
+    subprocess (matplotlib imports numpy, which a cached run never does here), only when it is missing
+    or older than the newest train artifact."""
+    import subprocess
+    import sys
+
+    curves = {}
+    for row in rows:
+        step = plan.step(row["train"]) if row.get("train") else None
+        if step is not None and store.has(step.key) and (store.fetch(step.key) / "trainer_state.json").is_file():
+            curves[f"{row['point']}: {row['values']}"] = str(store.fetch(step.key) / "trainer_state.json")
+    if not curves:
+        return None
+    picture = plan.spec_dir / f"{plan.spec_path.stem}.sweep.png"
+    newest = max(Path(p).stat().st_mtime for p in curves.values())
+    if not picture.is_file() or picture.stat().st_mtime < newest:
+        subprocess.run([sys.executable, "-m", "tunepipe.runtime.plots", "sweep", str(picture), json.dumps(curves)],
+                       check=True, capture_output=True)
+    return picture
 
 
 def _report(m: dict[str, Any]) -> str:

@@ -75,6 +75,7 @@ class Plan:
     cache_dir: Path
     seed: int | None
     steps: list[Step] = field(default_factory=list)
+    points: list = field(default_factory=list)  # a sweep's (point, {its step id: id here}); empty otherwise
 
     @property
     def spec_dir(self) -> Path:

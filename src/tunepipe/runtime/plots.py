@@ -15,7 +15,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 PNG_METADATA = {"Software": None}
 DEAD = 1e-6  # ‖ΔW‖/‖W‖ below this: the adapter learned nothing
@@ -58,8 +57,27 @@ def _ema(values) -> list[float]:
     return out
 
 
+def plot_sweep(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Every sweep point's training loss (smoothed when long), overlaid on one set of axes."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for label, points in curves.items():
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, _ema(losses) if len(points) > 10 else losses, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss" + (" (smoothed)" if any(len(p) > 10 for p in curves.values()) else ""))
+    ax.set_title(f"sweep: {len(curves)} points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata=PNG_METADATA)
+    plt.close(fig)
+
+
 def lora_updates(peft_model) -> list[dict]:
     """Per adapted module: the effective update ΔW = scale·B·A and its size relative to W."""
+    import torch
+
     rows = []
     for name, module in peft_model.named_modules():
         if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
@@ -149,8 +167,29 @@ def plot_lora_matrix(peft_model, png: Path, summary: Path) -> dict:
 
 def _downsample(delta: torch.Tensor, size: int = 64) -> np.ndarray:
     """Block-average a big ΔW to at most size×size cells so the heatmap stays readable."""
+    import torch
+
     rows, cols = delta.shape
     fr, fc = math.ceil(rows / size), math.ceil(cols / size)
     if fr > 1 or fc > 1:
         delta = torch.nn.functional.avg_pool2d(delta[None, None], (fr, fc), ceil_mode=True)[0, 0]
     return delta.numpy()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tunepipe.runtime.plots sweep OUT.png '{"label": "trainer_state.json", ...}'` (the runner's)."""
+    if len(argv) != 3 or argv[0] != "sweep":
+        print("usage: python -m tunepipe.runtime.plots sweep OUT.png CURVES_JSON")
+        return 2
+    curves = {}
+    for label, state in json.loads(argv[2]).items():
+        history = json.loads(Path(state).read_text())["log_history"]
+        curves[label] = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    plot_sweep(curves, Path(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -63,6 +63,9 @@ def peak_rss_bytes() -> int:
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # Once: under srun a step gets TERM from slurmstepd and again from torchrun, and a second
+    # SystemExit would interrupt the cleanup in run_step's `finally`.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

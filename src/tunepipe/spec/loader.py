@@ -84,6 +84,7 @@ class ResolvedSpec:
     locations: dict[tuple, Location] = field(default_factory=dict)
     warnings: list[Diagnostic] = field(default_factory=list)
     indexed: set[str] = field(default_factory=set)  # list sections with several entries: named train[1]
+    sweep: Any = None  # the `sweep:` section as written (spec/sweep.py), None without one
 
     @property
     def spec_dir(self) -> Path:
@@ -177,6 +178,7 @@ class _Loader:
         self.locations: dict[tuple, Location] = {}
         self.explicit: set[tuple] = set()
         self.indexed: set[str] = set()  # list sections with several entries
+        self.sweep: Any = None  # the `sweep:` section, kept as written
 
     # -- reporting -------------------------------------------------------------------------------
     def error(self, location: Location, path: tuple, message: str, severity: str = "error") -> None:
@@ -223,6 +225,9 @@ class _Loader:
             name = key.replace("-", "_")
             if name in sections:
                 raw[name] = self.section(name, value, where)
+                continue
+            if name == "sweep":  # several points of one spec: spec/sweep.py
+                self.sweep = plain(value)
                 continue
             resolved = self.catalog.resolve_name(key)
             if resolved and self.catalog.flags[resolved[0]].section == TOP_LEVEL:
@@ -521,7 +526,7 @@ def load_spec(path: str | Path, overrides: list[Override] | None = None) -> Reso
     apply_overrides(loader, raw, overrides or [])
     data = resolve(loader, raw)
     spec = ResolvedSpec(path=path.resolve(), data=data, explicit=loader.explicit, locations=loader.locations,
-                        indexed=loader.indexed)
+                        indexed=loader.indexed, sweep=loader.sweep)
     if not any(d.severity == "error" for d in loader.diagnostics):
         resolve_interactions(spec)
         for diagnostic in check_rules(spec, catalog):

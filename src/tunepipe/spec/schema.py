@@ -76,6 +76,17 @@ def build_schema(catalog: Catalog | None = None) -> dict[str, Any]:
         else:
             properties[section] = {**ref, "description": catalog.sections[section]
                                    + (" Present = the stage runs." if section in STAGE_SECTIONS else "")}
+    values = {"type": "object", "additionalProperties": {}, "description": "flag path (section.flag, section.NAME.flag) -> value"}
+    properties["sweep"] = {
+        "type": "object", "additionalProperties": False,
+        "description": "Several points of this spec (spec/sweep.py); steps equal across points are built once.",
+        "properties": {
+            "matrix": {"type": "object", "additionalProperties": {"type": "array", "minItems": 1},
+                       "description": "flag path -> the values to try; every combination is a point"},
+            "include": {"type": "array", "items": values, "description": "extra points"},
+            "exclude": {"type": "array", "items": values, "description": "combinations to leave out"},
+        },
+    }
     for key in NESTED_SECTIONS:
         override = section_schema(catalog, key)
         override["properties"] = {k: v for k, v in override["properties"].items() if k not in NESTED_SECTIONS}

@@ -23,11 +23,14 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+from transformers import (
+    EarlyStoppingCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments, set_seed,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tunepipe.errors import UserError
@@ -118,7 +121,13 @@ def run(ctx) -> dict:
             ctx.log.info("resuming from %s", resume)
         before = json.loads((Path(resume) / "trainer_state.json").read_text())["num_input_tokens_seen"] if resume else 0
         started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
+        stop = CheckpointOnSignal()
+        trainer.add_callback(stop)
+        with stop.installed():
+            trainer.train(resume_from_checkpoint=resume)
+        if stop.signum is not None:  # saved a checkpoint at the last step: a rerun (or a requeue) resumes there
+            ctx.log.info("stopped by signal %d after step %d; checkpoint saved, exiting", stop.signum, trainer.state.global_step)
+            raise SystemExit(128 + stop.signum)
         seconds = time.perf_counter() - started
         tokens = trainer.state.num_input_tokens_seen
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -140,6 +149,35 @@ def run(ctx) -> dict:
     if args.world_size > 1:
         trainer.accelerator.wait_for_everyone()
     return {**metrics, **timings}
+
+
+class CheckpointOnSignal(TrainerCallback):
+    """SIGTERM (a cancel, SLURM's warning signal before a time limit or a preemption) ends training
+    at the end of the current optimizer step with a checkpoint, instead of losing the steps since the
+    last `save_steps`; the stage then exits non-zero, so nothing is committed, and the next run (a
+    requeued job) resumes from that checkpoint to the same weights."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def handler():
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "signum", signum))
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return handler()
 
 
 # ---------------------------------------------------------------- model

@@ -18,7 +18,8 @@ One deliberate difference from `mlc_llm convert_weight`: float32 tensors are sto
 
 verify loads the shards with tvm, dequantizes them, maps them back to HF names, loads them into a
 float32 copy of the HF model and compares its logits with the original's on the probes (and on a
-greedy continuation of each); it also reports the dequantization error of every tensor.
+greedy continuation of each); it also reports the dequantization error of every stored parameter
+against the exact float32 parameter computed from the HF weights.
 """
 
 from __future__ import annotations
@@ -141,11 +142,12 @@ def _generation_fields(model_dir: Path) -> dict[str, Any]:
     return fields
 
 
-def _conversation(template: dict[str, Any], tokenizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def conv_template(template: dict[str, Any], tokenizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(mlc-llm conv_template, check report) for the pipeline's template.json and tokenizer."""
     render, history = _renderer(template, tokenizer)
     bos = tokenizer.bos_token
     return mlc_config.conversation(
-        render, history, bos_token=bos, bos_token_id=tokenizer.bos_token_id if bos else None,
+        render, history, name=f"tunepipe-{template.get('name', 'template')}", bos_token=bos, bos_token_id=tokenizer.bos_token_id if bos else None,
         stop_words=list(template.get("stop_words") or []),
         stop_token_ids=list(template.get("stop_token_ids") or [tokenizer.eos_token_id]))
 
@@ -197,7 +199,7 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     model_dir, out = Path(model_dir), Path(out)
     model, tokenizer, config = _load_hf(model_dir)
     layout = mlc_params.layout_for(config)
-    conv, conv_check = _conversation(template, tokenizer)
+    conv, conv_check = conv_template(template, tokenizer)
     chat = mlc_config.chat_config(config, layout.model_type, type, conv, tokenizer_files=[], tokenizer_info={},
                                   active_vocab_size=len(tokenizer), generation=_generation_fields(model_dir))
     state = _state(model)
@@ -250,7 +252,8 @@ def _dequantize(tensors: dict[str, np.ndarray], bits: int | None, shapes: dict[s
 
 
 def _dequant_errors(restored: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Per HF tensor: max |restored - original| and that over max |original|; and the worst of each."""
+    """Per stored parameter (mlc-llm's name): max |restored - original| and that over max |original|,
+    where original is the float32 parameter computed from the HF weights; and the worst of each."""
     per_tensor = {}
     for name in sorted(restored):
         delta = float(np.abs(restored[name] - original[name]).max())
@@ -318,8 +321,8 @@ def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: 
     original = _state(reference)
     expected = mlc_params.to_mlc(original, layout, config)
     params = _dequantize(_load_tensor_cache(tvmjs, export_dir), bits, {n: a.shape for n, a in expected.items()})
+    errors = _dequant_errors(params, expected)
     restored = mlc_params.from_mlc(params, layout, config)
-    errors = _dequant_errors(restored, original)
     figures = _compare(reference, _restored_model(model_dir, restored, config), probes)
     render, _ = _renderer(template, tokenizer)
     conv_check = mlc_config.check(chat["conv_template"], render, tokenizer.bos_token)

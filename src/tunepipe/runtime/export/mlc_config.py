@@ -1,7 +1,7 @@
 """mlc-chat-config.json: mlc-llm's model config, conversation template and tokenizer info for an HF model.
 
     config = chat_config(hf_config, layout, type, conv, tokenizer_files=..., tokenizer_info=..., generation=...)
-    conv, report = conversation(render, history, bos_token=..., bos_token_id=..., stop_words=..., stop_token_ids=...)
+    conv, report = conversation(render, history, name=..., bos_token=..., bos_token_id=..., stop_words=..., stop_token_ids=...)
     report = check(conv, render, bos_token)    # mlc-llm's prompts == the pipeline's?
 
 Field names and defaults follow mlc-llm's own generator (python/mlc_llm/interface/gen_config.py,
@@ -168,7 +168,7 @@ def _msg(role: str, mark: str) -> dict[str, str]:
     return {"role": role, "content": MARK[mark]}
 
 
-def conversation(render: Callable[[list[dict]], str], history: Callable[[list[dict]], str], *,
+def conversation(render: Callable[[list[dict]], str], history: Callable[[list[dict]], str], *, name: str,
                  bos_token: str | None, bos_token_id: int | None, stop_words: list[str],
                  stop_token_ids: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(mlc-llm conv_template, check) for the pipeline's template.
@@ -187,7 +187,7 @@ def conversation(render: Callable[[list[dict]], str], history: Callable[[list[di
     user_start = turn_gap[len(answer_end):]
     header = _common_prefix(to_answer, generation)
     conv = {
-        "name": None, "system_template": before_user[: len(before_user) - len(user_start)], "system_message": "",
+        "name": name, "system_template": before_user.removesuffix(user_start), "system_message": "",
         "system_prefix_token_ids": None, "add_role_after_system_message": True,
         "roles": {"user": user_start, "assistant": header},
         "role_templates": {"user": "{user_message}", "assistant": to_answer[len(header):] + "{assistant_message}",
@@ -197,7 +197,7 @@ def conversation(render: Callable[[list[dict]], str], history: Callable[[list[di
         "stop_str": list(stop_words), "stop_token_ids": list(stop_token_ids),
         "strip_reasoning_in_history": False, "function_string": "", "use_function_calling": False,
     }
-    system = _system_template(render, conv["system_template"], user_start)
+    system = _system_template(render, before_user, user_start)
     if system is not None:
         conv.update(system)
     _move_bos(conv, bos_token, bos_token_id)
@@ -205,21 +205,22 @@ def conversation(render: Callable[[list[dict]], str], history: Callable[[list[di
     return conv, check(conv, render, bos_token)
 
 
-def _system_template(render, no_system: str, user_start: str) -> dict[str, Any] | None:
-    """system_template/system_message/add_role_after_system_message for a template that renders a
-    system prompt, or None when it renders none (or no default one: see `mlc.py`'s README note)."""
+def _system_template(render, before_user: str, user_start: str) -> dict[str, Any] | None:
+    """system_template/system_message/add_role_after_system_message for a template with a default system
+    prompt (`before_user`: what precedes the first user message without a system message); None when
+    it has none (see README-mlc.txt's note, written by mlc.py) or refuses a system turn."""
     try:
         text = render([_msg("system", "system"), _msg("user", "user")])
     except UserError:
-        return None  # the template refuses a system turn
+        return None
     head, tail = _between(text, "", MARK["system"]), _between(text, MARK["system"], MARK["user"])
-    standalone = tail.endswith(user_start)
-    end = tail[: len(tail) - len(user_start)] if standalone else tail
-    fields = {"system_template": head + "{system_message}" + end, "add_role_after_system_message": standalone}
-    default = no_system[len(head): len(no_system) - len(end)]
-    if no_system.startswith(head) and no_system.endswith(end) and len(no_system) >= len(head) + len(end) and default:
-        return {**fields, "system_message": default}
-    return None
+    standalone = tail.endswith(user_start)  # else the system text is folded into the first user turn
+    end = tail.removesuffix(user_start) if standalone else tail
+    block = before_user.removesuffix(user_start) if standalone else before_user
+    if not (block.startswith(head) and block.endswith(end) and len(block) > len(head) + len(end)):
+        return None
+    return {"system_template": head + "{system_message}" + end, "add_role_after_system_message": standalone,
+            "system_message": block[len(head): len(block) - len(end)]}
 
 
 def _move_bos(conv: dict[str, Any], bos_token: str | None, bos_token_id: int | None) -> None:

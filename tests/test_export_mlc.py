@@ -228,6 +228,7 @@ def test_q4f16_1_export_and_verify(tvm, models, tmp_path, arch):
     chat = json.loads((out / "mlc-chat-config.json").read_text())
     assert chat["quantization"] == "q4f16_1" and chat["model_type"] == arch
     assert info["bits_per_param"] < 5.0
+    assert bool(info["notes"]) == (arch == "gemma2")  # mlc-llm's gemma2 skips the attention soft cap
     figures = verify(out, models[arch], "q4f16_1")
     errors = figures["max_dequant_error"]
     assert 0.02 < errors["max_rel"] <= 0.075  # ≤ half a step of max|group| / 7, plus f16 rounding
@@ -324,6 +325,21 @@ def test_chat_config_fields(tvm, models, tmp_path):
     assert info["library"] == {"built": False, "reason": "mlc_llm is not installed (it is not on PyPI)",
                                "command": command, "cwd": str(out)}
     assert command in (out / "README-mlc.txt").read_text()
+
+
+def test_llama3_rope_scaling_reaches_model_config():
+    from tiny_models import tiny_config
+
+    from tunepipe.runtime.export.mlc_config import model_config
+
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 256, "rope_theta": 500000.0}
+    fields = model_config(config, "llama")
+    assert fields["position_embedding_base"] == 500000.0
+    assert fields["rope_scaling"] == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 256, "rope_type": "llama3", "type": "llama3"}
+    assert (fields["context_window_size"], fields["prefill_chunk_size"]) == (512, 512)
 
 
 @pytest.mark.slow

@@ -13,8 +13,10 @@
 - `README-mlc.txt`: what is in the directory and the exact `mlc_llm compile` command that builds the
   model library. mlc-llm is not on PyPI; when `mlc_llm` is importable anyway, export runs that
   command and the library lands beside the weights.
-One deliberate difference from `mlc_llm convert_weight`: float32 tensors are stored "raw", not
-"f32-to-bf16", so q0f32 and the q4f32_1 scales keep every bit (mlc-llm's runtime reads both).
+For the tests' tiny llama, mistral, qwen2, qwen3, gemma, gemma2 and phi3 models the tensors are byte
+for byte those of mlc-llm's own `convert_weight` (run from its sources on apache-tvm), and
+`model_config` is its `gen_config`'s, with one deliberate difference: float32 tensors are stored
+"raw", not "f32-to-bf16", so q0f32 and the q4f32_1 scales keep every bit (mlc-llm's runtime reads both).
 
 verify loads the shards with tvm, dequantizes them, maps them back to HF names, loads them into a
 float32 copy of the HF model and compares its logits with the original's on the probes (and on a
@@ -120,10 +122,9 @@ def _write_tensor_cache(tvmjs, tensors: dict[str, np.ndarray], out: Path, source
     return metadata
 
 
-def _copy_tokenizer(model_dir: Path, out: Path) -> tuple[list[str], dict[str, Any]]:
+def _tokenizer_files(model_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    """(the tokenizer files mlc-llm copies that model_dir has, mlc-llm's tokenizer info)."""
     files = [name for name in mlc_config.TOKENIZER_FILES if (model_dir / name).is_file()]
-    for name in files:
-        shutil.copyfile(model_dir / name, out / name)
     tokenizer_json = model_dir / "tokenizer.json"
     info = mlc_config.tokenizer_info(json.loads(tokenizer_json.read_text(encoding="utf-8"))
                                      if tokenizer_json.is_file() else {})
@@ -171,7 +172,8 @@ def _build_library(out: Path, command: list[str], log: logging.Logger) -> dict[s
     return {"built": True, "command": shown, "cwd": str(out), "library": command[-1]}
 
 
-def _readme(model_type: str, type: str, library: dict[str, Any], conv_check: dict[str, Any]) -> str:
+def _readme(model_type: str, type: str, library: dict[str, Any], conv_check: dict[str, Any],
+            notes: list[str]) -> str:
     lines = [f"MLC-LLM weight package: {model_type}, quantization {type}, written by tunepipe.", "",
              "Files: mlc-chat-config.json, tensor-cache.json + params_shard_*.bin (the weights), tokenizer files.", ""]
     if library["built"]:
@@ -189,7 +191,8 @@ def _readme(model_type: str, type: str, library: dict[str, Any], conv_check: dic
     if not conv_check["matches"]:
         lines += ["WARNING: mlc-llm's prompt differs from the pipeline's for "
                   + json.dumps(conv_check["differs"]["messages"]), ""]
-    return "\n".join(lines)
+    lines += [f"Note: {note}" for note in notes]
+    return "\n".join(lines) + "\n"
 
 
 def export(model_dir: Path, out: Path, *, type: str, template: dict, log: logging.Logger) -> dict:
@@ -200,20 +203,23 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     model, tokenizer, config = _load_hf(model_dir)
     layout = mlc_params.layout_for(config)
     conv, conv_check = conv_template(template, tokenizer)
-    chat = mlc_config.chat_config(config, layout.model_type, type, conv, tokenizer_files=[], tokenizer_info={},
-                                  active_vocab_size=len(tokenizer), generation=_generation_fields(model_dir))
+    tokenizer_files, tokenizer_info = _tokenizer_files(model_dir)
+    chat = mlc_config.chat_config(config, layout.model_type, type, conv, tokenizer_files=tokenizer_files,
+                                  tokenizer_info=tokenizer_info, active_vocab_size=len(tokenizer),
+                                  generation=_generation_fields(model_dir))
     state = _state(model)
-    params = mlc_params.to_mlc(state, layout, config)
-    tensors = _mlc_tensors(params, bits, dtype)
+    tensors = _mlc_tensors(mlc_params.to_mlc(state, layout, config), bits, dtype)
     source_params = sum(a.size for n, a in state.items() if not (n == mlc_params.LM_HEAD and config.tie_word_embeddings))
     out.mkdir(parents=True, exist_ok=True)
     metadata = _write_tensor_cache(tvmjs, tensors, out, source_params, log)
-    chat["tokenizer_files"], chat["tokenizer_info"] = _copy_tokenizer(model_dir, out)
+    for name in tokenizer_files:
+        shutil.copyfile(model_dir / name, out / name)
     mlc_config.dump(out / CHAT_CONFIG, chat)
     if not conv_check["matches"]:
         log.warning("mlc-llm's prompt differs from the pipeline's: %s", conv_check["differs"])
+    notes = mlc_config.runtime_notes(config)
     library = _build_library(out, compile_command(layout.model_type, type), log)
-    (out / README).write_text(_readme(layout.model_type, type, library, conv_check), encoding="utf-8")
+    (out / README).write_text(_readme(layout.model_type, type, library, conv_check, notes), encoding="utf-8")
     log.info("MLC %s: %d tensors, %.2f bits per parameter", type, len(tensors), metadata["BitsPerParam"])
     return {
         "format": "mlc", "type": type, "model_type": layout.model_type,
@@ -221,7 +227,7 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
         "tensors": len(tensors), "param_bytes": int(metadata["ParamBytes"]),
         "bits_per_param": metadata["BitsPerParam"],
         "quantized": sorted(n.removesuffix(".q_weight") for n in tensors if n.endswith(".q_weight")),
-        "conv_template": conv_check, "library": library,
+        "conv_template": conv_check, "library": library, "notes": notes,
     }
 
 

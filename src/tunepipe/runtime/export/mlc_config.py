@@ -50,7 +50,7 @@ def _rope(config) -> tuple[float, dict | None]:
                         [f"it implements: {allowed or 'none'}",
                          "export without rope_scaling, or use another export format (gguf, onnx)"])
     params.pop("partial_rotary_factor", None)
-    return float(theta), {**params, "rope_type": kind}
+    return float(theta), {**params, "rope_type": kind, "type": kind}  # mlc's llama reads rope_type, its phi3 type
 
 
 def _head_dim(config) -> int:
@@ -117,6 +117,18 @@ def model_config(config, model_type: str) -> dict[str, Any]:
     result = {**common, **extra}
     result["prefill_chunk_size"] = _prefill(result, model_type)
     return result
+
+
+def runtime_notes(config) -> list[str]:
+    """Where mlc-llm's implementation computes differently from transformers' (its own documented choices)."""
+    notes = []
+    if config.model_type == "gemma2":
+        if getattr(config, "attn_logit_softcapping", None):
+            notes.append("mlc-llm's gemma2 ignores attn_logit_softcapping (Gemma2Config in mlc_llm/model/gemma2), "
+                         "so its attention logits are not capped as transformers' are")
+        notes.append("mlc-llm's gemma2 runs every layer with a context window of sliding_window "
+                     f"({config.sliding_window}) instead of alternating sliding and full attention")
+    return notes
 
 
 def _prefill(fields: dict[str, Any], model_type: str) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny_models import make_tiny_model
+
 from tunepipe.errors import UserError
 from tunepipe.runtime.export.mlc_quant import dequantize_group, quantize_group
 

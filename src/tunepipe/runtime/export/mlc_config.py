@@ -20,7 +20,8 @@ conversations that must equal the pipeline's prompts; the result of that check i
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tunepipe.errors import UserError
 

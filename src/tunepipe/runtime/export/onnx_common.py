@@ -2,7 +2,7 @@
 openvino, executorch) share: the traced sample step, the side files, and the comparison with the HF model.
 
     sample_inputs(model)          forward kwargs of one step that continues a non-empty DynamicCache
-    dynamic_shapes(inputs)        batch and lengths dynamic, every other axis fixed
+    dynamic_shapes(inputs)        batch and lengths dynamic (optionally bounded), every other axis fixed
     write_side_files(...)         generation_config.json (eos ids + the template's stop tokens) and the
                                   tokenizer files copied from the model directory
     compare(runtime, model, ...)  the figures of the verify contract for a runtime decoder against the HF
@@ -38,7 +38,7 @@ def check_type(format: str, type: str, supported: tuple[str, ...]) -> None:
     if type not in supported:
         raise UserError(
             f"unknown {format} export type {type!r}",
-            details=[f"`type` of a {format} export is one of: {', '.join(supported)}"],
+            details=[f"`type` of the {format} export is one of: {', '.join(supported)}"],
         )
 
 
@@ -67,7 +67,7 @@ def load_model(model_dir: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=torch.float32).eval()
 
 
-def sample_inputs(model) -> dict:
+def sample_inputs(model, *, batch: int = SAMPLE_BATCH) -> dict:
     """Forward kwargs of a step that continues a non-empty past: the cache is filled by a forward over
     SAMPLE_PAST tokens, so its layers have whatever shapes the architecture gives them. It is a plain
     DynamicCache (every layer a full one): a sliding-window layer would add its window as a graph input and
@@ -77,33 +77,38 @@ def sample_inputs(model) -> dict:
 
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    past_ids = torch.randint(vocab, (SAMPLE_BATCH, SAMPLE_PAST), generator=generator)
+    past_ids = torch.randint(vocab, (batch, SAMPLE_PAST), generator=generator)
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=past_ids, cache=cache, use_cache=True)
     total = SAMPLE_PAST + SAMPLE_SEQUENCE
     return {
-        "input_ids": torch.randint(vocab, (SAMPLE_BATCH, SAMPLE_SEQUENCE), generator=generator),
-        "attention_mask": torch.ones(SAMPLE_BATCH, total, dtype=torch.int64),
-        "position_ids": torch.arange(SAMPLE_PAST, total).expand(SAMPLE_BATCH, -1).contiguous(),
+        "input_ids": torch.randint(vocab, (batch, SAMPLE_SEQUENCE), generator=generator),
+        "attention_mask": torch.ones(batch, total, dtype=torch.int64),
+        "position_ids": torch.arange(SAMPLE_PAST, total).expand(batch, -1).contiguous(),
         "cache": cache,
         "use_cache": True,
     }
 
 
-def dynamic_shapes(inputs: dict) -> dict:
-    """Batch and lengths dynamic, every other axis (heads, head_dim) fixed."""
+def dynamic_shapes(inputs: dict, *, dynamic_batch: bool = True, max_sequence: int | None = None,
+                   max_context: int | None = None) -> dict:
+    """Lengths dynamic (new tokens up to `max_sequence`, past and total up to `max_context`; unbounded
+    by default), the batch too unless `dynamic_batch` is false, every other axis (heads, head_dim) fixed."""
     from torch.export import Dim
     from transformers.exporters.utils import get_leaf_tensors
 
-    dynamic = Dim.DYNAMIC
+    batch = {0: Dim.DYNAMIC} if dynamic_batch else {}
+    sequence = Dim.DYNAMIC(max=max_sequence) if max_sequence else Dim.DYNAMIC
+    past = Dim.DYNAMIC(max=max_context - 1) if max_context else Dim.DYNAMIC
+    total = Dim.DYNAMIC(max=max_context) if max_context else Dim.DYNAMIC
     cache = get_leaf_tensors(inputs["cache"])
     return {
-        "input_ids": {0: dynamic, 1: dynamic},
-        "attention_mask": {0: dynamic, 1: dynamic},
-        "position_ids": {0: dynamic, 1: dynamic},
+        "input_ids": {**batch, 1: sequence},
+        "attention_mask": {**batch, 1: total},
+        "position_ids": {**batch, 1: sequence},
         # One entry per cache leaf, in the order the exporters flatten the cache (the same walk).
-        "cache": [{0: dynamic, 2: dynamic} if CACHE_LEAF.search(path) else None for path in cache],
+        "cache": [{**batch, 2: past} if CACHE_LEAF.search(path) else None for path in cache],
     }
 
 

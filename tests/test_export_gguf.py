@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_models import ARCHS, make_tiny_model, tiny_config
+from tiny_models import ARCHS, TOKENIZER, TOKENIZER_FILES, make_tiny_model, tiny_config
 
 gguf = pytest.importorskip("gguf")
 from safetensors import safe_open  # noqa: E402
@@ -288,15 +288,40 @@ def test_f32_export_computes_the_hf_logits_in_llama_cpp(arch, tmp_path):
     assert figures["chat_template_tokens_match"] is True, figures["chat_template"]
 
 
+def memorize(model_dir: Path, sequences: int = 4, length: int = 24, steps: int = 60) -> list[list[int]]:
+    """Train the model in place until it has memorized a few random sequences (a stand-in for a
+    fine-tuned model: its next-token choices are clear, unlike a random model's near-ties); returns
+    their first 10 tokens as probes."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    data = torch.randint(3, model.config.vocab_size, (sequences, length), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(data, labels=data).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.05
+    model.save_pretrained(model_dir)
+    return data[:, :10].tolist()
+
+
 @needs_llama_cpp
 @pytest.mark.slow
-@pytest.mark.parametrize("type, rel, agreement", [("f16", 1e-2, 1.0), ("q8_0", 5e-2, 0.99), ("q4_0", 0.5, 0.9)])
-def test_quantized_export_stays_close_in_llama_cpp(type, rel, agreement, tmp_path):
+@pytest.mark.parametrize("type, rel", [("f16", 1e-2), ("bf16", 3e-2), ("q8_0", 0.1), ("q5_1", 0.4), ("q4_0", 0.8)])
+def test_quantized_export_keeps_the_greedy_tokens_in_llama_cpp(type, rel, tmp_path):
+    """On a model with clear next tokens (memorized sequences) every quantized type keeps every greedy
+    token; the logit error grows as bits go. (A random model's near-ties flip under any rounding.)"""
     model_dir = tiny("qwen2", tmp_path)
+    probes = memorize(model_dir)
     out, _ = export(model_dir, tmp_path, type)
-    figures = gguf_export.verify(out, model_dir, PROBES, type=type, template=CHATML, log=LOG)
-    assert figures["max_rel_logit_error"] < rel and figures["greedy_agreement"] >= agreement, figures
-    assert figures["max_rel_logit_error"] > 0  # a real comparison: quantization changed the weights
+    figures = gguf_export.verify(out, model_dir, probes, type=type, template=CHATML, log=LOG)
+    assert figures["greedy_agreement"] == 1.0, figures
+    assert rel / 20 < figures["max_rel_logit_error"] < rel, figures  # quantization did change the weights
 
 
 @needs_llama_cpp
@@ -341,14 +366,11 @@ def test_k_quant_goes_through_llama_cpp(tmp_path):
     config = tiny_config("llama")
     config.hidden_size, config.intermediate_size, config.head_dim = 256, 512, 64
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.1 if p.ndim == 1 else 0.1)
     model_dir = tmp_path / "wide"
-    model.save_pretrained(model_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copyfile(Path(__file__).parents[1] / "examples/models/tiny-llama" / name, model_dir / name)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(TOKENIZER / name, model_dir / name)
+    probes = memorize(model_dir)
     out, info = export(model_dir, tmp_path, "q4_k_m")
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"] and info["k_quant_from"] == "f32"
     reader = gguf.GGUFReader(out / "model.gguf")
@@ -356,5 +378,72 @@ def test_k_quant_goes_through_llama_cpp(tmp_path):
     types = {t.tensor_type.name for t in reader.tensors}
     assert {"Q4_K", "F32"} <= types
     assert field(reader, "tokenizer.chat_template") == (model_dir / "chat_template.jinja").read_text()
-    figures = gguf_export.verify(out, model_dir, PROBES, type="q4_k_m", template=CHATML, log=LOG)
-    assert figures["greedy_agreement"] >= 0.9 and figures["chat_template_tokens_match"], figures
+    figures = gguf_export.verify(out, model_dir, probes, type="q4_k_m", template=CHATML, log=LOG)
+    assert figures["greedy_agreement"] == 1.0 and figures["chat_template_tokens_match"], figures
+
+
+# ------------------------------------------------------------------------------- SentencePiece
+SPM_VOCAB = 600
+
+def spm_model(root: Path) -> Path:
+    """A tiny llama whose tokenizer is a freshly trained SentencePiece BPE model (tokenizer.model)."""
+    import torch
+    import transformers
+
+    spm = pytest.importorskip("sentencepiece")
+    corpus = root / "corpus.txt"
+    corpus.write_text((Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "sp"), vocab_size=SPM_VOCAB,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                                   # as Llama's: no normalization, whitespace kept
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    model_dir = root / "spm-model"
+    model_dir.mkdir()
+    shutil.copyfile(root / "sp.model", model_dir / "tokenizer.model")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "chat_template": CHATML_JINJA}))
+    config = tiny_config("llama")
+    config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = SPM_VOCAB, 1, 2, None
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.1 if p.ndim == 1 else 0.2)
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+CHATML_JINJA = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.slow
+def test_sentencepiece_tokenizer_becomes_a_llama_vocab(tmp_path):
+    import sentencepiece
+    import transformers
+
+    model_dir = spm_model(tmp_path)
+    out, info = export(model_dir, tmp_path, "f16")
+    assert info["tokenizer"]["model"] == "llama"
+    reader = gguf.GGUFReader(out / "model.gguf")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    assert field(reader, "tokenizer.ggml.model") == "llama" and field(reader, "tokenizer.ggml.pre") == "default"
+    assert field(reader, "tokenizer.ggml.tokens") == [processor.IdToPiece(i) for i in range(SPM_VOCAB)]
+    assert field(reader, "tokenizer.ggml.scores") == pytest.approx([processor.GetScore(i) for i in range(SPM_VOCAB)])
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
+    assert types[3] == gguf.TokenType.BYTE  # <0x00>: byte fallback
+    assert (field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")) == (1, 2)
+    assert field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert transformers.AutoTokenizer.from_pretrained(model_dir)("a")["input_ids"][0] == 1
+    if HAVE_LLAMA_CPP:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), verbose=False, n_ctx=64)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        text = "Declarative fine-tuning, cached steps: data → template → train.\nNext  line ü"
+        assert llm.tokenize(text.encode()) == tokenizer(text)["input_ids"] == processor.encode(text, add_bos=True)
+        # leading spaces: llama.cpp tokenizes as SentencePiece does (transformers' conversion differs there)
+        assert llm.tokenize(b"  two") == processor.encode("  two", add_bos=True)

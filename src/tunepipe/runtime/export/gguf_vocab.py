@@ -148,7 +148,9 @@ def bpe_tokens(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
 
 # ----------------------------------------------------------------------------- SentencePiece
 def _write_sentencepiece(writer, model_dir: Path, tokenizer, n_vocab: int) -> dict[str, Any]:
-    """Pieces, scores and types as llama.cpp's converter writes them (_create_vocab_sentencepiece)."""
+    """Pieces, scores and types as llama.cpp's converter writes them (_create_vocab_sentencepiece);
+    the tokenizer's added tokens beyond the SentencePiece model's own pieces are CONTROL (special)
+    or USER_DEFINED."""
     import gguf
 
     try:
@@ -166,7 +168,8 @@ def _write_sentencepiece(writer, model_dir: Path, tokenizer, n_vocab: int) -> di
         scores[i] = processor.GetScore(i)
         types[i] = _piece_type(processor, i)
     for i, added in tokenizer.added_tokens_decoder.items():
-        if i < n_vocab:  # as the converter: added tokens override the pieces
+        # tokens added to the model (not its own pieces, like <s>, whose types it knows)
+        if i < n_vocab and (i >= processor.vocab_size() or processor.IdToPiece(i) != added.content):
             tokens[i] = added.content.encode("utf-8")
             scores[i] = -1000.0
             types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED

@@ -447,3 +447,11 @@ def test_sentencepiece_tokenizer_becomes_a_llama_vocab(tmp_path):
         assert llm.tokenize(text.encode()) == tokenizer(text)["input_ids"] == processor.encode(text, add_bos=True)
         # leading spaces: llama.cpp tokenizes as SentencePiece does (transformers' conversion differs there)
         assert llm.tokenize(b"  two") == processor.encode("  two", add_bos=True)
+
+    # without tokenizer.model (transformers ≥ 5 saves only tokenizer.json) the scores are gone: say so
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(model_dir)
+    (model_dir / "tokenizer.model").unlink()
+    (tmp_path / "export-f16" / "model.gguf").unlink()
+    with pytest.raises(UserError, match="without its tokenizer.model") as err:
+        gguf_export.export(model_dir, tmp_path / "export-f16", type="f16", template=CHATML, log=LOG)
+    assert "copy the base model's tokenizer.model" in err.value.details[0]

@@ -104,34 +104,43 @@ def llama_logits(llm, ids: list[int]) -> np.ndarray:
 # ------------------------------------------------------------------------------ chat template
 def chat_template_check(llm, tokenizer, template: dict) -> dict[str, Any]:
     """The GGUF's embedded chat template, rendered by llama-cpp-python and tokenized by llama.cpp, vs
-    the HF tokenizer's apply_chat_template (and tunepipe's prompt encoding) of the same messages."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+    the HF tokenizer's apply_chat_template (and tunepipe's prompt encoding) of the same messages.
+    A template that rejects a system message (raise_exception) is checked without one."""
     source = llm.metadata.get("tokenizer.chat_template")
     if not source:
         return {"match": False, "reason": "the GGUF has no tokenizer.chat_template"}
-    eos, bos = llm.token_eos(), llm.token_bos()
-    text_of = lambda t: llm._model.token_get_text(t) if t != -1 else ""  # as Llama() builds its formatter
-    cases = {"conversation": (CONVERSATION, False), "generation_prompt": (CONVERSATION[:2], True)}
     out: dict[str, Any] = {"match": True}
-    for name, (messages, generation) in cases.items():
-        formatter = Jinja2ChatFormatter(template=source, eos_token=text_of(eos), bos_token=text_of(bos),
-                                        add_generation_prompt=generation)
-        text = formatter(messages=messages).prompt
-        # add_bos=False: the template's own tokens, as apply_chat_template (add_special_tokens=False)
-        gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        hf_ids = _token_ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation))
-        case = {"tokens": len(gguf_ids), "match": gguf_ids == hf_ids}
-        if generation and (template.get("slots") or template.get("chat_template")):
-            from tunepipe.runtime.chat_template import encode_prompt
-
-            case["pipeline_match"] = gguf_ids == encode_prompt(tokenizer, template, messages)
-            case["match"] = case["match"] and case["pipeline_match"]
-        if not case["match"]:
-            case.update(gguf_ids=gguf_ids, hf_ids=hf_ids, first_difference=_first_difference(gguf_ids, hf_ids))
+    for name, (messages, generation) in {"conversation": (CONVERSATION, False),
+                                         "generation_prompt": (CONVERSATION[:2], True)}.items():
+        try:
+            case = _compare(llm, source, tokenizer, template, messages, generation)
+        except Exception:  # a template error: the same conversation without its system message
+            case = _compare(llm, source, tokenizer, template, messages[1:], generation)
+            case["system_message"] = False
         out[name] = case
         out["match"] = out["match"] and case["match"]
     return out
+
+
+def _compare(llm, source: str, tokenizer, template: dict, messages: list[dict], generation: bool) -> dict[str, Any]:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    text_of = lambda t: llm._model.token_get_text(t) if t != -1 else ""  # as Llama() builds its formatter
+    formatter = Jinja2ChatFormatter(template=source, eos_token=text_of(llm.token_eos()),
+                                    bos_token=text_of(llm.token_bos()), add_generation_prompt=generation)
+    text = formatter(messages=messages).prompt
+    # add_bos=False: the template's own tokens, as apply_chat_template (add_special_tokens=False)
+    gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    hf_ids = _token_ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation))
+    case: dict[str, Any] = {"tokens": len(gguf_ids), "match": gguf_ids == hf_ids}
+    if generation and (template.get("slots") or template.get("chat_template")):
+        from tunepipe.runtime.chat_template import encode_prompt
+
+        case["pipeline_match"] = gguf_ids == encode_prompt(tokenizer, template, messages)
+        case["match"] = case["match"] and case["pipeline_match"]
+    if not case["match"]:
+        case.update(gguf_ids=gguf_ids, hf_ids=hf_ids, first_difference=_first_difference(gguf_ids, hf_ids))
+    return case
 
 
 def _token_ids(result) -> list[int]:

@@ -146,6 +146,7 @@ def plan_tensors(model_dir: Path, config: dict[str, Any], arch: Arch) -> list[Pl
     import gguf
 
     shards = _shard_index(model_dir)
+    shapes = _shapes(set(shards.values()))
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
     tied = _tied(config, shards, arch)
     plan = list(_extra_tensors(config))
@@ -158,8 +159,7 @@ def plan_tensors(model_dir: Path, config: dict[str, Any], arch: Arch) -> list[Pl
         if gguf_name is None:
             raise UserError(f"GGUF export: no llama.cpp tensor for {hf_name!r} of a {arch.name} model",
                             ["the checkpoint has weights this architecture's llama.cpp graph does not read"])
-        shape = _shard_shape(shards[hf_name], hf_name)
-        plan.append(PlannedTensor(gguf_name, shape, _loader(shards[hf_name], hf_name, config, arch), hf_name))
+        plan.append(PlannedTensor(gguf_name, shapes[hf_name], _loader(shards[hf_name], hf_name, config, arch), hf_name))
     return plan
 
 
@@ -183,11 +183,15 @@ def _shard_index(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _shard_shape(path: Path, name: str) -> tuple[int, ...]:
+def _shapes(paths: set[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the shards' headers (no tensor data is read)."""
     from safetensors import safe_open
 
-    with safe_open(path, "pt") as f:
-        return tuple(f.get_slice(name).get_shape())
+    shapes = {}
+    for path in paths:
+        with safe_open(path, "pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    return shapes
 
 
 def read_tensor(path: Path, name: str) -> np.ndarray:

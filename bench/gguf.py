@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models
 SDIST_DIRS = (Path("/tmp/llsdist"),)
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-BENCH_CONFIG = dict(hidden_size=2048, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
-                    num_key_value_heads=4, head_dim=128, max_position_embeddings=2048)
+BENCH_CONFIG = {"hidden_size": 2048, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16,
+                "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 2048}
 SHARD_BYTES = 500 * 2**20
 FIDELITY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # the rest: llama_model_quantize from f32
@@ -80,9 +80,7 @@ def run_converter(convert: Path, model_dir: Path, out_file: Path, outtype: str) 
     import runpy
 
     sys.path[:0] = [str(convert.parent), str(convert.parent / "gguf-py")]
-    import conversion.base as base
-    import conversion.gemma as gemma
-    import conversion.phi as phi
+    from conversion import base, gemma, phi
 
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     for model_class in (gemma.GemmaModel, gemma.Gemma2Model, phi.Phi3MiniModel):
@@ -131,7 +129,6 @@ def build_bench_model(path: Path) -> int:
     import torch
     import transformers
     from safetensors.torch import save_file
-
     from tiny_models import TOKENIZER, TOKENIZER_FILES, tiny_config
 
     config = tiny_config("llama")
@@ -190,6 +187,7 @@ def fidelity(convert: Path | None, workdir: Path) -> None:
     import random
 
     from tiny_models import ARCHS, make_tiny_model
+
     from tunepipe.runtime.export import gguf_verify
 
     log = logging.getLogger("bench")

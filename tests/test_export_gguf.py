@@ -15,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny_models import ARCHS, TOKENIZER, TOKENIZER_FILES, make_tiny_model, tiny_config
 
 gguf = pytest.importorskip("gguf")
-from safetensors import safe_open  # noqa: E402
+from safetensors import safe_open
 
-from tunepipe.errors import UserError  # noqa: E402
-from tunepipe.runtime.export import gguf as gguf_export  # noqa: E402
-from tunepipe.runtime.export import modelfile  # noqa: E402
-from tunepipe.runtime.export.gguf_arch import permute_rotary  # noqa: E402
+from tunepipe.errors import UserError
+from tunepipe.runtime.export import gguf as gguf_export
+from tunepipe.runtime.export import modelfile
+from tunepipe.runtime.export.gguf_arch import permute_rotary
 
 LOG = logging.getLogger("test_export_gguf")
 CHATML = {"name": "chatml", "source": "registry", "eos_token": "<|endoftext|>", "stop_words": ["<|im_end|>"],
@@ -145,7 +144,7 @@ def test_f32_export_holds_what_llama_cpp_reads(arch, tmp_path):
                                              ("q4_0", 0.15)])
 def test_quantized_tensors_dequantize_to_the_hf_weights(type, tolerance, tmp_path):
     model_dir = tiny("llama", tmp_path)
-    out, info = export(model_dir, tmp_path, type)
+    out, _ = export(model_dir, tmp_path, type)
     reader = gguf.GGUFReader(out / "model.gguf")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_up.weight"] == type.upper()

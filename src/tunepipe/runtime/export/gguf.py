@@ -60,10 +60,12 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
         _import_llama_cpp(f"type {type} (a k-quant)")
         lossless = LOSSLESS.get(str(config.get("dtype") or config.get("torch_dtype")), "f32")
         staging = out / f"model.{lossless}.gguf"
-        info = write_gguf(model_dir, staging, config, arch, lossless, chat_template, log)
-        quantize_k(staging, out / FILE, type, log)
-        staging.unlink()
-        info.update(type=type, k_quant_from=lossless)
+        try:
+            info = write_gguf(model_dir, staging, config, arch, lossless, chat_template, log)
+            quantize_k(staging, out / FILE, type, log)
+        finally:
+            staging.unlink(missing_ok=True)
+        info.update(type=type, k_quant_from=lossless, tensor_types=tensor_type_counts(out / FILE))
     else:
         info = write_gguf(model_dir, out / FILE, config, arch, type, chat_template, log)
     (out / MODELFILE).write_text(modelfile.modelfile(template, FILE), encoding="utf-8")
@@ -72,11 +74,20 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     return info
 
 
+def tensor_type_counts(path: Path) -> dict[str, int]:
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
 def check_type(type: str) -> None:
     if type not in SUPPORTED_TYPES:
         raise UserError(f"GGUF type {type!r} is not one of {', '.join(SUPPORTED_TYPES)}",
-                        [f"{', '.join(WRITTEN_TYPES)} are written directly; {', '.join(K_QUANTS)} by llama.cpp's "
-                         "quantizer (needs llama-cpp-python)"])
+                        [(f"{', '.join(WRITTEN_TYPES)} are written directly; {', '.join(K_QUANTS)} by llama.cpp's "
+                          "quantizer (needs llama-cpp-python)")])
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
@@ -130,9 +141,7 @@ def write_gguf(model_dir: Path, path: Path, config: dict, arch: gguf_arch.Arch, 
     for tensor, qtype in zip(plan, qtypes):
         writer.write_tensor_data(gguf.quants.quantize(tensor.load(), qtype))
     writer.close()
-    counts: dict[str, int] = {}
-    for qtype in qtypes:
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    counts = tensor_type_counts(path)
     log.info("wrote %s: %s, %d tensors (%s)", path.name, arch.gguf_arch.lower(), len(plan), counts)
     return {"type": type, "arch": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]], "tensors": len(plan),
             "tensor_types": counts, "tokenizer": vocab}
@@ -177,8 +186,9 @@ def _import_llama_cpp(what: str):
         import llama_cpp
     except ImportError:
         raise UserError(f"GGUF {what} needs llama-cpp-python (llama.cpp's quantizer and runtime)",
-                        ["pip install llama-cpp-python (builds llama.cpp from source, CPU: "
-                         "CMAKE_ARGS='-DGGML_NATIVE=OFF')", "or choose one of " + ", ".join(WRITTEN_TYPES)]) from None
+                        [("pip install llama-cpp-python (builds llama.cpp from source; for a portable CPU "
+                          "build CMAKE_ARGS='-DGGML_NATIVE=OFF')"),
+                         "or choose one of " + ", ".join(WRITTEN_TYPES)]) from None
     return llama_cpp
 
 

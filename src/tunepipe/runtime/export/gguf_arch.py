@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -180,7 +181,7 @@ def _shard_index(model_dir: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}
+        return dict.fromkeys(f.keys(), single)
 
 
 def _shapes(paths: set[Path]) -> dict[str, tuple[int, ...]]:
@@ -190,7 +191,7 @@ def _shapes(paths: set[Path]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path in paths:
         with safe_open(path, "pt") as f:
-            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})  # noqa: SIM118
     return shapes
 
 

@@ -106,6 +106,8 @@ def chat_template_check(llm, tokenizer, template: dict) -> dict[str, Any]:
     """The GGUF's embedded chat template, rendered by llama-cpp-python and tokenized by llama.cpp, vs
     the HF tokenizer's apply_chat_template (and tunepipe's prompt encoding) of the same messages.
     A template that rejects a system message (raise_exception) is checked without one."""
+    import jinja2
+
     source = llm.metadata.get("tokenizer.chat_template")
     if not source:
         return {"match": False, "reason": "the GGUF has no tokenizer.chat_template"}
@@ -114,7 +116,7 @@ def chat_template_check(llm, tokenizer, template: dict) -> dict[str, Any]:
                                          "generation_prompt": (CONVERSATION[:2], True)}.items():
         try:
             case = _compare(llm, source, tokenizer, template, messages, generation)
-        except Exception:  # a template error: the same conversation without its system message
+        except (jinja2.TemplateError, ValueError, TypeError):  # e.g. raise_exception on a system message: retry without
             case = _compare(llm, source, tokenizer, template, messages[1:], generation)
             case["system_message"] = False
         out[name] = case

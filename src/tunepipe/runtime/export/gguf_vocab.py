@@ -98,8 +98,8 @@ def _write_bpe(writer, model_dir: Path, tokenizer, n_vocab: int) -> dict[str, An
     model = tokenizer_json.get("model", {})
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         raise UserError(f"{model_dir}: a SentencePiece tokenizer converted to tokenizer.json, without its tokenizer.model",
-                        ["llama.cpp's SentencePiece vocabulary needs the piece scores only tokenizer.model holds: "
-                         "copy the base model's tokenizer.model into this directory"])
+                        [("llama.cpp's SentencePiece vocabulary needs the piece scores only tokenizer.model holds: "
+                          "copy the base model's tokenizer.model into this directory")])
     if model.get("type") != "BPE" or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
         raise UserError(f"{model_dir}: the tokenizer is neither byte-level BPE nor SentencePiece (tokenizer.model)",
                         ["GGUF export writes llama.cpp's gpt2 (byte-level BPE) or llama (SentencePiece) vocabularies"])

@@ -110,7 +110,7 @@ def matching_registry_template(source: str, eos: str) -> str | None:
             if all(jinja.render(messages=m, add_generation_prompt=g, bos_token="", eos_token=eos)
                    == render_slots(slots, m, g) for m, g in PROBES):
                 return name
-        except Exception:  # a template may reject a probe (e.g. raise_exception on a system turn)
+        except (jinja2.TemplateError, ValueError, TypeError):  # it rejects a probe (raise_exception on a system turn)
             continue
     return None
 

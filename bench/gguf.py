@@ -10,7 +10,8 @@ none it says so and measures tunepipe alone.
 
 Speed: a random llama (hidden 2048, 12 layers, ≈1.4 GB of float32 weights in 3 safetensors shards,
 the bundled tokenizer) is converted by each side in a fresh process, once per type; wall time and
-that process's peak RSS (os.wait4's ru_maxrss) are printed with tunepipe/llama.cpp ratios.
+that process's peak RSS (os.wait4's ru_maxrss) are printed with tunepipe/llama.cpp ratios, and
+whether both files hold the same tensors (names, types, bytes).
 Fidelity: tiny random models of every architecture, converted by both sides, then measured by the same
 code (tunepipe.runtime.export.gguf_verify: llama.cpp via llama-cpp-python against the HF model in
 float32). llama.cpp has no 4/5-bit writer in Python: its reference for those types is the converter's
@@ -136,22 +137,21 @@ def build_bench_model(path: Path) -> int:
         setattr(config, key, value)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    shards, current, size, total = [], {}, 0, 0
+    groups, size = [[]], 0  # tensor names per shard, each shard about SHARD_BYTES
     for name, shape in shapes.items():
-        current[name] = 0.02 * torch.randn(shape, generator=generator)
-        size += current[name].numel() * 4
         if size >= SHARD_BYTES:
-            shards.append(current)
-            total, current, size = total + size, {}, 0
-    shards.append(current)
-    total += size
+            groups, size = [*groups, []], 0
+        groups[-1].append(name)
+        size += shape.numel() * 4
+    generator = torch.Generator().manual_seed(0)
     path.mkdir(parents=True)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups, 1):  # one shard in memory at a time
+        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        shard = {name: 0.02 * torch.randn(shapes[name], generator=generator) for name in names}
         save_file(shard, path / file, metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
+        total += sum(t.numel() * 4 for t in shard.values())
+        weight_map.update(dict.fromkeys(names, file))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
     config.save_pretrained(path)
@@ -176,10 +176,23 @@ def speed(convert: Path | None, types: list[str], workdir: Path) -> None:
             print(f"{type:6} {ours[0]:11.1f} {'-':>12} {'-':>7} {ours[1]:13.0f} {'-':>14} {'-':>6}")
             continue
         theirs = measured(["--child-convert", str(convert), str(model_dir), str(workdir / f"ref-{type}.gguf"), type])
+        same = same_tensors(workdir / f"ours-{type}" / "model.gguf", workdir / f"ref-{type}.gguf")
         print(f"{type:6} {ours[0]:11.1f} {theirs[0]:12.1f} {ours[0] / theirs[0]:7.2f} {ours[1]:13.0f} "
-              f"{theirs[1]:14.0f} {ours[1] / theirs[1]:6.2f}")
+              f"{theirs[1]:14.0f} {ours[1] / theirs[1]:6.2f}   tensors {'identical' if same else 'DIFFER'}")
         for leftover in (workdir / f"ours-{type}" / "model.gguf", workdir / f"ref-{type}.gguf"):
             leftover.unlink(missing_ok=True)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Both files hold the same tensors: names, types, shapes and bytes."""
+    import gguf
+    import numpy as np
+
+    left = {t.name: t for t in gguf.GGUFReader(a).tensors}
+    right = {t.name: t for t in gguf.GGUFReader(b).tensors}
+    return left.keys() == right.keys() and all(
+        left[n].tensor_type == right[n].tensor_type and list(left[n].shape) == list(right[n].shape)
+        and np.array_equal(left[n].data, right[n].data) for n in left)
 
 
 # ---------------------------------------------------------------------------------- fidelity

@@ -135,6 +135,7 @@ def build_bench_model(path: Path) -> int:
     config = tiny_config("llama")
     for key, value in BENCH_CONFIG.items():
         setattr(config, key, value)
+    config.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
     groups, size = [[]], 0  # tensor names per shard, each shard about SHARD_BYTES

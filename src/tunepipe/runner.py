@@ -221,6 +221,7 @@ def print_summary(result: RunResult, console: Console) -> None:
             console.print(Text.assemble(f"  {outcome.id}: ", (_report(m), "bold")))
             continue
         found = [" ".join(str(m[k]) for k in ("finetuning_type", "stage", "format", "type") if m.get(k))]
+        found += [f"{m['method']} merge of {m.get('adapters', '?')} adapter(s)"] if outcome.kind == "merge" and "method" in m else []
         found += [f"train loss {_short(m['train_loss'])}"] if "train_loss" in m else []
         found += [f"eval loss {_short(m['eval_loss'])}"] if "eval_loss" in m else []
         found += [f"{m['steps']} steps"] if "steps" in m else []
@@ -228,7 +229,7 @@ def print_summary(result: RunResult, console: Console) -> None:
         pictures = ", ".join(p.name for p in sorted(path.glob("*.png")))
         console.print(Text.assemble(f"  {outcome.id}: ", (" · ".join(f for f in found if f), "bold")))
         console.print(Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True)
-    final = [o for o in result.outcomes if stage(o.kind).summary == "model" and o.status in ("built", CACHED)]
+    final = [o for o in result.outcomes if o.kind in ("train", "merge", "quantize") and o.status in ("built", CACHED)]
     if final:
         step = result.plan.step(final[-1].id)
         where = store.fetch(step.key)

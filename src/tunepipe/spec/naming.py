@@ -3,7 +3,8 @@
 
 A list section's entries are named by their `name:`, else by a default per kind (a train entry's
 `stage`, a quantize entry's `method` and `bits`, an export entry's `format`); a name given twice or
-missing is numbered by position (`gguf-1`, `gguf-2`). A kind with one entry has the kind as step id
+missing is numbered by position (`gguf-1`, `gguf-2`); exports of one format take their type first
+(`gguf-f16`, `gguf-q8_0`). A kind with one entry has the kind as step id
 (`export`); several have `kind.name` (`export.gguf`, `export.onnx`).
 """
 
@@ -24,8 +25,12 @@ def default_name(kind: str, entry: dict[str, Any]) -> str | None:
 
 
 def entry_names(kind: str, entries: list[dict[str, Any]]) -> list[str]:
-    """Unique, readable names: the given ones, numbered where missing or repeated."""
+    """Unique, readable names: the given ones, numbered where missing or repeated. Exports of one
+    format are told apart by their type first (`gguf-f16`, `gguf-q8_0`)."""
     raw = [entry.get("name") or default_name(kind, entry) for entry in entries]
+    if kind == "export":
+        raw = [f"{name}-{entry['type']}" if not entry.get("name") and entry.get("type") and raw.count(name) > 1
+               else name for name, entry in zip(raw, entries)]
     return unique_names(raw)
 
 

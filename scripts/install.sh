@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up tunepipe with its training, export and test dependencies in ./.venv (or the active venv).
-# torch is installed first and pinned: a bare `torch` requirement on a CPU-only machine may pull a
-# multi-GB CUDA build.
+# Set up tunepipe with its training, export, remote-cache and test dependencies in ./.venv (or the
+# active venv). torch is installed first and pinned for every later install: a bare `torch`
+# requirement on a CPU-only machine may pull a multi-GB CUDA build.
+# llama-cpp-python has no wheel on PyPI: the first install builds it from its sdist (about 15 min
+# on 2 cores, a CPU build); pip's wheel cache makes later installs take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then
@@ -10,8 +12,14 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 else
   PY="$VIRTUAL_ENV/bin/python"
 fi
-"$PY" -m pip install --quiet --disable-pip-version-check "torch==${TUNEPIPE_TORCH:-2.13.0}"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[train,export,dev]"
+TORCH="torch==${TUNEPIPE_TORCH:-2.13.0}"
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "$TORCH" >"$constraints"
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
+pip=("$PY" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" "$TORCH"
+"${pip[@]}" -c "$constraints" -e ".[train,export,remote,dev]"
 # Byte-compile the package now: where PYTHONDONTWRITEBYTECODE is set, Python would otherwise
 # recompile tunepipe's modules on every `tunepipe validate` (~50 ms).
 "$PY" -m compileall -q src >/dev/null

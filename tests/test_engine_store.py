@@ -17,7 +17,7 @@ KEY_A = "a" * 64
 KEY_B = "b" * 64
 
 
-def commit(store: Store, key: str, files: dict[str, bytes]):
+def commit(store, key: str, files: dict[str, bytes]):
     tmp = store.begin(key)
     for name, data in files.items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)

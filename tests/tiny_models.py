@@ -55,7 +55,7 @@ def make_tiny_model(arch: str, path: Path, *, seed: int = 0, dtype: str = "float
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
+        for _, param in sorted(model.named_parameters()):
             if param.ndim == 1:  # norms: around their neutral value (1, or 0 for gemma's 1 + w)
                 neutral = 0.0 if arch.startswith("gemma") else 1.0
                 param.copy_(neutral + 0.1 * torch.randn(param.shape, generator=generator))

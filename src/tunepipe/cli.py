@@ -9,7 +9,6 @@ not declared as ~150 typer options, to keep start-up fast; the catalog validates
 from __future__ import annotations
 
 import json
-import os
 import sys
 from enum import Enum
 from pathlib import Path

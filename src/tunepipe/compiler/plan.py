@@ -176,7 +176,7 @@ class _Compiler:
         export_names = entry_names("export", export_entries)
         probes = template_for_entry[-1] if template_for_entry else None
         exports: dict[str, Step] = {}  # format -> its first export step
-        for name, step_id, entry in zip(export_names, step_ids("export", export_names), export_entries):
+        for step_id, entry in zip(step_ids("export", export_names), export_entries):
             sections = {"train": last_train, "export": entry}
             if entry.get("quantized"):
                 quantize_step, sections["quantize"] = self.quantize_for(entry["quantized"], quantize_steps, step_id)

@@ -76,8 +76,6 @@ def plot_sweep(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 
 def lora_updates(peft_model) -> list[dict]:
     """Per adapted module: the effective update ΔW = scale·B·A and its size relative to W."""
-    import torch
-
     rows = []
     for name, module in peft_model.named_modules():
         if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
@@ -165,7 +163,7 @@ def plot_lora_matrix(peft_model, png: Path, summary: Path) -> dict:
     return report
 
 
-def _downsample(delta: torch.Tensor, size: int = 64) -> np.ndarray:
+def _downsample(delta, size: int = 64) -> np.ndarray:
     """Block-average a big ΔW to at most size×size cells so the heatmap stays readable."""
     import torch
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import UserError

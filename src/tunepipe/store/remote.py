@@ -48,8 +48,6 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import fsspec
-
 from ..errors import UserError
 from .base import CHUNK, MANIFEST, ArtifactStore, Entry
 from .local import LocalStore
@@ -165,6 +163,11 @@ class RemoteStore(ArtifactStore):
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.location = _clean_url(str(url))
+        try:
+            import fsspec  # here, not at the top: `tunepipe.store.remote` imports without it
+        except ImportError as exc:
+            raise UserError(f"remote cache {self.location}: fsspec is not installed",
+                            details=["pip install 'tunepipe[remote]' (fsspec, and s3fs for s3://)"]) from exc
         try:
             self.fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
         except ImportError as exc:  # fsspec names the package that implements the protocol

@@ -22,16 +22,13 @@ from __future__ import annotations
 import os
 import sys
 
-# Python puts this script's folder first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize module: drop it before anything imports tokenize.
-sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 BAR_RSS, BAR_TIME = 0.3, 1.0
 

@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Not bench/ itself: bench/tokenize.py would shadow the standard library's tokenize, which s3fs's imports read.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO / "tests"))  # s3_server, for --s3
 
 from tunepipe.store import LocalStore, tree_digest

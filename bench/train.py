@@ -21,22 +21,19 @@ from __future__ import annotations
 import os
 import sys
 
-# Python puts this script's folder first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize module: drop it before anything imports tokenize.
-sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from tunepipe.runtime.context import StepContext  # noqa: E402
-from tunepipe.spec.catalog import load_catalog  # noqa: E402
+from tunepipe.runtime.context import StepContext
+from tunepipe.spec.catalog import load_catalog
 
 WORDS = (REPO / "examples" / "data" / "tiny_corpus.jsonl").read_text().split()
 

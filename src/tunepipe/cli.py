@@ -9,6 +9,7 @@ not declared as ~150 typer options, to keep start-up fast; the catalog validates
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -184,13 +185,16 @@ def plan(
     fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="text tree, json, mermaid or dot."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Plan as if every step ran with this executor."),
     point: Optional[int] = typer.Option(None, "--point", min=1, help="One point of the spec's sweep (1-based)."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="Also ask this remote cache (default: the spec's, $TUNEPIPE_REMOTE)."),
 ) -> None:
-    """Show the DAG of steps, each cached or stale — and why, compared with tunepipe.lock."""
+    """Show the DAG of steps, each cached, on the remote cache, or stale — and why, compared with tunepipe.lock."""
     from .compiler.render import render
     from .compiler.status import annotate
+    from .runner import open_remote_cache, remote_url
 
     compiled = compile_spec(spec, ctx, sets, executor, point)
-    typer.echo(render(compiled, annotate(compiled), fmt.value), nl=False)
+    cache = open_remote_cache(remote_url(compiled, remote), _console(stderr=True))
+    typer.echo(render(compiled, annotate(compiled, remote=cache), fmt.value), nl=False)
     if compiled.points and fmt == PlanFormat.text:
         for sweep_point, _ in compiled.points:
             typer.echo(f"  @{sweep_point.name}: {sweep_point.label}")
@@ -212,14 +216,17 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the steps' INFO log lines."),
     detach: bool = typer.Option(False, "--detach", help="Queue every stale step on its batch system (slurm) and return."),
     point: Optional[int] = typer.Option(None, "--point", min=1, help="Only this point of the spec's sweep (1-based)."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="A remote cache to pull from and push to (dir, s3://, fsspec URL)."),
+    no_push: bool = typer.Option(False, "--no-push", help="Pull from the remote cache, push nothing."),
 ) -> None:
     """Build what is stale, reuse what is cached, write tunepipe.lock."""
-    from .runner import print_summary, run_plan
+    from .runner import print_summary, remote_url, run_plan
 
     compiled = compile_spec(spec, ctx, sets, executor, point)  # the executor decides the world size, so the keys
     console = _console(stderr=True)
     result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
-                      keep_going=keep_going, jobs=jobs, console=console, verbose=verbose, detach=detach)
+                      keep_going=keep_going, jobs=jobs, console=console, verbose=verbose, detach=detach,
+                      remote=remote_url(compiled, remote), push="never" if no_push else compiled.push)
     print_summary(result, console)
     if result.with_status("failed"):
         raise typer.Exit(1)
@@ -407,24 +414,72 @@ CACHE_OPT = typer.Option(None, "--cache", help="The cache directory (default: th
 
 @cache_app.command("ls")
 def cache_ls(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_OPT,
-             fmt: FlagsFormat = typer.Option(FlagsFormat.table, "--format", "-f")) -> None:
-    """List the artifacts in the store."""
+             fmt: FlagsFormat = typer.Option(FlagsFormat.table, "--format", "-f"),
+             on_remote: bool = typer.Option(False, "--remote", help="List the remote cache instead."),
+             remote: Optional[str] = typer.Option(None, "--remote-url", help="The remote cache's URL.")) -> None:
+    """List the artifacts in the store (or, with --remote, in the remote cache)."""
     from . import runner
 
-    store, _ = _store_and_plan(spec, cache)
+    store, plan_ = _store_and_plan(spec, cache)
+    if on_remote or remote:
+        store = _remote(plan_, remote)
     rows = runner.cache_ls(store)
     if fmt == FlagsFormat.json:
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.table import Table
 
-    table = Table(title=f"{store.root}: {len(rows)} artifacts")
+    table = Table(title=f"{store.location}: {len(rows)} artifacts")
     for column in ("key", "step", "kind", "files", "MB", "built", "wall s"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["key"][:12], str(row["id"]), str(row["kind"]), str(row["files"]), f"{row['bytes'] / 1e6:.2f}",
                       str(row["created"] or ""), f"{row['wall_s']:.1f}" if row["wall_s"] is not None else "")
     _console().print(table)
+
+
+REMOTE_OPT = typer.Option(None, "--remote", help="The remote cache (default: the spec's cache.remote, $TUNEPIPE_REMOTE).")
+
+
+def _remote(plan_, url: Optional[str]):
+    from .runner import remote_url
+    from .store.remote import open_remote
+
+    url = remote_url(plan_, url) if plan_ is not None else (url or os.environ.get("TUNEPIPE_REMOTE"))
+    if not url:
+        raise UserError("no remote cache: give --remote URL, set TUNEPIPE_REMOTE, or cache: {remote: URL} in the spec")
+    return open_remote(url)
+
+
+@cache_app.command("push")
+def cache_push(spec: Path = typer.Argument(..., help="Push this spec's built steps."), remote: Optional[str] = REMOTE_OPT) -> None:
+    """Upload every built step of the spec's plan to the remote cache (files first, the manifest last)."""
+    from .store.remote import RemoteReadOnly
+
+    store, plan_ = _store_and_plan(spec, None)
+    target = _remote(plan_, remote)
+    moved = pushed = 0
+    for step in plan_.steps:
+        if store.has(step.key):
+            try:
+                sent = target.push(step.key, store.fetch(step.key), store.manifest(step.key))
+            except RemoteReadOnly as exc:
+                raise UserError(str(exc)) from None
+            moved, pushed = moved + sent, pushed + bool(sent)
+    typer.echo(f"pushed {pushed} artifact(s), {moved / 1e6:.2f} MB, to {target.location}")
+
+
+@cache_app.command("pull")
+def cache_pull(spec: Path = typer.Argument(..., help="Pull this spec's steps."), remote: Optional[str] = REMOTE_OPT) -> None:
+    """Download every step of the spec's plan that the remote cache has (each file verified as it streams)."""
+    store, plan_ = _store_and_plan(spec, None)
+    source = _remote(plan_, remote)
+    moved = pulled = 0
+    for step in plan_.steps:
+        if not store.has(step.key) and source.has(step.key):
+            got = source.pull(step.key, store)
+            moved, pulled = moved + got, pulled + 1
+    typer.echo(f"pulled {pulled} artifact(s), {moved / 1e6:.2f} MB, from {source.location}")
 
 
 @cache_app.command("verify")
@@ -446,11 +501,21 @@ def cache_verify(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_
 def cache_gc(ctx: typer.Context,
              spec: Path = typer.Argument(..., help="Keep this spec's artifacts, remove the rest."),
              keep_lock: bool = typer.Option(False, "--keep-lock", help="Also keep what tunepipe.lock names."),
-             cache: Optional[Path] = CACHE_OPT) -> None:
+             cache: Optional[Path] = CACHE_OPT,
+             on_remote: bool = typer.Option(False, "--remote", help="Collect the remote cache instead."),
+             older_than: Optional[float] = typer.Option(None, "--older-than", help="--remote: only artifacts older than DAYS.")) -> None:
     """Remove every artifact the spec's current plan (with any flag overrides) does not use."""
     from . import runner
 
     store, plan_ = _store_and_plan(spec, cache, ctx.args)
+    if on_remote:
+        from .compiler.lockfile import keys_in_lock
+
+        target = _remote(plan_, None)
+        keep = {step.key for step in plan_.steps} | (keys_in_lock(plan_.lock_path) if keep_lock else set())
+        removed = target.gc(keep, older_than_days=older_than)
+        typer.echo(f"removed {len(removed)} artifacts from {target.location}")
+        return
     removed = runner.cache_gc(store, plan_, keep_lock=keep_lock)
     typer.echo(f"removed {len(removed)} artifacts from {store.root}")
 

@@ -36,7 +36,9 @@ from .errors import FrozenPlanError, StepFailed, UserError
 from .executors.base import Executor, get_executor
 from .stage_table import stage
 from .store import LocalStore, open_store
+from .store.remote import RemoteCorrupt, RemoteError, RemoteReadOnly, RemoteUnavailable
 
+PULLED, REMOTE = "pulled", "remote"  # outcomes of steps the remote cache had
 POLL_S = 0.1
 LOG_TAIL_LINES = 30
 # The worker's own INFO/DEBUG log lines (logging's default time format): kept in the step log, shown with -v.
@@ -142,6 +144,8 @@ def run_plan(
     console: Console | None = None,
     verbose: bool = False,
     detach: bool = False,
+    remote: str | None = None,
+    push: str = "on-success",
 ) -> RunResult:
     started = time.monotonic()
     console = console or Console(stderr=True)
@@ -173,7 +177,10 @@ def run_plan(
     runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going,
                      frozen_lock=lock if frozen else None, verbose=verbose, detach=detach)
     steps = [plan.step(step_id) for step_id in selected]
-    to_build = [s for s in steps if s.id in forced or not store.has(s.key)]
+    runner.remote = open_remote_cache(remote, console)
+    runner.push_policy = "never" if runner.remote is None else push
+    runner.plan_pulls(steps, forced)
+    to_build = [s for s in steps if (s.id in forced or not store.has(s.key)) and s.id not in runner.from_remote]
     if to_build and not dry_run and not store.writable():
         raise UserError(f"the cache {store.location} is read-only, and {len(to_build)} step(s) need building: "
                         f"{', '.join(s.id for s in to_build)}", ["point TUNEPIPE_CACHE at a writable directory to build them"])
@@ -188,8 +195,33 @@ def run_plan(
     from .modelcard import write_cards
 
     write_cards(plan, store)  # after verify: a delivered export's card carries its verify report
-    lock_written = False if frozen or failed else write_lock(plan, store)
+    if runner.push_policy == "on-success" and not failed:
+        runner.push_built()
+    lock_written = False if frozen or failed else write_lock(plan, store, runner.remote)
     return RunResult(plan, outcomes, time.monotonic() - started, lock_written)
+
+
+def open_remote_cache(url: str | None, console: Console):
+    """The remote cache at `url` (None without one); an unreachable one is a warning: build locally."""
+    if not url:
+        return None
+    from .store.remote import open_remote
+
+    try:
+        return open_remote(url)
+    except RemoteUnavailable as exc:
+        console.print(Text(f"warning: remote cache unavailable ({exc.reason}); building locally", style="yellow"))
+        return None
+
+
+def remote_url(plan: Plan, override: str | None = None) -> str | None:
+    """--remote, else $TUNEPIPE_REMOTE, else the spec's cache.remote (a plain path: relative to the spec)."""
+    import os
+
+    url = override or os.environ.get("TUNEPIPE_REMOTE") or plan.remote
+    if url and "://" not in url and not Path(url).expanduser().is_absolute():
+        url = str((plan.spec_dir / url).resolve())
+    return url
 
 
 def check_preflight(steps: list[Step], plan: Plan) -> None:
@@ -355,6 +387,8 @@ class _Runner:
     def __init__(self, plan: Plan, store: LocalStore, console: Console, *, jobs: int, keep_going: bool,
                  frozen_lock: dict | None, verbose: bool = False, detach: bool = False):
         self.plan, self.store, self.console = plan, store, console
+        self.remote, self.push_policy, self.repair = None, "never", set()
+        self.from_remote, self.left_remote, self.built = set(), set(), []
         self.verbose, self.detach = verbose, detach
         self.jobs, self.keep_going = jobs, keep_going
         self.frozen_lock = frozen_lock
@@ -472,8 +506,103 @@ class _Runner:
             key_lock.release()
             self.done(step, CACHED)
             return True
+        if step.id in self.from_remote:
+            if self.pull(step):
+                key_lock.release()
+                self.done(step, PULLED)
+                return True
+            if step.id in self.outcomes:  # left on the remote
+                key_lock.release()
+                return True
         self.running[step.id] = self.start(step, key_lock, behind)
         return True
+
+    # -- the remote cache ----------------------------------------------------------------------
+    def plan_pulls(self, steps: list[Step], forced: set[str]) -> None:
+        """Which missing steps come from the remote: `from_remote` (pulled, or left there) and
+        `left_remote` (nothing here needs their bytes: a later step is on the remote too)."""
+        self.from_remote: set[str] = set()
+        self.left_remote: set[str] = set()
+        self.built: list[Step] = []
+        if self.remote is None:
+            return
+        try:
+            there = {s.id for s in steps if s.id not in forced and not self.store.has(s.key) and self.remote.has(s.key)}
+        except RemoteUnavailable as exc:
+            self.warn(f"remote cache {self.remote.location} unavailable ({exc.reason}); building locally")
+            self.remote = None
+            return
+        selected = {s.id for s in steps}
+        needed: set[str] = set()  # steps whose bytes must be here: built here, delivered, or read by such a step
+        for step in reversed(steps):
+            dependents = [s for s in steps if step.id in s.deps]
+            if (step.id not in there or not dependents or step.deliver is not None
+                    or stage(step.kind).summary == "answer" or any(d.id in needed and d.id not in there for d in dependents)):
+                needed.add(step.id)
+        self.from_remote = there
+        self.left_remote = {i for i in there if i not in needed and i in selected}
+
+    def pull(self, step: Step) -> bool:
+        """Download `step` from the remote (every file checked while it streams); False to build it here."""
+        if step.id in self.left_remote:
+            self.finish(step, REMOTE, metrics=(self.remote.manifest(step.key) or {}).get("metrics", {}))
+            self.console.print(Text.assemble(("• ", "green"), f"{step.id} ", ("on the remote (not needed here)", "dim")))
+            return False  # finished: advance() must not mark it done again
+        try:
+            moved = self.remote.pull(step.key, self.store)
+        except RemoteCorrupt as exc:
+            self.warn(f"{step.id}: the remote's copy is damaged ({exc}); building it here")
+            self.repair.add(step.key)
+            self.pull_inputs(step)
+            return False
+        except RemoteUnavailable as exc:
+            self.warn(f"remote cache unavailable ({exc.reason}); building locally")
+            self.remote, self.from_remote = None, set()
+            return False
+        except FileNotFoundError:
+            return False
+        self.console.print(Text.assemble(("↓ ", "green"), f"{step.id} ", (f"pulled {moved / 1e6:.2f} MB", "dim")))
+        return True
+
+    def pull_inputs(self, step: Step) -> None:
+        """A step to build after all: the inputs left on the remote must be here now."""
+        for dep in step.deps:
+            if self.status(dep) == "done" and self.outcomes[dep].status == REMOTE:
+                dep_step = self.plan.step(dep)
+                try:
+                    moved = self.remote.pull(dep_step.key, self.store)
+                except RemoteError as exc:  # the step's worker then reports the missing input
+                    self.warn(f"{dep}: cannot pull it from the remote ({exc})")
+                    continue
+                self.outcomes[dep].status = PULLED
+                self.console.print(Text.assemble(("↓ ", "green"), f"{dep} ", (f"pulled {moved / 1e6:.2f} MB", "dim")))
+
+    def push_built(self) -> None:
+        for step in self.built:
+            self.push(step)
+
+    def push(self, step: Step) -> None:
+        if self.remote is None or not self.store.has(step.key):
+            return
+        try:
+            moved = self.remote.push(step.key, self.store.fetch(step.key), self.store.manifest(step.key),
+                                     replace=step.key in self.repair)
+        except RemoteReadOnly:
+            self.warn(f"the remote {self.remote.location} is read-only: nothing is pushed (cache pull works)")
+            self.push_policy, self.built = "never", []
+            return
+        except RemoteUnavailable as exc:
+            self.warn(f"remote cache unavailable ({exc.reason}); not pushing")
+            self.remote, self.push_policy, self.built = None, "never", []
+            return
+        except RemoteError as exc:
+            self.warn(f"{step.id}: not pushed: {exc}")
+            return
+        if moved:
+            self.console.print(Text.assemble(("↑ ", "green"), f"{step.id} ", (f"pushed {moved / 1e6:.2f} MB", "dim")))
+
+    def warn(self, message: str) -> None:
+        self.console.print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
 
     def follow(self, job: _Running) -> None:
         """Stream a running step's log; when it has ended, record it as built or failed."""
@@ -488,6 +617,9 @@ class _Runner:
         wall_s = time.monotonic() - job.started
         if returncode == 0 and self.store.has(job.step.key):
             self.done(job.step, "built", wall_s=wall_s, command=job.command)
+            self.built.append(job.step)
+            if self.push_policy == "always":
+                self.push(job.step)
             return
         failure = StepFailed(job.step.id, returncode, self.log_tail(job))
         self.finish(job.step, "failed", wall_s=wall_s, command=job.command, reason=f"exit status {returncode}",
@@ -501,7 +633,7 @@ class _Runner:
         outcome = self.outcomes.get(step_id)
         if outcome is None:
             return None
-        return "done" if outcome.status in (CACHED, "built") else outcome.status
+        return "done" if outcome.status in (CACHED, "built", PULLED, REMOTE) else outcome.status
 
     def start(self, step: Step, key_lock, behind: list[str] | None = None) -> _Running:
         """Submit `step` (behind the jobs it waits for, on a queueing executor) — or re-attach to the
@@ -573,6 +705,8 @@ class _Runner:
                                       f"(same key {step.key[:12]}, other bytes)",
                                       [f"locked digest {str(locked)[:12]}, built {output_digest(manifest)['digest'][:12]}"])
         self.finish(step, status, wall_s=wall_s, metrics=manifest.get("metrics", {}), answer=answer, command=command)
+        if status == PULLED:
+            return  # pull() printed what it moved
         label = "cached" if status == CACHED else f"built in {wall_s:.1f}s"
         self.console.print(Text.assemble(("✓ " if status != CACHED else "• ", "green"), f"{step.id} ", (label, "dim")))
 

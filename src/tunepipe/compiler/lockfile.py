@@ -91,8 +91,9 @@ def step_entry(plan: Plan, step: Step, manifest: dict[str, Any]) -> dict[str, An
     }
 
 
-def write_lock(plan: Plan, store: ArtifactStore) -> bool:
-    """Record every plan step whose artifact is in the store; a step not built now keeps its old entry.
+def write_lock(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None = None) -> bool:
+    """Record every plan step whose artifact is in the store (or, not pulled, on the remote); a step
+    not built now keeps its old entry.
 
     Returns whether the file changed (it is not rewritten when identical).
     """
@@ -100,16 +101,18 @@ def write_lock(plan: Plan, store: ArtifactStore) -> bool:
     # by a lock in the temp directory (the cache may be read-only: a team cache, a login node).
     name = hashlib.sha256(str(plan.lock_path).encode()).hexdigest()[:16]
     with FileLock(str(Path(tempfile.gettempdir()) / f"tunepipe-lockfile-{name}.lock")):
-        return _write_lock(plan, store)
+        return _write_lock(plan, store, remote)
 
 
-def _write_lock(plan: Plan, store: ArtifactStore) -> bool:
+def _write_lock(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None = None) -> bool:
     spec_file = plan.spec_path.name
     lock = read_lock_file(plan.lock_path) or {"specs": {}}
     previous = (lock["specs"].get(spec_file) or lock["specs"].get(None) or {}).get("steps", {})
     steps = {}
     for step in plan.steps:
         manifest = store.manifest(step.key)
+        if manifest is None and remote is not None:  # left on the remote: nothing downstream needed it here
+            manifest = remote.manifest(step.key)
         if manifest is not None:
             steps[step.id] = step_entry(plan, step, manifest)
         elif step.id in previous:

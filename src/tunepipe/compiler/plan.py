@@ -76,6 +76,8 @@ class Plan:
     seed: int | None
     steps: list[Step] = field(default_factory=list)
     points: list = field(default_factory=list)  # a sweep's (point, {its step id: id here}); empty otherwise
+    remote: str | None = None  # the spec's cache.remote, as written
+    push: str = "on-success"  # the spec's cache.push
 
     @property
     def spec_dir(self) -> Path:
@@ -120,7 +122,9 @@ def compile_plan(spec: dict[str, Any], spec_path: Path, *, catalog=None, cache_d
     spec_path = Path(spec_path).resolve()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(spec_path.parent)
     memo = DigestMemo(cache_dir / MEMO_NAME)
-    plan = Plan(name=spec.get("name") or spec_path.stem, spec_path=spec_path, cache_dir=cache_dir, seed=spec.get("seed"))
+    cache = spec.get("cache") or {}
+    plan = Plan(name=spec.get("name") or spec_path.stem, spec_path=spec_path, cache_dir=cache_dir, seed=spec.get("seed"),
+                remote=cache.get("remote"), push=cache.get("push") or "on-success")
     _Compiler(spec, plan, catalog, memo, executor_override).build()
     memo.save()
     return plan

@@ -6,7 +6,7 @@ import json
 
 from ..errors import UserError
 from .plan import Plan
-from .status import CACHED, StepStatus
+from .status import CACHED, REMOTE, STALE, StepStatus
 
 FORMATS = ("text", "json", "mermaid", "dot")
 
@@ -25,8 +25,9 @@ def render_text(plan: Plan, statuses: dict[str, StepStatus], commands: dict[str,
     for step in plan.steps:
         children.setdefault(step.deps[0] if step.deps else None, []).append(step.id)
     width = max((len(step.id) for step in plan.steps), default=0) + 3 * _depth(plan)
-    stale = sum(1 for s in statuses.values() if s.state != CACHED)
-    lines = [f"{plan.name}: {len(plan.steps)} steps, {len(plan.steps) - stale} cached, {stale} stale"]
+    counts = {state: sum(1 for s in statuses.values() if s.state == state) for state in (CACHED, REMOTE, STALE)}
+    remote = f", {counts[REMOTE]} on the remote" if counts[REMOTE] else ""
+    lines = [f"{plan.name}: {len(plan.steps)} steps, {counts[CACHED]} cached{remote}, {counts[STALE]} stale"]
 
     def walk(step_id: str, prefix: str, branch: str, last: bool) -> None:
         step, status = plan.step(step_id), statuses[step_id]
@@ -92,6 +93,7 @@ def render_mermaid(plan: Plan, statuses: dict[str, StepStatus], commands: dict[s
             lines.append(f"    {_node(plan, dep)} --> {_node(plan, step.id)}")
     lines.append("    classDef cached fill:#d4edda,stroke:#28a745")
     lines.append("    classDef stale fill:#fff3cd,stroke:#d39e00")
+    lines.append("    classDef remote fill:#d1ecf1,stroke:#17a2b8")
     return "\n".join(lines)
 
 
@@ -100,7 +102,7 @@ def _escape_mermaid(text: str) -> str:
 
 
 def render_dot(plan: Plan, statuses: dict[str, StepStatus], commands: dict[str, str]) -> str:
-    colours = {"cached": "#d4edda", "stale": "#fff3cd"}
+    colours = {"cached": "#d4edda", "stale": "#fff3cd", "remote": "#d1ecf1"}
     lines = [f"digraph {json.dumps(plan.name)} {{", "    rankdir=TB;", '    node [shape=box, style="rounded,filled"];']
     for step in plan.steps:
         status = statuses[step.id]

@@ -10,7 +10,7 @@ from ..store import ArtifactStore, open_store
 from .lockfile import read_lock
 from .plan import Plan, Step
 
-CACHED, STALE = "cached", "stale"
+CACHED, STALE, REMOTE = "cached", "stale", "remote"
 
 
 @dataclass
@@ -24,15 +24,20 @@ class StepStatus:
         return "; ".join(self.reasons)
 
 
-def annotate(plan: Plan, store: ArtifactStore | None = None, lock: dict[str, Any] | None = None) -> dict[str, StepStatus]:
-    """{step id: StepStatus}, in plan order. `lock` defaults to the plan's section of tunepipe.lock."""
+def annotate(plan: Plan, store: ArtifactStore | None = None, lock: dict[str, Any] | None = None,
+             remote=None) -> dict[str, StepStatus]:
+    """{step id: StepStatus}, in plan order. `lock` defaults to the plan's section of tunepipe.lock.
+    With a remote cache, a step that only it holds (and whose inputs are there or here) is `remote`."""
     store = store or open_store(plan.cache_dir)
     if lock is None:
         lock = read_lock(plan.lock_path, plan.spec_path.name)
     statuses: dict[str, StepStatus] = {}
     for step in plan.steps:
-        missing = [dep for dep in step.deps if statuses[dep].state != CACHED]
-        if store.has(step.key) and not missing:
+        missing = [dep for dep in step.deps if statuses[dep].state not in (CACHED, REMOTE)]
+        entry = remote.lookup(step.key) if remote is not None and not store.has(step.key) else None
+        if entry is not None and not missing:
+            statuses[step.id] = StepStatus(step, REMOTE, [f"on the remote ({entry.size / 1e6:.2f} MB)"])
+        elif store.has(step.key) and not missing:
             statuses[step.id] = StepStatus(step, CACHED)
         elif store.has(step.key):
             # Built, but an artifact it reads is not: unusable until that one is rebuilt (same key, same bytes).

@@ -18,7 +18,9 @@ from .plan import Plan, Step, compile_plan
 def compile_sweep(points: list, specs: list[dict], spec_path: Path, **kwargs) -> Plan:
     plans = [compile_plan(data, spec_path, **kwargs) for data in specs]
     everywhere = set.intersection(*({step.key for step in plan.steps} for plan in plans))
-    merged = Plan(name=plans[0].name, spec_path=plans[0].spec_path, cache_dir=plans[0].cache_dir, seed=plans[0].seed)
+    first = plans[0]
+    merged = Plan(name=first.name, spec_path=first.spec_path, cache_dir=first.cache_dir, seed=first.seed,
+                  remote=first.remote, push=first.push)
     by_key: dict[str, Step] = {}
     for point, plan in zip(points, plans):
         ids: dict[str, str] = {}

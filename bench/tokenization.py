@@ -1,6 +1,6 @@
 """Throughput of the template (tokenize) stage against a naive per-sample loop.
 
-    python bench/tokenize.py [--conversations 20000] [--model examples/models/tiny-llama]
+    python bench/tokenization.py [--conversations 20000] [--model examples/models/tiny-llama]
 
 Generates a synthetic multi-turn corpus (deterministic) and, unless --model is given, a byte-level BPE
 with a production-sized vocabulary trained on it (common words are one token, as with a 32k–150k

@@ -6,6 +6,7 @@ builds give identical artifacts. Knobs, by environment variable:
 
     FAKE_SLOW=train:0.05      write the artifact as 5 files with that many seconds between them
     FAKE_FAIL=train           exit with an error in that kind
+    FAKE_BIG=train:BYTES      write a file of that many bytes into the artifact
     FAKE_BUILDS=/path/file    append "<step id> <pid> <start time>" each time a stage runs
 
 `python tests/fake_stages.py run PROJECT [run_plan keyword=JSON ...]` compiles PROJECT/spec.json
@@ -152,6 +153,9 @@ def run(ctx) -> dict:
         for i in range(5):
             (ctx.out / f"part{i}.bin").write_bytes(payload.encode() * 2000)
             time.sleep(float(slow[kind]))
+    big = dict(item.split(":") for item in os.environ.get("FAKE_BIG", "").split(",") if ":" in item)
+    if kind in big:  # FAKE_BIG=train:BYTES: a large artifact (a full disk's test)
+        (ctx.out / "weights.bin").write_bytes(b"\0" * int(big[kind]))
     (ctx.out / f"{kind}.txt").write_text(payload + "\n")
     if kind == "infer":
         (ctx.out / "answer.txt").write_text(f"answer {payload[:8]}\n")

@@ -563,6 +563,14 @@ def main() -> None:
                                 f" (exit status {exc.returncode}); last lines of its log:"))
         err.print(exc.log_tail, markup=False)
         sys.exit(2 if exc.returncode == 2 else exc.exit_code)  # a stage's user error (bad input) stays exit 2
+    except OSError as exc:  # the runner's own resource errors (a full disk writing STEP.json, …)
+        from .resources import describe_os_error
+
+        line = describe_os_error(exc)
+        if line is None:
+            raise
+        _console(stderr=True).print(Text.assemble(("error: ", "bold red"), line))
+        sys.exit(1)
     except KeyboardInterrupt:
         _console(stderr=True).print(Text("interrupted: the running steps were stopped and nothing half-built was kept; "
                                          "run the same command again to continue (finished steps stay cached)",

@@ -34,6 +34,7 @@ from .compiler.render import render_text
 from .compiler.status import CACHED, STALE, StepStatus, annotate, frozen_violations
 from .errors import FrozenPlanError, StepFailed, UserError
 from .executors.base import Executor, get_executor
+from .resources import describe_exit
 from .stage_table import stage
 from .store import LocalStore, open_store
 from .store.remote import RemoteCorrupt, RemoteError, RemoteReadOnly, RemoteUnavailable
@@ -270,7 +271,7 @@ def print_summary(result: RunResult, console: Console) -> None:
         if step.deliver is not None:
             console.print(Text.assemble("  copied to: ", (f"{_relative(step.deliver)}", "bold")), soft_wrap=True)
     for outcome in result.with_status("failed"):
-        status = f"exit status {outcome.returncode}" if outcome.returncode is not None else outcome.reason or "failed"
+        status = outcome.reason or (f"exit status {outcome.returncode}" if outcome.returncode is not None else "failed")
         console.print(Text.assemble(("  ✗ ", "bold red"), (outcome.id, "bold"), f" failed ({status})"))
         if outcome.log:
             console.print(Text(f"    log: {_relative(Path(outcome.log))}", style="dim"), soft_wrap=True)
@@ -621,10 +622,13 @@ class _Runner:
             if self.push_policy == "always":
                 self.push(job.step)
             return
-        failure = StepFailed(job.step.id, returncode, self.log_tail(job))
-        self.finish(job.step, "failed", wall_s=wall_s, command=job.command, reason=f"exit status {returncode}",
+        why = describe_exit(returncode, self.store.root)
+        failure = StepFailed(job.step.id, returncode, self.log_tail(job) + (f"\n{why}" if why else ""))
+        self.finish(job.step, "failed", wall_s=wall_s, command=job.command,
+                    reason=f"exit status {returncode}" + (f": {why}" if why else ""),
                     returncode=returncode, log=str(job.launch_log) if job.launch_log else None)
-        self.console.print(Text(f"✗ {job.step.id} failed with exit status {returncode}", style="bold red"))
+        self.console.print(Text(f"✗ {job.step.id} failed with exit status {returncode}" + (f": {why}" if why else ""),
+                                style="bold red"))
         self.failures.append(failure)
         if not self.keep_going:
             raise failure

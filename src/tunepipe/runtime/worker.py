@@ -33,6 +33,7 @@ from typing import Any
 from .. import __version__
 from ..errors import UserError
 from .context import StepContext
+from ..resources import describe_os_error
 from ..store import STEP_LOG, open_store
 
 # peft calls a transformers API that transformers 5 deprecates; the warning says nothing to a user.
@@ -154,6 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e.message}", *e.details, sep="\n", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full disk, a permission: one line saying what and where, not a traceback
+        line = describe_os_error(e)
+        if line is None:
+            raise
+        print(f"error: {step['id']}: {line}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"error: {step['id']}: out of memory — lower per_device_train_batch_size / cutoff_len, or free memory",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -192,6 +192,9 @@ RULE_CASES = [
     ("infer_needs_prompt", "infer: {}\n", "infer needs a prompt"),
     ("export_type_fits_format", "export: [{format: onnx, type: q8_0}]\n", "export.type: 'q8_0' is not a onnx type"),
     ("quantize_method_is_real", "quantize: [{method: cpm}]\n", "quantize.method: cpm names OpenBMB's cpm_kernels"),
+    ("cutoff_len_fits_the_model", "  data: {cutoff_len: 1000000000000}\n",
+     "data.cutoff_len: 1000000000000 tokens per sample is beyond any model's context"),
+    ("cutoff_len_fits_the_model", "  data: {cutoff_len: 4096}\n", "data.cutoff_len: 4096 exceeds the model's max_position_embeddings (512"),
     ("executor_options_fit_kind", "executor: {kind: torchrun, partition: gpu}\n",
      "executor.partition: is a slurm option; executor kind torchrun does not take it"),
     ("executor_options_fit_kind", "  executor: {kind: local, rdzv_endpoint: h:1}\n",
@@ -339,3 +342,19 @@ def test_a_damaged_catalog_cache_is_rebuilt():
     catalog_module.load_catalog.cache_clear()
     again = catalog_module.load_catalog()
     assert again.flags == fresh.flags and again.negations == fresh.negations
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]', "identity.json:2:22: malformed JSON: Expecting ',' delimiter"),
+    ("", "is empty: no examples to train on"),
+    ("[]", "holds no examples"),
+])  # fmt: skip
+def test_malformed_and_empty_dataset_files_fail_validate_located(cli, tmp_path, content, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text('{"identity": {"file_name": "identity.json"}}')
+    (data / "identity.json").write_text(content)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(BASE.replace("$EXAMPLES/data", str(data)).replace("$EXAMPLES", str(EXAMPLES)))
+    code, _, err = cli("validate", spec)
+    assert code == 2 and message in err and "Traceback" not in err, err

@@ -168,6 +168,7 @@ def read_records(attr: DatasetAttr, cache_dir: Path) -> list[dict[str, Any]]:
                 ["no hub is reachable from here? download the dataset, put it inside dataset_dir and use file_name"],
             ) from None
         return list(ds)
+    check_files(attr)
     files = _data_files(attr)
     kind = FILE_TYPES[files[0].suffix]
     try:
@@ -175,6 +176,54 @@ def read_records(attr: DatasetAttr, cache_dir: Path) -> list[dict[str, Any]]:
     except Exception as e:
         raise UserError(f"dataset {attr.name!r}: cannot read {attr.path} as {kind} ({type(e).__name__}: {e})") from None
     return list(ds)
+
+
+FULL_CHECK_BYTES = 64 << 20  # files up to this size are parsed whole by `check_files`; larger ones by their ends
+
+
+def check_files(attr: DatasetAttr) -> None:
+    """A malformed JSON/JSONL file as FILE:LINE:COL, an empty dataset as such — the same errors in
+    `validate` and in the data step, before `datasets` would report them less clearly."""
+    if attr.hub:
+        return
+    files = _data_files(attr)
+    if all(f.stat().st_size == 0 for f in files):
+        raise UserError(f"dataset {attr.name!r}: {attr.path} is empty: no examples to train on")
+    records = 0
+    for file in files:
+        kind = FILE_TYPES[file.suffix]
+        if kind != "json":
+            records += file.stat().st_size > 0
+            continue
+        text = _readable_part(file)
+        if file.suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    _parse(line, file, number, line_offset=0)
+                    records += 1
+        else:
+            data = _parse(text, file, 1, line_offset=None)
+            records += len(data) if isinstance(data, (list, dict)) else 1
+    if records == 0:
+        raise UserError(f"dataset {attr.name!r}: {attr.path} holds no examples (an empty list or only blank lines)")
+
+
+def _readable_part(file: Path) -> str:
+    try:
+        if file.stat().st_size <= FULL_CHECK_BYTES or file.suffix != ".jsonl":
+            return file.read_text(encoding="utf-8")
+        with open(file, encoding="utf-8") as f:  # a big JSONL file: its first lines are checked
+            return "".join(f.readline() for _ in range(1000))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _parse(text: str, file: Path, line: int, line_offset: int | None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"{file}:{exc.lineno if line_offset is None else line}:{exc.colno}"
+        raise UserError(f"{where}: malformed JSON: {exc.msg}") from None
 
 
 def _data_files(attr: DatasetAttr) -> list[Path]:

@@ -169,7 +169,8 @@ def train_stages_need_data(ctx: RuleContext) -> None:
 
 def datasets_known(ctx: RuleContext) -> None:
     """Every dataset resolves as the data stage will resolve it (LLaMA-Factory's dataset_info.json)."""
-    from ..runtime.datasets import load_info, resolve as resolve_dataset  # light: `datasets` loads lazily
+    from ..runtime.datasets import check_files, load_info  # light: `datasets` loads lazily
+    from ..runtime.datasets import resolve as resolve_dataset
 
     top = ctx.data.get("data") or {}
     configs = [(("data", "dataset"), top)] if top else []
@@ -186,7 +187,7 @@ def datasets_known(ctx: RuleContext) -> None:
             continue
         for name in config.get("dataset") or []:
             try:
-                resolve_dataset(name, base, registry, config)
+                check_files(resolve_dataset(name, base, registry, config))
             except UserError as exc:
                 close = difflib.get_close_matches(name, list(registry), n=1) if name not in registry else []
                 ctx.error(path, exc.message + (f" (did you mean {close[0]}?)" if close else ""))
@@ -333,6 +334,36 @@ def executor_options_fit_kind(ctx: RuleContext) -> None:
             ctx.error(path, f"is a {' / '.join(flag.executors)} option; executor kind {kind} does not take it{hint}")
 
 
+MAX_CUTOFF = 1 << 20  # a million tokens per sample: beyond any model's context, and beyond any host's memory
+
+
+def cutoff_len_fits_the_model(ctx: RuleContext) -> None:
+    """cutoff_len within the model's context (its local config.json), unless RoPE scaling extends it."""
+    model = ctx.data.get("model") or {}
+    limit = None
+    source = model.get("model_name_or_path")
+    config = resolve(ctx.spec.spec_dir, source) / "config.json" if source else None
+    if config is not None and config.is_file():
+        try:
+            limit = json.loads(config.read_text()).get("max_position_embeddings")
+        except (OSError, ValueError):
+            limit = None
+    top = ctx.data.get("data") or {}
+    configs = [(("data", "cutoff_len"), top)] + [((*p, "data", "cutoff_len"), {**top, **e["data"]})
+                                                 for p, e in ctx.train_entries() if "cutoff_len" in (e.get("data") or {})]
+    for path, data in configs:
+        cutoff = data.get("cutoff_len")
+        if not isinstance(cutoff, int):
+            continue
+        where = path if ctx.set(path) else ("data", "cutoff_len")
+        if cutoff > MAX_CUTOFF:
+            ctx.error(where, f"{cutoff} tokens per sample is beyond any model's context (and any host's memory); "
+                             f"lower it to the context you train for (at most {MAX_CUTOFF})")
+        elif isinstance(limit, int) and cutoff > limit and not model.get("rope_scaling"):
+            ctx.error(where, f"{cutoff} exceeds the model's max_position_embeddings ({limit}, in {source}/config.json): "
+                             "lower it, or set model.rope_scaling (linear, dynamic, yarn, llama3) to extend the context")
+
+
 def infer_needs_prompt(ctx: RuleContext) -> None:
     infer = ctx.data.get("infer")
     if infer is not None and not infer.get("prompt"):
@@ -367,6 +398,7 @@ RULES: list[Callable[[RuleContext], None]] = [
     export_type_fits_format,
     quantize_method_is_real,
     executor_options_fit_kind,
+    cutoff_len_fits_the_model,
 ]
 
 

@@ -44,6 +44,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Declarative, cached pipelines for LLM fine-tuning: data → template → train → merge → quantize → export."""
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+WIDE = 110  # narrower terminals get one block per row instead of a table (names never split mid-word)
 SET_HELP = "Override a flag: section.key=value (section.N.key for one entry of a list section)."
 FLAG_EPILOG = ("Any catalog flag may follow the spec, in either spelling: --lora-rank 16, --lora_rank=16, "
                "--no-use-cache, --fp16. `tunepipe flags` lists them.")
@@ -333,7 +334,8 @@ def flags(
     needle = (query or "").lower().replace("-", "_")
     rows = [f for f in catalog.flags.values()
             if (section is None or f.section == section)
-            and (not needle or needle in f.name or needle in f.en.lower() or needle in f.zh.lower())]
+            and (not needle or needle in f.name or any(needle in a for a in f.aliases)
+                 or needle in f.en.lower() or needle in f.zh.lower())]
     if fmt == FlagsFormat.json:
         out = []
         for flag in rows:
@@ -346,14 +348,25 @@ def flags(
         return
     from rich.table import Table
 
+    console = _console()
+    if console.width < WIDE:  # a narrow terminal: one block per flag, names whole
+        from rich.text import Text
+
+        console.print(Text(f"{len(rows)} flags", style="bold"))
+        for flag in rows:
+            default = repr(flag.default) if flag.default is not None else "—"
+            facts = " · ".join([flag.section, describe_type(flag), f"default {default}"] + (["key"] if flag.affects == "artifact" else []))
+            console.print(Text.assemble((flag.name, "bold"), f"  ({facts})" + (f"  also no_{flag.name}" if flag.negatable else "")))
+            console.print(Text(f"    {flag.en}\n    {flag.zh}"))
+        return
     table = Table(show_lines=False, title=f"{len(rows)} flags")
     for column in ("flag", "section", "accepts", "default", "key?", "description"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column == "flag")
     for flag in rows:
         name = flag.name + (f"\n(no_{flag.name})" if flag.negatable else "")
         table.add_row(name, flag.section, describe_type(flag), repr(flag.default) if flag.default is not None else "—",
                       "key" if flag.affects == "artifact" else "", f"{flag.en}\n[dim]{flag.zh}[/]")
-    _console().print(table)
+    console.print(table)
 
 
 @app.command()
@@ -365,6 +378,14 @@ def templates() -> None:
     from .runtime.template_registry import list_templates
 
     rows = list_templates()
+    console = _console()
+    if console.width < WIDE:  # a narrow terminal: one block per template, names whole
+        console.print(Text(f"{len(rows)} templates (template: NAME; template_file: PATH for your own)", style="bold"))
+        for row in rows:
+            mirrors = f"  (mirrors {row['mirrors']})" if row["mirrors"] else ""
+            console.print(Text.assemble((row["name"], "bold"), mirrors))
+            console.print(Text(f"    {row['description']}\n    stop words: {', '.join(row['stop_words']) or '—'}"))
+        return
     table = Table(title=f"{len(rows)} templates (template: NAME; template_file: PATH for your own)")
     for column in ("name", "mirrors", "stop words", "default system", "description"):
         table.add_column(column, overflow="fold")
@@ -372,7 +393,7 @@ def templates() -> None:
         cells = (row["name"], row["mirrors"] or "", ", ".join(row["stop_words"]),
                  (row["default_system"] or "")[:60], row["description"])
         table.add_row(*map(Text, cells))  # Text: template strings like [/INST] are not rich markup
-    _console().print(table)
+    console.print(table)
 
 
 @spec_command()

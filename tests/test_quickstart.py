@@ -98,6 +98,17 @@ def test_the_gguf_is_verified_in_llama_cpp_and_delivered_with_its_card(quickstar
     assert "verify: passed" in first.stderr
 
 
+def test_chat_answers_from_the_merged_model_and_from_the_gguf_in_llama_cpp(quickstart):
+    root, _, _ = quickstart
+    identity = json.loads((EXAMPLES / "data" / "identity.json").read_text(encoding="utf-8"))
+    expected = next(row["output"] for row in identity if row["instruction"] == "Who are you?")
+    hf = tunepipe("chat", "quickstart.yaml", "--prompt", "Who are you?", "--max-new-tokens", "32", cwd=root)
+    assert hf.stdout.strip() == expected
+    gguf = tunepipe("chat", "quickstart.yaml", "--backend", "llama-cpp", "--prompt", "Who are you?",
+                    "--max-new-tokens", "32", cwd=root)
+    assert gguf.stdout.strip() == expected  # q8_0 in llama.cpp, through the GGUF's own chat template
+
+
 def test_removing_an_upstream_artifact_makes_its_dependents_stale(quickstart):
     """Last: it removes train.pretrain from the cache. train.sft's adapter is built on it, so train.sft
     (and what follows) cannot be used until it is rebuilt — the plan says so instead of "cached"."""

@@ -80,13 +80,14 @@ class HFChat:
 
 
 class LlamaCppChat:
-    def __init__(self, gguf: Path, template: dict | None, *, n_ctx: int = 2048, threads: int | None = None):
+    def __init__(self, gguf: Path, template: dict | None, *, n_ctx: int = 0, threads: int | None = None):
         try:
             from llama_cpp import Llama
         except ImportError:
             raise UserError("the llama-cpp backend needs llama-cpp-python: pip install llama-cpp-python") from None
         import os
 
+        # n_ctx 0: the context the model was trained with (the GGUF says)
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), seed=0, verbose=False)
         self.stop = list((template or {}).get("stop_words") or [])
 

@@ -144,3 +144,18 @@ def test_real_probe_on_this_host():
     answer = pf.probe_devices.__wrapped__(__import__("sys").executable)
     assert set(answer) == {"cuda", "count", "bf16", "capability", "name"}
     assert isinstance(answer["cuda"], bool)
+
+
+def test_a_hub_model_that_cannot_be_had_fails_at_once(tmp_path, monkeypatch):
+    pf.hub_problems.cache_clear()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    problems = preflight("train", step_params("train", {"model_name_or_path": "org/no-such-model"}), {}, spec_dir=tmp_path)
+    assert any("org/no-such-model: not in the local Hugging Face cache, and the hub (127.0.0.1) is unreachable" in p
+               for p in problems), problems
+    pf.hub_problems.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    problems = preflight("train", step_params("train", {"model_name_or_path": "org/no-such-model"}), {}, spec_dir=tmp_path)
+    assert any("HF_HUB_OFFLINE is set" in p for p in problems), problems
+    pf.hub_problems.cache_clear()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..spec.paths import config_file_problems
+from ..spec.paths import config_file_problems, is_hub_id
 from ..stage_table import FORMAT_PACKAGES, STAGES
 
 # Flags that need a package: (import name, pip name, the hardware it also needs).
@@ -61,6 +61,8 @@ def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_d
                         f"{', '.join(pip for _, pip in entry.packages)} (pip install 'tunepipe[train]')")
     if entry.check:
         problems += CHECKS[entry.check](params, executor, spec_dir)
+    if params.get("model_name_or_path") and spec_dir is not None and is_hub_id(Path(spec_dir), str(params["model_name_or_path"])):
+        problems += hub_problems(str(params["model_name_or_path"]), params.get("model_revision"), params.get("cache_dir"))
     if executor.get("kind") == "torchrun" and not _installed("torch"):
         problems.append("executor torchrun: torch is not installed (it provides torchrun): pip install torch")
     return problems
@@ -163,6 +165,37 @@ def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
         problems.append(f"executor nproc_per_node {executor['nproc_per_node']}: only {device['count']} CUDA GPU(s) here "
                         "(one process per GPU); lower nproc_per_node or set no_cuda for CPU processes")  # fmt: skip
     return problems
+
+
+HUB_PROBE_S = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def hub_problems(model: str, revision: str | None, cache_dir: str | None) -> list[str]:
+    """A hub model that is neither in the local cache nor reachable fails here, at once, instead of
+    after a minute of retries inside a step. Light: huggingface_hub's cache lookup, one TCP connect."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return []
+    cached = try_to_load_from_cache(model, "config.json", cache_dir=cache_dir, revision=revision or None)
+    if isinstance(cached, str):
+        return []
+    fix = (f"download it (huggingface-cli download {model}) on a machine with access, or point "
+           "model_name_or_path at a local directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return [f"model_name_or_path {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}"]
+    from urllib.parse import urlsplit
+    import socket
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+    except OSError as exc:
+        return [f"model_name_or_path {model}: not in the local Hugging Face cache, and the hub "
+                f"({endpoint.hostname}) is unreachable from here ({exc.strerror or exc}); {fix}"]
+    return []
 
 
 CHECKS = {"train_problems": train_problems, "infer_problems": infer_problems,

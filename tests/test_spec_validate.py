@@ -358,3 +358,8 @@ def test_malformed_and_empty_dataset_files_fail_validate_located(cli, tmp_path, 
     spec.write_text(BASE.replace("$EXAMPLES/data", str(data)).replace("$EXAMPLES", str(EXAMPLES)))
     code, _, err = cli("validate", spec)
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_an_unknown_override_of_one_entry_names_the_entry(cli):
+    code, _, err = cli("validate", EXAMPLES / "quickstart.yaml", "--set", "train.1.learning_rat=1")
+    assert code == 2 and "train[1].learning_rat: unknown flag (did you mean learning_rate?)" in err

@@ -366,7 +366,10 @@ def apply_overrides(loader: _Loader, raw: dict[str, Any], overrides: list[Overri
         where = Location(ov.label)
         resolved = catalog.resolve_name(ov.key)
         if resolved is None:
-            loader.unknown(where, (ov.section, ov.key) if ov.section else (ov.key,), ov.key, ov.section)
+            path = (ov.key,) if not ov.section else (ov.section, ov.key) if ov.index is None else (ov.section, ov.index, ov.key)
+            if ov.index is not None:
+                loader.indexed.add(ov.section)  # named train[1], as the file's entries are
+            loader.unknown(where, path, ov.key, ov.section)
             continue
         name, negated = resolved
         flag = catalog.flags[name]

@@ -262,14 +262,15 @@ def print_summary(result: RunResult, console: Console) -> None:
         pictures = ", ".join(p.name for p in sorted(path.glob("*.png")))
         console.print(Text.assemble(f"  {outcome.id}: ", (" · ".join(f for f in found if f), "bold")))
         console.print(Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True)
+        deliver = result.plan.step(outcome.id).deliver
+        if deliver is not None:
+            console.print(Text.assemble("    copied to ", (f"{_relative(deliver)}/", "bold")), soft_wrap=True)
     final = [o for o in result.outcomes if o.kind in ("train", "merge", "quantize") and o.status in ("built", CACHED)]
     if final:
         step = result.plan.step(final[-1].id)
         where = store.fetch(step.key)
         model = where / "model" if (where / "model").is_dir() else where
         console.print(Text.assemble("  final model: ", (f"{_relative(model)}", "bold")), soft_wrap=True)
-        if step.deliver is not None:
-            console.print(Text.assemble("  copied to: ", (f"{_relative(step.deliver)}", "bold")), soft_wrap=True)
     for outcome in result.with_status("failed"):
         status = outcome.reason or (f"exit status {outcome.returncode}" if outcome.returncode is not None else "failed")
         console.print(Text.assemble(("  ✗ ", "bold red"), (outcome.id, "bold"), f" failed ({status})"))

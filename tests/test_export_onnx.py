@@ -71,6 +71,33 @@ def test_fp32_export_computes_the_model(exported, arch):
 
 @needs_runtime
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnxruntime_genai_generates_what_hf_generates(exported, arch):
+    """genai_config.json is right when onnxruntime-genai's own loop, reading only the export directory,
+    produces the HF model's greedy continuation."""
+    import onnxruntime_genai as og
+    import torch
+    import transformers
+
+    model_dir, export_dir, _ = exported(arch)
+    model = og.Model(str(export_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=30)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROBES[0])
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generation = transformers.GenerationConfig.from_pretrained(export_dir)
+    want = hf.generate(torch.tensor([PROBES[0]]), generation_config=generation, max_length=30, do_sample=False)
+    assert tokens == want[0, len(PROBES[0]):].tolist()
+
+
+@needs_runtime
+@pytest.mark.slow
 def test_graph_signature_is_genai_shaped(exported):
     import onnx
 

@@ -36,7 +36,6 @@ import logging
 import subprocess
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,17 +108,29 @@ def run_ours(model_dir: Path, out: Path, type: str) -> None:
     gguf_export.export(model_dir, out, type=type, template=CHATML, log=logging.getLogger("bench"))
 
 
+# Runs a command and writes its wall time and peak RSS to a file. It is a fresh, small interpreter on
+# purpose: Linux counts into a child's ru_maxrss the resident size of the process it was forked from
+# (the memory image exec replaces), so forking the measured child from this bench process, which holds
+# the model it built, would report the bench's own size.
+LAUNCHER = """import os, sys, time
+started = time.perf_counter()
+pid = os.spawnv(os.P_NOWAIT, sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(f"{time.perf_counter() - started} {usage.ru_maxrss} {status}")
+"""
+
+
 def measured(args: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of `python bench/gguf.py ARGS` as its own process."""
-    with tempfile.TemporaryFile("w+") as log:
-        started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, __file__, *args], stdout=log, stderr=log)
-        _, status, usage = os.wait4(process.pid, 0)
-        elapsed = time.perf_counter() - started
-        if status:
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "log", "w+") as log:
+        result = Path(tmp) / "result"
+        subprocess.run([sys.executable, "-c", LAUNCHER, str(result), sys.executable, __file__, *args],
+                       stdout=log, stderr=log, check=True)
+        elapsed, maxrss, status = result.read_text().split()
+        if int(status):
             log.seek(0)
             raise RuntimeError(f"bench child {args} failed with status {status}:\n{log.read()[-3000:]}")
-    return elapsed, usage.ru_maxrss / 1024
+    return float(elapsed), int(maxrss) / 1024
 
 
 # ------------------------------------------------------------------------------------- speed

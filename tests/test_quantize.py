@@ -3,7 +3,7 @@ loads, whose weights really are quantized and whose logits stay near the merged 
 
 Bounds are the measured figures on this tiny random model (weights of std 0.2, so 4-bit rounding
 moves logits a lot) with a margin: bnb 8-bit agreement 0.93 / rel error 0.086, hqq 8-bit 0.92 /
-0.059, bnb 4-bit 0.30 / 0.74, hqq 4-bit 0.39 / 0.66, mlc 4-bit 0.23 / 0.83 (122 positions).
+0.059, bnb 4-bit 0.30 / 0.74, hqq 4-bit 0.39 / 0.66, gptq 4-bit 0.29 / 0.82, mlc 4-bit 0.23 / 0.83 (122 positions).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tunepipe.runtime.stages import quantize as stage
 TEMPLATE = {"name": "chatml", "source": "registry", "stop_words": ["<|im_end|>"], "eos_token": "<|im_end|>",
             "generation_prompt": "<|im_start|>assistant\n", "default_system": None}
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+needs_gptq = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel not installed")
 needs_hqq = pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq not installed")
 
 
@@ -39,10 +40,24 @@ def merged(tmp_path_factory):
     return artifact
 
 
-def run_stage(tmp_path, merged, method, bits):
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory, merged):
+    """A template artifact's tokenized train split (input_ids + offsets), 24 chat samples."""
+    data = tmp_path_factory.mktemp("data")
+    tokenizer = AutoTokenizer.from_pretrained(merged / "model")
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: what is {i} plus {i * 3}?"},
+                                           {"role": "assistant", "content": f"It is {i * 4}."}], tokenize=False)
+            for i in range(24)]
+    ids = [tokenizer(row, add_special_tokens=False)["input_ids"] for row in rows]
+    np.save(data / "train.input_ids.npy", np.concatenate(ids).astype(np.int32))
+    np.save(data / "train.offsets.npy", np.cumsum([0] + [len(x) for x in ids]).astype(np.int64))
+    return data
+
+
+def run_stage(tmp_path, merged, method, bits, **inputs):
     (tmp_path / "out").mkdir(parents=True)
     ctx = StepContext(id="quantize", kind="quantize", key="k" * 64, params={"method": method, "bits": bits},
-                      inputs={"model": merged}, files={}, seed=0, spec_dir=tmp_path, out=tmp_path / "out",
+                      inputs={"model": merged, **inputs}, files={}, seed=0, spec_dir=tmp_path, out=tmp_path / "out",
                       work=tmp_path / "work")
     metrics = stage.run(ctx)
     return tmp_path / "out", metrics
@@ -127,6 +142,27 @@ def test_hqq_packs_weights_and_error_shrinks_with_bits(tmp_path, merged):
     assert figures[2]["max_rel_logit_error"] > figures[4]["max_rel_logit_error"] > figures[8]["max_rel_logit_error"]
 
 
+@needs_gptq
+def test_gptq_calibrates_on_the_data_and_packs_int32_weights(tmp_path, merged, calibration):
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    out, metrics = run_stage(tmp_path, merged, "gptq", 4, calibration=calibration)
+    assert metrics["greedy_agreement"] >= 0.2 and metrics["max_rel_logit_error"] <= 1.0
+    stored = load_file(out / "model" / "model.safetensors")
+    qweight = stored["model.layers.0.self_attn.q_proj.qweight"]
+    assert qweight.dtype == torch.int32 and qweight.shape == (64 * 4 // 32, 64)  # 8 int4 codes per int32
+    assert "model.layers.0.self_attn.q_proj.weight" not in stored
+    config = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 64
+    assert config["meta"]["offload_to_disk_path"] is None  # no temporary path in the artifact
+    record = json.loads((out / "quantize.json").read_text())
+    assert record["calibration_samples"] == 24 and record["versions"]["gptqmodel"] and len(record["modules"]) == 14
+    assert not (out / "model" / "quant_log.csv").exists()
+    model = quantize.load("gptq", out / "model")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, BaseQuantLinear)
+    assert_copied_tokenizer_and_template(out, merged)
+
+
 def test_mlc_writes_the_dequantized_group_quantized_weights(tmp_path, merged):
     out, metrics = run_stage(tmp_path, merged, "mlc", 4)
     assert metrics["greedy_agreement"] >= 0.15 and metrics["max_rel_logit_error"] <= 1.1
@@ -147,10 +183,10 @@ def test_mlc_writes_the_dequantized_group_quantized_weights(tmp_path, merged):
 def test_mlc_other_bits_and_unavailable_methods_are_user_errors(tmp_path, merged):
     with pytest.raises(UserError, match="mlc does not quantize to 8 bits"):
         run_stage(tmp_path / "mlc8", merged, "mlc", 8)
-    for method in ("gptq", "awq", "cpm"):
+    for method in ("gptq", "awq", "cpm"):  # gptq: without its calibration input
         with pytest.raises(UserError) as raised:
             run_stage(tmp_path / method, merged, method, 4)
-        assert "use" in " ".join(raised.value.details)
+        assert raised.value.details  # what to use instead (or the package to install)
     assert not any((tmp_path / name / "out" / "model").exists() for name in ("mlc8", "gptq", "awq", "cpm"))
 
 

@@ -20,7 +20,12 @@ What each method writes into `out` (the tokenizer files are the caller's to copy
   (`tunepipe.runtime.export.mlc_quant`), in the model's dtype — so it computes what an MLC q4 build
   of the model computes, in plain transformers. `config.json` records that in `quantization_config`
   (quant_method "mlc_fake_quant"), which transformers ignores when loading.
-`gptq`, `awq` and `cpm` raise a UserError in `check` with the reason and what to use instead.
+- `gptq`: gptqmodel (7.6 quantizes on CPU; its torch kernel runs the packed int32 weights), calibrated
+  on token sequences the caller passes (the pipeline's own data); saved in gptqmodel's `gptq` format
+  (`config.json` with `quantization_config`, `quantize_config.json`, packed qweight/qzeros/scales). It
+  loads back with `GPTQModel.load`; transformers' `from_pretrained` reads it too once `optimum` is
+  installed. Its per-module log (quant_log.csv, with timings) is not kept: the bytes depend on the inputs only.
+`awq` and `cpm` raise a UserError in `check` with the reason and what to use instead.
 """
 
 from __future__ import annotations
@@ -29,18 +34,14 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 from tunepipe.errors import UserError
 
-REQUIRES = {"bnb": ("bitsandbytes", "bitsandbytes"), "hqq": ("hqq", "hqq")}  # method → (import, pip name)
-BITS = {"bnb": (4, 8), "hqq": (2, 3, 4, 8), "mlc": (4,)}
+REQUIRES = {"bnb": ("bitsandbytes", "bitsandbytes"), "hqq": ("hqq", "hqq"), "gptq": ("gptqmodel", "gptqmodel")}
+BITS = {"bnb": (4, 8), "hqq": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "mlc": (4,)}
 UNAVAILABLE = {
-    "gptq": ("quantize method gptq cannot run on this stack (CPU, torch 2.13, transformers 5.x)",
-             ["llmcompressor 0.14 (its GPTQModifier) pins transformers<=5.17, and gptqmodel builds CUDA "
-              "kernels; neither installs next to this pipeline's transformers",
-              "use method: hqq (calibration-free, 2/3/4/8 bits) or bnb (4/8 bits) on CPU, or run gptq "
-              "on a CUDA host with gptqmodel"]),
     "awq": ("quantize method awq cannot run on this stack (CPU, torch 2.13, transformers 5.x)",
             ["AutoAWQ is archived and needs CUDA; llmcompressor's AWQModifier pins transformers<=5.17",
              "use method: hqq (calibration-free, 2/3/4/8 bits) or bnb (4/8 bits)"]),
@@ -78,12 +79,17 @@ def _dtype_of(model_dir: Path):
     return getattr(torch, name)
 
 
-def quantize(method: str, model_dir: Path, out: Path, *, bits: int, group_size: int, log: logging.Logger) -> dict:
+def quantize(method: str, model_dir: Path, out: Path, *, bits: int, group_size: int, log: logging.Logger,
+             calibration: list[list[int]] | None = None) -> dict:
     """Quantize the HF model in `model_dir` into `out` (an HF directory, no tokenizer); returns what was done.
-    `group_size` is HQQ's (mlc-llm's is fixed at 32; bitsandbytes' nf4 blocks are its own 64)."""
+    `group_size` is HQQ's and GPTQ's (mlc-llm's is fixed at 32; bitsandbytes' nf4 blocks are its own 64);
+    `calibration` (token id sequences) is GPTQ's and required by it."""
     check(method, bits)
+    if method == "gptq" and not calibration:
+        raise UserError("quantize method gptq needs calibration samples (token sequences of the pipeline's data)")
     out.mkdir(parents=True, exist_ok=True)
-    info = {"bnb": _bnb, "hqq": _hqq, "mlc": _mlc}[method](model_dir, out, bits=bits, group_size=group_size)
+    quantizers = {"bnb": _bnb, "hqq": _hqq, "mlc": _mlc, "gptq": lambda *a, **k: _gptq(*a, **k, calibration=calibration)}
+    info = quantizers[method](model_dir, out, bits=bits, group_size=group_size)
     log.info("quantized %d modules with %s to %d bits", len(info["modules"]), method, bits)
     return {"method": method, "bits": bits, "versions": versions(method), **info}
 
@@ -154,12 +160,40 @@ def _mlc(model_dir: Path, out: Path, *, bits: int, group_size: int) -> dict:
             "note": "weights are mlc-llm's group-quantized values, dequantized: the model computes what MLC q4 computes"}
 
 
+def _import_gptqmodel():
+    # gptqmodel sizes a CPU thread pool at import from GPTQMODEL_CPU_WORKERS, else cpu_count / 2, and its
+    # model loader asks for 2 workers of it: on a 2-core host the default (1) makes loading fail.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 1) // 2)))
+    import gptqmodel
+
+    return gptqmodel
+
+
+def _gptq(model_dir: Path, out: Path, *, bits: int, group_size: int, calibration: list[list[int]]) -> dict:
+    gptqmodel = _import_gptqmodel()
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    # offload_to_disk would write a temporary path into the saved config
+    config = gptqmodel.QuantizeConfig(bits=bits, group_size=group_size, offload_to_disk=False)
+    model = gptqmodel.GPTQModel.load(str(model_dir), config, device="cpu")
+    model.quantize([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration], batch_size=1)
+    modules = sorted(name for name, module in model.model.named_modules() if isinstance(module, BaseQuantLinear))
+    model.save(str(out))
+    (out / "quant_log.csv").unlink(missing_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (out / name).unlink(missing_ok=True)  # gptqmodel saves its tokenizer copy; the caller copies the merged one
+    return {"format": "gptq", "group_size": group_size, "calibration_samples": len(calibration),
+            "calibration_tokens": sum(map(len, calibration)), "modules": modules}
+
+
 def load(method: str, model_dir: Path):
     """The quantized model in `model_dir`, loaded by the library that reads its format, in eval mode."""
     if method == "hqq":
         from hqq.models.hf.base import AutoHQQHFModel
 
         return AutoHQQHFModel.from_quantized(str(model_dir), device="cpu", compute_dtype=_dtype_of(model_dir)).eval()
+    if method == "gptq":
+        return _import_gptqmodel().GPTQModel.load(str(model_dir), device="cpu").model.eval()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu").eval()

@@ -19,7 +19,7 @@ echo "$TORCH" >"$constraints"
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
 pip=("$PY" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "$TORCH"
-"${pip[@]}" -c "$constraints" -e ".[train,export,remote,dev]"
+"${pip[@]}" -c "$constraints" -e ".[train,export,quantize,remote,dev]"
 # Byte-compile the package now: where PYTHONDONTWRITEBYTECODE is set, Python would otherwise
 # recompile tunepipe's modules on every `tunepipe validate` (~50 ms).
 "$PY" -m compileall -q src >/dev/null

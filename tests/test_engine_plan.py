@@ -232,7 +232,7 @@ def test_the_lock_file_is_sorted_and_stable(project):
     assert plan.lock_path.read_text() == text
 
 
-def test_frozen_warns_when_an_artifact_differs_from_the_lock(project):
+def test_frozen_fails_when_an_artifact_differs_from_the_lock(project):
     import io
 
     from rich.console import Console
@@ -247,8 +247,8 @@ def test_frozen_warns_when_an_artifact_differs_from_the_lock(project):
     tmp = store.begin(merge.key)
     (tmp / "out.txt").write_text("other bytes")
     store.commit(tmp, merge.key, {"id": "merge", "kind": "merge"})
-    run_plan(plan, frozen=True, console=console)
-    assert "warning: merge: output differs from tunepipe.lock (same key, different bytes)" in console.file.getvalue()
+    with pytest.raises(FrozenPlanError, match="merge: its output differs from tunepipe.lock"):
+        run_plan(plan, frozen=True, console=console)
 
 
 def test_gc_keeps_the_plan_and_optionally_the_lock(project):

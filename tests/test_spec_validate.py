@@ -190,7 +190,11 @@ RULE_CASES = [
     ("flags_not_integrated", "  tuner_backend: hqq\n", "train.tuner_backend: not supported by this version of tunepipe: HQQ"),
     ("warmup_ratio_below_one", "  warmup_ratio: 1\n", "train.warmup_ratio: 1 would warm up for the whole run"),
     ("infer_needs_prompt", "infer: {}\n", "infer needs a prompt"),
-    ("export_type_fits_format", "export: [{format: onnx, type: q8_0}]\n", "export.type: 'q8_0' is not a onnx type"),
+    ("choices_fit_their_kind", "export: [{format: onnx, type: q8_0}]\n", "export.type: 'q8_0' is not a onnx type value"),
+    ("choices_fit_their_kind", "quantize: [{method: mlc, bits: 8}]\n", "quantize.bits: 8 is not a mlc bits value: one of 4"),
+    ("quantize_method_is_real", "quantize: [{method: awq, bits: 4}]\n", "quantize.method: awq cannot run on this stack"),
+    ("exports_read_what_they_package", "quantize: [{method: bnb, bits: 8}]\nexport: [{format: gguf, quantized: bnb8}]\n",
+     "export.quantized: a bnb model holds packed weights"),
     ("quantize_method_is_real", "quantize: [{method: cpm}]\n", "quantize.method: cpm names OpenBMB's cpm_kernels"),
     ("cutoff_len_fits_the_model", "  data: {cutoff_len: 1000000000000}\n",
      "data.cutoff_len: 1000000000000 tokens per sample is beyond any model's context"),
@@ -248,8 +252,8 @@ def test_warmup_steps_alone_means_steps(write_spec):
 
 
 def test_quantize_targets_are_named_as_the_compiler_names_them(cli, write_spec):
-    base = BASE + "quantize: [{name: small, method: bnb, bits: 4}, {method: hqq, bits: 8}]\n"
-    for quantized in ("small", "hqq8", "quantize.small", "quantize.hqq8"):
+    base = BASE + "quantize: [{name: small, method: mlc, bits: 4}, {method: mlc, bits: 4, group_size: 32}]\n"
+    for quantized in ("small", "mlc4", "quantize.small", "quantize.mlc4"):
         code, _, err = cli("validate", write_spec(base + f"export: {{format: gguf, quantized: {quantized}}}\n"))
         assert code == 0, err
 

@@ -21,6 +21,13 @@ from typing import Any
 
 TRAIN_PACKAGES = (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"))
 EXPORT_FORMATS = ("gguf", "onnx", "mlc", "openvino", "executorch")
+# (import name, pip name) a quantize method needs.
+METHOD_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
+    "bnb": (("bitsandbytes", "bitsandbytes"),),
+    "hqq": (("hqq", "hqq"),),
+    "gptq": (("gptqmodel", "gptqmodel"),),
+    "mlc": (("numpy", "numpy"),),
+}
 # (import name, pip name) an export format and its verify runtime need.
 FORMAT_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
     "gguf": (("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")),

@@ -173,6 +173,8 @@ class _Compiler:
         quantize_steps = {}
         for name, step_id, entry in zip(quantize_names, step_ids("quantize", quantize_names), quantize_entries):
             inputs = self.model_inputs("model", self.require(model_step, step_id))
+            if entry.get("method") == "gptq" and template_for_entry:  # calibrated on the pipeline's own data
+                inputs["calibration"] = template_for_entry[-1].id
             sections = {"train": last_train, "quantize": entry}
             quantize_steps[name] = (self.add("quantize", step_id, sections, inputs, entry), entry)
 

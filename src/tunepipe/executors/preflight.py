@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ..spec.paths import config_file_problems, is_hub_id
-from ..stage_table import FORMAT_PACKAGES, STAGES
+from ..stage_table import FORMAT_PACKAGES, METHOD_PACKAGES, STAGES
 
 # Flags that need a package: (import name, pip name, the hardware it also needs).
 GPU = "a CUDA GPU"
@@ -94,7 +94,10 @@ def export_problems(params: dict, executor: dict, spec_dir) -> list[str]:
 
 
 def quantize_problems(params: dict, executor: dict, spec_dir) -> list[str]:
-    return []
+    """The package a quantize method needs."""
+    method = params.get("method")
+    absent = [pip for module, pip in METHOD_PACKAGES.get(method, ()) if not _installed(module)]
+    return [f"quantize method {method}: {', '.join(absent)} not installed (pip install {' '.join(absent)})"] if absent else []
 
 
 def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:

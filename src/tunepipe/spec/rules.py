@@ -292,18 +292,42 @@ def warmup_ratio_below_one(ctx: RuleContext) -> None:
             ctx.error((*prefix, "warmup_ratio"), f"{ratio} would warm up for the whole run (or longer): use a ratio below 1")
 
 
-def export_type_fits_format(ctx: RuleContext) -> None:
-    by_format = ctx.catalog.flags["type"].choices_by["format"]
-    for index, entry in enumerate(ctx.data.get("export") or []):
-        allowed = by_format.get(entry.get("format"), [])
-        if entry.get("type") is not None and allowed and entry["type"] not in allowed:
-            ctx.error(("export", index, "type"), f"{entry['type']!r} is not a {entry['format']} type: one of {', '.join(allowed)}")
+def choices_fit_their_kind(ctx: RuleContext) -> None:
+    """Choices that depend on another flag of the entry (the catalog's `choices_by`): an export's
+    `type` per `format`, a quantize entry's `bits` per `method`."""
+    for section in ("export", "quantize"):
+        for flag in ctx.catalog.section_flags(section):
+            if not flag.choices_by:
+                continue
+            ((other, table),) = flag.choices_by.items()
+            for index, entry in enumerate(ctx.data.get(section) or []):
+                allowed = table.get(entry.get(other), [])
+                if entry.get(flag.name) is not None and allowed and entry[flag.name] not in allowed:
+                    ctx.error((section, index, flag.name), f"{entry[flag.name]!r} is not a {entry[other]} {flag.name} value: "
+                                                           f"one of {', '.join(map(str, allowed))}")
 
 
 QUANTIZE_NOT_REAL = {
     "cpm": "cpm names OpenBMB's cpm_kernels, which LLaMA-Factory only lists and no maintained library uses to "
            "quantize transformers 5 models; use bnb, hqq or gptq",
+    "awq": "awq cannot run on this stack (CPU, torch 2.13, transformers 5.x): AutoAWQ is archived and needs CUDA, "
+           "and llmcompressor's AWQModifier pins transformers<=5.17; use method: hqq (calibration-free, 2/3/4/8 bits) "
+           "or bnb (4/8 bits)",
 }
+# Quantized weights no exporter reads (packed by their library): export the merged model, or quantize with mlc.
+PACKED = ("bnb", "hqq", "gptq")
+
+
+def exports_read_what_they_package(ctx: RuleContext) -> None:
+    entries = ctx.data.get("quantize") or []
+    names = entry_names("quantize", entries)
+    by_name = {**dict(zip(names, entries)), **dict(zip(step_ids("quantize", names), entries))} if names else {}
+    for index, export in enumerate(ctx.data.get("export") or []):
+        quantized = by_name.get(export.get("quantized"))
+        if quantized is not None and quantized.get("method") in PACKED:
+            ctx.error(("export", index, "quantized"), f"a {quantized['method']} model holds packed weights that no "
+                      f"{export.get('format')} exporter reads: export the merged model (drop quantized:), or use "
+                      "quantize method mlc (its weights stay plain)")
 
 
 def quantize_method_is_real(ctx: RuleContext) -> None:
@@ -395,8 +419,9 @@ RULES: list[Callable[[RuleContext], None]] = [
     flags_not_integrated,
     warmup_ratio_below_one,
     infer_needs_prompt,
-    export_type_fits_format,
+    choices_fit_their_kind,
     quantize_method_is_real,
+    exports_read_what_they_package,
     executor_options_fit_kind,
     cutoff_len_fits_the_model,
 ]

@@ -28,8 +28,6 @@ from tunepipe.runtime import quantize
 from tunepipe.runtime.stages.export import TOKENIZER_FILES, model_dir
 
 GREEDY_STEPS = 8  # greedy tokens appended to each probe conversation
-GROUP_SIZE = 64  # until the catalog carries quantize.group_size (then ctx.params has it)
-CALIBRATION_SAMPLES = 128  # until the catalog carries quantize.calibration_samples
 CALIBRATION_MAX_TOKENS = 512
 
 
@@ -45,10 +43,10 @@ def run(ctx) -> dict:
         if "calibration" not in ctx.inputs:
             raise UserError("quantize method gptq needs calibration data: this step has no `calibration` input "
                             "(the pipeline's tokenized data)", ["use method: hqq or bnb, which need no calibration"])
-        count = int(ctx.params.get("calibration_samples") or CALIBRATION_SAMPLES)
+        count = int(ctx.params["calibration_samples"])
         calibration = calibration_samples(Path(ctx.inputs["calibration"]), count, int(ctx.seed))
     info = quantize.quantize(method, merged, out / "model", bits=bits, log=ctx.log, calibration=calibration,
-                             group_size=int(ctx.params.get("group_size") or GROUP_SIZE))
+                             group_size=int(ctx.params["group_size"]))
     for name in TOKENIZER_FILES:
         if (merged / name).is_file():
             shutil.copyfile(merged / name, out / "model" / name)

@@ -8,8 +8,9 @@ ships it under vendor/llama.cpp/; without --convert the script looks for an sdis
 (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/llsdist`). When there is
 none it says so and measures tunepipe alone.
 
-Speed: a random llama (hidden 2048, 12 layers, ≈1.4 GB of float32 weights in 3 safetensors shards,
-the bundled tokenizer) is converted by each side in a fresh process, once per type; wall time and
+Speed: a random llama (hidden 2048, 12 layers, 1.26 GiB of float32 weights in 3 safetensors shards,
+the bundled tokenizer) is converted by each side in a fresh process, --repeat times per type (medians:
+the machine is shared, single runs vary by a third); wall time and
 that process's peak RSS (os.wait4's ru_maxrss) are printed with tunepipe/llama.cpp ratios, and
 whether both files hold the same tensors (names, types, bytes).
 Fidelity: tiny random models of every architecture, converted by both sides, then measured by the same
@@ -33,6 +34,7 @@ if os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
 import argparse
 import json
 import logging
+import statistics
 import subprocess
 import tarfile
 import tempfile
@@ -172,27 +174,34 @@ def build_bench_model(path: Path) -> int:
     return total
 
 
-def speed(convert: Path | None, types: list[str], workdir: Path) -> None:
+def speed(convert: Path | None, types: list[str], workdir: Path, repeat: int) -> None:
     model_dir = workdir / "model"
     weights = build_bench_model(model_dir)
     print(f"model: llama {BENCH_CONFIG['hidden_size']}×{BENCH_CONFIG['num_hidden_layers']} layers, "
-          f"{weights / 2**30:.2f} GiB float32 in {len(list(model_dir.glob('*.safetensors')))} shards")
+          f"{weights / 2**30:.2f} GiB float32 in {len(list(model_dir.glob('*.safetensors')))} shards; "
+          f"median of {repeat} runs per side, taken in turns")
     if convert is None:
         print("convert_hf_to_gguf.py not found (pass --convert PATH or put the llama-cpp-python sdist in "
               "/tmp/llsdist): measuring tunepipe alone")
     print(f"{'type':6} {'tunepipe s':>11} {'llama.cpp s':>12} {'time ×':>7} {'tunepipe MiB':>13} "
           f"{'llama.cpp MiB':>14} {'RSS ×':>6}")
     for type in types:
-        ours = measured(["--child-ours", str(model_dir), str(workdir / f"ours-{type}"), type])
+        ours_out, ref_out = workdir / f"ours-{type}", workdir / f"ref-{type}.gguf"
+        runs: dict[str, list[tuple[float, float]]] = {"ours": [], "ref": []}
+        for _ in range(repeat):
+            runs["ours"].append(measured(["--child-ours", str(model_dir), str(ours_out), type]))
+            if convert is not None:
+                runs["ref"].append(measured(["--child-convert", str(convert), str(model_dir), str(ref_out), type]))
+        ours = [statistics.median(r[k] for r in runs["ours"]) for k in (0, 1)]
         if convert is None:
             print(f"{type:6} {ours[0]:11.1f} {'-':>12} {'-':>7} {ours[1]:13.0f} {'-':>14} {'-':>6}")
             continue
-        theirs = measured(["--child-convert", str(convert), str(model_dir), str(workdir / f"ref-{type}.gguf"), type])
-        same = same_tensors(workdir / f"ours-{type}" / "model.gguf", workdir / f"ref-{type}.gguf")
+        theirs = [statistics.median(r[k] for r in runs["ref"]) for k in (0, 1)]
+        same = same_tensors(ours_out / "model.gguf", ref_out)
         print(f"{type:6} {ours[0]:11.1f} {theirs[0]:12.1f} {ours[0] / theirs[0]:7.2f} {ours[1]:13.0f} "
               f"{theirs[1]:14.0f} {ours[1] / theirs[1]:6.2f}   tensors {'identical' if same else 'DIFFER'}")
-        for leftover in (workdir / f"ours-{type}" / "model.gguf", workdir / f"ref-{type}.gguf"):
-            leftover.unlink(missing_ok=True)
+        (ours_out / "model.gguf").unlink()
+        ref_out.unlink()
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -253,6 +262,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--convert", help="convert_hf_to_gguf.py, its directory, or the llama-cpp-python sdist")
     parser.add_argument("--types", default="f16,q8_0", help="types to time (default f16,q8_0)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side and type; medians are printed")
     parser.add_argument("--fidelity", action="store_true", help="the logit-error table on tiny models instead")
     parser.add_argument("--archs", default=None, help="architectures for --fidelity (default: all)")
     parser.add_argument("--child-ours", nargs=3, metavar=("MODEL", "OUT", "TYPE"), help=argparse.SUPPRESS)
@@ -275,7 +285,7 @@ def main() -> int:
 
             fidelity(convert, workdir, args.archs.split(",") if args.archs else list(ARCHS))
         else:
-            speed(convert, args.types.split(","), workdir)
+            speed(convert, args.types.split(","), workdir, args.repeat)
     return 0
 
 

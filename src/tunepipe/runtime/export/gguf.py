@@ -130,7 +130,7 @@ def write_gguf(model_dir: Path, path: Path, config: dict, arch: gguf_arch.Arch, 
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[type]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     gguf_arch.write_hparams(writer, config, arch, config["vocab_size"], log)
-    vocab = gguf_vocab.write_vocab(writer, model_dir, config["vocab_size"], chat_template, log)
+    vocab = gguf_vocab.write_vocab(writer, model_dir, config, chat_template, log)
     if vocab.get("llama_cpp_name"):
         writer.add_name(vocab["llama_cpp_name"])
     for tensor, qtype in zip(plan, qtypes):
@@ -141,7 +141,9 @@ def write_gguf(model_dir: Path, path: Path, config: dict, arch: gguf_arch.Arch, 
     for tensor, qtype in zip(plan, qtypes):
         writer.write_tensor_data(gguf.quants.quantize(tensor.load(), qtype))
     writer.close()
-    counts = tensor_type_counts(path)
+    counts: dict[str, int] = {}
+    for qtype in qtypes:
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
     log.info("wrote %s: %s, %d tensors (%s)", path.name, arch.gguf_arch.lower(), len(plan), counts)
     return {"type": type, "arch": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]], "tensors": len(plan),
             "tensor_types": counts, "tokenizer": vocab}

@@ -1,6 +1,6 @@
 """The tokenizer as GGUF metadata: `tokenizer.ggml.*` and `tokenizer.chat_template`.
 
-    info = write_vocab(writer, model_dir, n_vocab, chat_template, log)
+    info = write_vocab(writer, model_dir, config, chat_template, log)
 
 Two kinds, as llama.cpp's converter writes them:
 - byte-level BPE (tokenizer.json with a BPE model and a ByteLevel decoder): `tokenizer.ggml.model` =
@@ -38,10 +38,11 @@ PRE_TOKENIZERS = {
 }
 
 
-def write_vocab(writer, model_dir: Path, n_vocab: int, chat_template: str | None, log) -> dict[str, Any]:
+def write_vocab(writer, model_dir: Path, config: dict[str, Any], chat_template: str | None, log) -> dict[str, Any]:
     import gguf
     import transformers
 
+    n_vocab = config["vocab_size"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     if (model_dir / "tokenizer.model").is_file():
         info = _write_sentencepiece(writer, model_dir, tokenizer, n_vocab)
@@ -58,24 +59,21 @@ def write_vocab(writer, model_dir: Path, n_vocab: int, chat_template: str | None
         writer.add_chat_template(chat_template)
     else:
         log.warning("no chat template to embed in the GGUF: llama.cpp and Ollama will not know the prompt format")
-    if name := llama_cpp_name(tokenizer, model_dir):
+    if name := llama_cpp_name(tokenizer, config):
         info["llama_cpp_name"] = name
     info.update(merges=len(special.merges), special_token_ids=dict(special.special_token_ids),
                 add_special_tokens=dict(special.add_special_token), chat_template=bool(chat_template))
     return info
 
 
-def llama_cpp_name(tokenizer, model_dir: Path) -> str | None:
+def llama_cpp_name(tokenizer, config: dict[str, Any]) -> str | None:
     """`general.name` when llama.cpp must see one. GGUF has no per-token strip flags: llama.cpp strips
     the whitespace after special tokens (as Phi-3's tokenizer does) only for a model whose name
     contains "phi3", and then requires its </s> <unk> <s> <|endoftext|> tokens. Any other name is left
     out: llama.cpp would match it against such model-family rules."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(model_dir)
     added = tokenizer.added_tokens_decoder.values()
     vocab = tokenizer.get_vocab()
-    if (config.model_type == "phi3" and any(t.special and t.rstrip for t in added)
+    if (config["model_type"] == "phi3" and any(t.special and t.rstrip for t in added)
             and all(t in vocab for t in ("</s>", "<unk>", "<s>", "<|endoftext|>"))):
         return "phi3"
     return None

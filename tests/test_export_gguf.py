@@ -459,3 +459,23 @@ def test_sentencepiece_tokenizer_becomes_a_llama_vocab(tmp_path):
     with pytest.raises(UserError, match="without its tokenizer.model") as err:
         gguf_export.export(model_dir, tmp_path / "export-f16", type="f16", template=CHATML, log=LOG)
     assert "copy the base model's tokenizer.model" in err.value.details[0]
+
+
+def test_general_name_only_where_llama_cpp_keys_token_rules_on_it():
+    """llama.cpp strips whitespace after special tokens only for files named like phi3 (and then needs
+    Phi-3's </s> <unk> <s> <|endoftext|>): a Phi-3 tokenizer with such tokens gets the name, nothing else."""
+    from types import SimpleNamespace
+
+    from tokenizers import AddedToken
+
+    from tunepipe.runtime.export.gguf_vocab import llama_cpp_name
+
+    def tokenizer(rstrip: bool, vocab: tuple[str, ...]):
+        added = {i: AddedToken(t, special=True, rstrip=rstrip) for i, t in enumerate(vocab)}
+        return SimpleNamespace(added_tokens_decoder=added, get_vocab=lambda: {t: i for i, t in enumerate(vocab)})
+
+    phi3_vocab = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|end|>")
+    assert llama_cpp_name(tokenizer(True, phi3_vocab), {"model_type": "phi3"}) == "phi3"
+    assert llama_cpp_name(tokenizer(False, phi3_vocab), {"model_type": "phi3"}) is None
+    assert llama_cpp_name(tokenizer(True, ("<|endoftext|>", "<|end|>")), {"model_type": "phi3"}) is None
+    assert llama_cpp_name(tokenizer(True, phi3_vocab), {"model_type": "llama"}) is None

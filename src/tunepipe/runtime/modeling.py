@@ -27,6 +27,19 @@ FLASH_ATTN = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 NORM_NAMES = ("norm", "ln_f", "ln_attn", "ln_mlp", "ln_1", "ln_2", "ln1", "ln2")
 
 
+# ---------------------------------------------------------------- flags
+
+
+def model_flags(params: dict | None) -> dict:
+    """`params` over the catalog's defaults of every flag that loading a model reads (the train step's
+    model-section flags): callers that rebuild a model outside a step (chat, tests) pass only what
+    they change. The defaults are the catalog's; nothing here repeats them."""
+    from tunepipe.spec.catalog import load_catalog
+
+    defaults = {f.name: f.default for f in load_catalog().flags.values() if f.section == "model" and "train" in f.used_by}
+    return {**defaults, **(params or {})}
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -70,6 +83,7 @@ def load_tokenizer(source: str | Path, params: dict):
     """The tokenizer with the seed's tokenizer flags; added tokens come after loading."""
     from transformers import AutoTokenizer
 
+    params = model_flags(params)
     tokenizer = _from_hub(
         AutoTokenizer.from_pretrained,
         str(source),
@@ -166,6 +180,7 @@ def _quantization_config(params: dict):
 def load_config(source: str, params: dict, max_length: int | None = None):
     from transformers import AutoConfig
 
+    params = model_flags(params)
     config = _from_hub(AutoConfig.from_pretrained, source, params)
     _rope_scaling(config, params, max_length)
     _moe_aux_loss(config, params)
@@ -184,6 +199,7 @@ def load_model(
     """A causal LM from `source` with every model flag applied (not yet made trainable)."""
     from transformers import AutoModelForCausalLM
 
+    params = model_flags(params)
     config = load_config(source, params, max_length)
     common = {"dtype": load_dtype(params), "attn_implementation": attn_implementation(params)}
     if from_scratch:

@@ -337,7 +337,12 @@ def test_plan_and_a_fully_cached_run_never_import_torch(project):
 
 
 def test_a_stage_this_version_lacks_fails_preflight_before_anything_runs(project, monkeypatch):
-    monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", "data=fake_stages,template=fake_stages,train=fake_stages,infer=fake_stages")
+    from tunepipe.executors import preflight
+
+    installed = preflight._installed
+    monkeypatch.setattr(preflight, "_installed", lambda module: module != "tunepipe.runtime.stages.quantize" and installed(module))
+    monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", "data=fake_stages,template=fake_stages,train=fake_stages,infer=fake_stages,"
+                                                 "merge=fake_stages,export=fake_stages,verify=fake_stages")
     with pytest.raises(UserError) as error:
         run(project)
     assert "nothing was run" in error.value.message

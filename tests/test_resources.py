@@ -41,12 +41,18 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_names_the_step_the_resource_and_keeps_nothing(tmp_path, tmpfs, monkeypatch):
+@pytest.fixture
+def full_disk_plan(tmp_path, tmpfs, monkeypatch):
+    """A plan whose train step writes 3 MB into a cache on the 1 MB filesystem."""
     root = tmp_path / "project"
     make_project(root, quantize=[], export=[], merge=None)
     for name, value in worker_env({"FAKE_BIG": "train:3000000"}).items():
         monkeypatch.setenv(name, value)
-    plan = compile_project(root, cache_dir=tmpfs / "cache")
+    return compile_project(root, cache_dir=tmpfs / "cache")
+
+
+def test_a_full_disk_names_the_step_the_resource_and_keeps_nothing(full_disk_plan):
+    plan = full_disk_plan
     console = Console(file=io.StringIO(), width=200)
     with pytest.raises(StepFailed) as failed:
         run_plan(plan, console=console)
@@ -59,12 +65,8 @@ def test_a_full_disk_names_the_step_the_resource_and_keeps_nothing(tmp_path, tmp
     assert list((Path(plan.cache_dir) / "tmp").iterdir()) == []  # the partial artifact is gone
 
 
-def test_the_summary_names_a_step_that_failed_for_a_resource(tmp_path, tmpfs, monkeypatch):
-    root = tmp_path / "project"
-    make_project(root, quantize=[], export=[], merge=None)
-    for name, value in worker_env({"FAKE_BIG": "train:3000000"}).items():
-        monkeypatch.setenv(name, value)
-    plan = compile_project(root, cache_dir=tmpfs / "cache")
+def test_the_summary_names_a_step_that_failed_for_a_resource(full_disk_plan):
+    plan = full_disk_plan
     console = Console(file=io.StringIO(), width=200)
     result = run_plan(plan, console=console, keep_going=True)
     print_summary(result, console)

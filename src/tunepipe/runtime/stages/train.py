@@ -438,8 +438,10 @@ class TokenProgress(ProgressCallback):
             self.training_bar.set_postfix(postfix, refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """A line per `logging_steps` (loss, learning rate, epoch), as the Trainer's own bar prints."""
         if logs and "loss" in logs:
             self._loss = logs["loss"]
+        super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 def last_checkpoint(directory: Path) -> str | None:

@@ -250,10 +250,12 @@ func main() {
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (renders the Modelfile TEMPLATE)")
-@pytest.mark.parametrize("name", ["chatml", "qwen3", "gemma", "llama2", "phi3"])
-def test_modelfile_template_renders_the_pipeline_prompt_in_go(name, tmp_path):
+@pytest.mark.parametrize("name, added_bos", [("chatml", ""), ("qwen3", ""), ("phi3", ""), ("gemma", ""),
+                                             ("gemma", "<s>"), ("llama2", "<s>"), ("llama3", "<s>")])
+def test_modelfile_template_renders_the_pipeline_prompt_in_go(name, added_bos, tmp_path):
     """Ollama's template data (.System = the system messages, .Messages = all messages) through Go's
-    text/template, against tunepipe's own prompt rendering of the same conversation."""
+    text/template, against tunepipe's own prompt rendering of the same conversation; when llama.cpp
+    adds the bos itself (added_bos) the TEMPLATE renders the rest."""
     from tunepipe.runtime import template_registry
     from tunepipe.runtime.chat_template import SlotRenderer
 
@@ -264,11 +266,11 @@ def test_modelfile_template_renders_the_pipeline_prompt_in_go(name, tmp_path):
                     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
     for messages in (conversation, conversation[1:]):
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        data = {"Template": modelfile.go_template(slots), "System": system,
+        data = {"Template": modelfile.go_template(slots, added_bos=added_bos), "System": system,
                 "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
         go = subprocess.run(["go", "run", str(program)], input=json.dumps(data), capture_output=True, text=True,
                             check=True, timeout=120)
-        assert go.stdout == SlotRenderer(slots).prompt(messages)
+        assert added_bos + go.stdout == SlotRenderer(slots).prompt(messages)
 
 
 # ------------------------------------------------------------------------------- in llama.cpp
@@ -479,3 +481,16 @@ def test_general_name_only_where_llama_cpp_keys_token_rules_on_it():
     assert llama_cpp_name(tokenizer(False, phi3_vocab), {"model_type": "phi3"}) is None
     assert llama_cpp_name(tokenizer(True, ("<|endoftext|>", "<|end|>")), {"model_type": "phi3"}) is None
     assert llama_cpp_name(tokenizer(True, phi3_vocab), {"model_type": "llama"}) is None
+
+
+def test_modelfile_leaves_out_the_bos_llama_cpp_adds():
+    from tunepipe.runtime import template_registry
+    from tunepipe.runtime.chat_template import SlotRenderer
+
+    slots = SlotRenderer.build(template_registry.get("llama3"), "<|begin_of_text|>", "<|eot_id|>", None).slots
+    llama3 = {"slots": slots, "stop_words": slots["stop_words"]}
+    added = modelfile.modelfile(llama3, "model.gguf", added_bos="<|begin_of_text|>")
+    assert "# <|begin_of_text|> opens the prompt: llama.cpp adds it" in added
+    assert 'TEMPLATE """{{- if .System }}' in added and "begin_of_text|>\" }}" not in added
+    kept = modelfile.modelfile(llama3, "model.gguf")
+    assert 'TEMPLATE """{{ "<|begin_of_text|>" }}{{- if .System }}' in kept

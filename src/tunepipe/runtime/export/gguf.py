@@ -68,7 +68,8 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
         info.update(type=type, k_quant_from=lossless, tensor_types=tensor_type_counts(out / FILE))
     else:
         info = write_gguf(model_dir, out / FILE, config, arch, type, chat_template, log)
-    (out / MODELFILE).write_text(modelfile.modelfile(template, FILE), encoding="utf-8")
+    modelfile_text = modelfile.modelfile(template, FILE, added_bos=info["tokenizer"].get("added_bos") or "")
+    (out / MODELFILE).write_text(modelfile_text, encoding="utf-8")
     info["chat_template_source"] = chat_source
     info["files"] = {name: (out / name).stat().st_size for name in (FILE, MODELFILE)}
     return info

@@ -61,6 +61,8 @@ def write_vocab(writer, model_dir: Path, config: dict[str, Any], chat_template: 
         log.warning("no chat template to embed in the GGUF: llama.cpp and Ollama will not know the prompt format")
     if name := llama_cpp_name(tokenizer, config):
         info["llama_cpp_name"] = name
+    if special.add_special_token.get("bos"):
+        info["added_bos"] = tokenizer.bos_token
     info.update(merges=len(special.merges), special_token_ids=dict(special.special_token_ids),
                 add_special_tokens=dict(special.add_special_token), chat_template=bool(chat_template))
     return info

@@ -21,7 +21,9 @@ from typing import Any
 from tunepipe.runtime import template_registry
 
 
-def modelfile(template: dict[str, Any], gguf_file: str) -> str:
+def modelfile(template: dict[str, Any], gguf_file: str, *, added_bos: str = "") -> str:
+    """The Modelfile text. `added_bos`: the bos token llama.cpp puts before every prompt by itself (the
+    GGUF's add_bos_token), which the TEMPLATE then leaves out of its opening so it is not doubled."""
     slots, note = resolved_slots(template)
     lines = [f"FROM ./{gguf_file}", ""]
     if slots is None:
@@ -31,12 +33,24 @@ def modelfile(template: dict[str, Any], gguf_file: str) -> str:
             lines += [f"# {note}"]
         if slots.get("strip_content"):
             lines += ["# the pipeline's template strips whitespace around message contents; Ollama passes them as given"]
-        lines += ['TEMPLATE """' + go_template(slots) + '"""', ""]
+        if added_bos and _opening_bos(slots, added_bos):
+            lines += [f"# {added_bos} opens the prompt: llama.cpp adds it (tokenizer.ggml.add_bos_token)"]
+        lines += ['TEMPLATE """' + go_template(slots, added_bos=added_bos) + '"""', ""]
         if slots.get("default_system"):
             lines += ['SYSTEM """' + slots["default_system"] + '"""', ""]
     for word in (slots or template).get("stop_words") or []:
         lines.append(f"PARAMETER stop {json.dumps(word, ensure_ascii=False)}")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _opening_bos(slots: dict[str, Any], bos: str) -> str | None:
+    """Which slot opens every rendered prompt with `bos`: "prefix", or "user" (the first user turn, when
+    nothing comes before it: no prefix, the system folded into it), or None."""
+    if slots["prefix"].startswith(bos):
+        return "prefix"
+    if not slots["prefix"] and slots["system_in_user"] and slots["user"].startswith(bos):
+        return "user"
+    return None
 
 
 def resolved_slots(template: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
@@ -54,29 +68,36 @@ def resolved_slots(template: dict[str, Any]) -> tuple[dict[str, Any] | None, str
 
 
 # ------------------------------------------------------------------------------ Go template
-def go_template(slots: dict[str, Any]) -> str:
-    """The slot template as an Ollama (Go text/template) TEMPLATE over .System and .Messages."""
+def go_template(slots: dict[str, Any], *, added_bos: str = "") -> str:
+    """The slot template as an Ollama (Go text/template) TEMPLATE over .System and .Messages; without the
+    opening `added_bos` (see modelfile)."""
     q = lambda text: "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+    opening_bos = _opening_bos(slots, added_bos) if added_bos else None
+    prefix = slots["prefix"][len(added_bos):] if opening_bos == "prefix" else slots["prefix"]
     sys_before, _, sys_after = slots["system"].partition("{{content}}")
     user_before, _, user_after = slots["user"].partition("{{content}}")
+    first_before = user_before[len(added_bos):] if opening_bos == "user" else user_before
     tool_before, _, tool_after = (slots.get("observation") or slots["user"]).partition("{{content}}")
     asst_before, _, asst_after = slots["assistant"].partition("{{content}}")
     header, last_prefix = slots["assistant_header"], slots["last_assistant_prefix"]
     system_block = q(sys_before) + "{{ $.System }}" + q(sys_after)
-    if slots["system_in_user"]:
-        opening = '{{- $fold := true }}'
-        user = ("{{- if and $fold $.System }}" + q(user_before) + system_block + "{{ .Content }}" + q(user_after)
-                + "{{- else }}" + q(user_before) + "{{ .Content }}" + q(user_after) + "{{- end }}{{- $fold = false }}")
+    turn = lambda before, system: q(before) + system + "{{ .Content }}" + q(user_after)
+    if slots["system_in_user"]:  # the first user turn carries the system block
+        opening = "{{- $first := true }}"
+        first = ("{{- if $.System }}" + turn(first_before, system_block) + "{{- else }}" + turn(first_before, "")
+                 + "{{- end }}")
+        user = "{{- if $first }}" + first + "{{- else }}" + turn(user_before, "") + "{{- end }}{{- $first = false }}"
     else:
         opening = "{{- if .System }}" + system_block + "{{- end }}"
-        user = q(user_before) + "{{ .Content }}" + q(user_after)
+        user = turn(user_before, "")
+    last = ("{{- if $last }}" + q(last_prefix) + "{{- end }}") if last_prefix else ""
     return "\n".join([
-        q(slots["prefix"]) + opening,
+        q(prefix) + opening,
         "{{- range $i, $m := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}",
         '{{- if eq .Role "user" }}' + user,
         '{{- else if eq .Role "tool" }}' + q(tool_before) + "{{ .Content }}" + q(tool_after),
-        '{{- else if eq .Role "assistant" }}' + q(header) + ("{{- if $last }}" + q(last_prefix) + "{{- end }}" if last_prefix else "")
-        + q(asst_before) + "{{ .Content }}{{- if not $last }}" + q(asst_after) + "{{- end }}",
+        '{{- else if eq .Role "assistant" }}' + q(header) + last + q(asst_before) + "{{ .Content }}"
+        + "{{- if not $last }}" + q(asst_after) + "{{- end }}",
         "{{- end }}",
         '{{- if and $last (ne .Role "assistant") }}' + q(header + last_prefix) + "{{- end }}",
         "{{- end }}",

@@ -44,8 +44,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models
 SDIST_DIRS = (Path("/tmp/llsdist"),)
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-BENCH_CONFIG = {"hidden_size": 2048, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16,
-                "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 2048}
+BENCH_CONFIG = {
+    "hidden_size": 2048,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "max_position_embeddings": 2048,
+}
 SHARD_BYTES = 500 * 2**20
 FIDELITY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # the rest: llama_model_quantize from f32
@@ -70,8 +77,12 @@ def find_converter(given: str | None, workdir: Path) -> Path | None:
 
 def unpack_converter(sdist: Path, workdir: Path) -> Path | None:
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name
-                   and any(m.name.split("/vendor/llama.cpp/", 1)[1].startswith(f) for f in CONVERTER_FILES)]
+        members = [
+            m
+            for m in tar.getmembers()
+            if "/vendor/llama.cpp/" in m.name
+            and any(m.name.split("/vendor/llama.cpp/", 1)[1].startswith(f) for f in CONVERTER_FILES)
+        ]
         tar.extractall(workdir, members=members, filter="data")
     found = sorted(workdir.rglob("convert_hf_to_gguf.py"))
     return found[0] if found else None
@@ -126,8 +137,12 @@ def measured(args: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of `python bench/gguf.py ARGS` as its own process."""
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "log", "w+") as log:
         result = Path(tmp) / "result"
-        subprocess.run([sys.executable, "-c", LAUNCHER, str(result), sys.executable, __file__, *args],
-                       stdout=log, stderr=log, check=True)
+        subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(result), sys.executable, __file__, *args],
+            stdout=log,
+            stderr=log,
+            check=True,
+        )
         elapsed, maxrss, status = result.read_text().split()
         if int(status):
             log.seek(0)
@@ -166,8 +181,9 @@ def build_bench_model(path: Path) -> int:
         save_file(shard, path / file, metadata={"format": "pt"})
         total += sum(t.numel() * 4 for t in shard.values())
         weight_map.update(dict.fromkeys(names, file))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(path)
     for name in TOKENIZER_FILES:
         shutil.copyfile(TOKENIZER / name, path / name)
@@ -177,14 +193,20 @@ def build_bench_model(path: Path) -> int:
 def speed(convert: Path | None, types: list[str], workdir: Path, repeat: int) -> None:
     model_dir = workdir / "model"
     weights = build_bench_model(model_dir)
-    print(f"model: llama {BENCH_CONFIG['hidden_size']}×{BENCH_CONFIG['num_hidden_layers']} layers, "
-          f"{weights / 2**30:.2f} GiB float32 in {len(list(model_dir.glob('*.safetensors')))} shards; "
-          f"median of {repeat} runs per side, taken in turns")
+    print(
+        f"model: llama {BENCH_CONFIG['hidden_size']}×{BENCH_CONFIG['num_hidden_layers']} layers, "
+        f"{weights / 2**30:.2f} GiB float32 in {len(list(model_dir.glob('*.safetensors')))} shards; "
+        f"median of {repeat} runs per side, taken in turns"
+    )
     if convert is None:
-        print("convert_hf_to_gguf.py not found (pass --convert PATH or put the llama-cpp-python sdist in "
-              "/tmp/llsdist): measuring tunepipe alone")
-    print(f"{'type':6} {'tunepipe s':>11} {'llama.cpp s':>12} {'time ×':>7} {'tunepipe MiB':>13} "
-          f"{'llama.cpp MiB':>14} {'RSS ×':>6}")
+        print(
+            "convert_hf_to_gguf.py not found (pass --convert PATH or put the llama-cpp-python sdist in "
+            "/tmp/llsdist): measuring tunepipe alone"
+        )
+    print(
+        f"{'type':6} {'tunepipe s':>11} {'llama.cpp s':>12} {'time ×':>7} {'tunepipe MiB':>13} "
+        f"{'llama.cpp MiB':>14} {'RSS ×':>6}"
+    )
     for type in types:
         ours_out, ref_out = workdir / f"ours-{type}", workdir / f"ref-{type}.gguf"
         runs: dict[str, list[tuple[float, float]]] = {"ours": [], "ref": []}
@@ -198,8 +220,10 @@ def speed(convert: Path | None, types: list[str], workdir: Path, repeat: int) ->
             continue
         theirs = [statistics.median(r[k] for r in runs["ref"]) for k in (0, 1)]
         same = same_tensors(ours_out / "model.gguf", ref_out)
-        print(f"{type:6} {ours[0]:11.1f} {theirs[0]:12.1f} {ours[0] / theirs[0]:7.2f} {ours[1]:13.0f} "
-              f"{theirs[1]:14.0f} {ours[1] / theirs[1]:6.2f}   tensors {'identical' if same else 'DIFFER'}")
+        print(
+            f"{type:6} {ours[0]:11.1f} {theirs[0]:12.1f} {ours[0] / theirs[0]:7.2f} {ours[1]:13.0f} "
+            f"{theirs[1]:14.0f} {ours[1] / theirs[1]:6.2f}   tensors {'identical' if same else 'DIFFER'}"
+        )
         (ours_out / "model.gguf").unlink()
         ref_out.unlink()
 
@@ -212,8 +236,11 @@ def same_tensors(a: Path, b: Path) -> bool:
     left = {t.name: t for t in gguf.GGUFReader(a).tensors}
     right = {t.name: t for t in gguf.GGUFReader(b).tensors}
     return left.keys() == right.keys() and all(
-        left[n].tensor_type == right[n].tensor_type and list(left[n].shape) == list(right[n].shape)
-        and np.array_equal(left[n].data, right[n].data) for n in left)
+        left[n].tensor_type == right[n].tensor_type
+        and list(left[n].shape) == list(right[n].shape)
+        and np.array_equal(left[n].data, right[n].data)
+        for n in left
+    )
 
 
 # ---------------------------------------------------------------------------------- fidelity
@@ -227,8 +254,10 @@ def fidelity(convert: Path | None, workdir: Path, archs: list[str]) -> None:
     log = logging.getLogger("bench")
     rng = random.Random(0)
     probes = [[rng.randrange(3, 1417) for _ in range(rng.randrange(12, 25))] for _ in range(4)]
-    print("max relative logit error / greedy agreement over "
-          f"{sum(map(len, probes)) + 8 * len(probes)} positions (4 probes + 8-token continuations)")
+    print(
+        "max relative logit error / greedy agreement over "
+        f"{sum(map(len, probes)) + 8 * len(probes)} positions (4 probes + 8-token continuations)"
+    )
     print(f"{'arch':8} {'type':6} {'tunepipe rel':>13} {'agree':>6}   {'llama.cpp rel':>13} {'agree':>6}")
     for i, arch in enumerate(archs):
         if arch not in ARCHS:

@@ -28,13 +28,31 @@ from tunepipe.runtime.export import modelfile
 from tunepipe.runtime.export.gguf_arch import permute_rotary
 
 LOG = logging.getLogger("test_export_gguf")
-CHATML = {"name": "chatml", "source": "registry", "eos_token": "<|endoftext|>", "stop_words": ["<|im_end|>"],
-          "default_system": "", "generation_prompt": "<|im_start|>assistant\n",
-          "slots": {"prefix": "", "system": "<|im_start|>system\n{{content}}<|im_end|>\n", "system_in_user": False,
-                    "user": "<|im_start|>user\n{{content}}<|im_end|>\n", "assistant_header": "<|im_start|>assistant\n",
-                    "last_assistant_prefix": "", "assistant": "{{content}}<|im_end|>\n", "suffix": "",
-                    "tools": "", "tool_call": "{{content}}", "function": None, "observation": None,
-                    "default_system": "", "stop_words": ["<|im_end|>"], "strip_content": False}}
+CHATML = {
+    "name": "chatml",
+    "source": "registry",
+    "eos_token": "<|endoftext|>",
+    "stop_words": ["<|im_end|>"],
+    "default_system": "",
+    "generation_prompt": "<|im_start|>assistant\n",
+    "slots": {
+        "prefix": "",
+        "system": "<|im_start|>system\n{{content}}<|im_end|>\n",
+        "system_in_user": False,
+        "user": "<|im_start|>user\n{{content}}<|im_end|>\n",
+        "assistant_header": "<|im_start|>assistant\n",
+        "last_assistant_prefix": "",
+        "assistant": "{{content}}<|im_end|>\n",
+        "suffix": "",
+        "tools": "",
+        "tool_call": "{{content}}",
+        "function": None,
+        "observation": None,
+        "default_system": "",
+        "stop_words": ["<|im_end|>"],
+        "strip_content": False,
+    },
+}
 PROBES = [[5, 17, 250, 31, 999, 64, 12], [100, 3, 47, 1200, 8, 8, 301, 77, 5, 640, 21]]
 try:
     import llama_cpp  # noqa: F401
@@ -77,12 +95,21 @@ def field(reader, key: str):
 # (GGUF arch, HF tensor, GGUF tensor, transform applied by the export)
 TRANSFORMED = {
     "llama": ("llama", "model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", lambda w: permute_rotary(w, 4)),
-    "mistral": ("llama", "model.layers.1.self_attn.k_proj.weight", "blk.1.attn_k.weight", lambda w: permute_rotary(w, 2)),
+    "mistral": (
+        "llama",
+        "model.layers.1.self_attn.k_proj.weight",
+        "blk.1.attn_k.weight",
+        lambda w: permute_rotary(w, 2),
+    ),
     "qwen2": ("qwen2", "model.layers.0.self_attn.k_proj.bias", "blk.0.attn_k.bias", lambda w: w),
     "qwen3": ("qwen3", "model.layers.0.self_attn.q_norm.weight", "blk.0.attn_q_norm.weight", lambda w: w),
     "gemma": ("gemma", "model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight", lambda w: w + 1),
-    "gemma2": ("gemma2", "model.layers.1.post_feedforward_layernorm.weight", "blk.1.post_ffw_norm.weight",
-               lambda w: w + 1),
+    "gemma2": (
+        "gemma2",
+        "model.layers.1.post_feedforward_layernorm.weight",
+        "blk.1.post_ffw_norm.weight",
+        lambda w: w + 1,
+    ),
     "phi3": ("phi3", "model.layers.0.self_attn.qkv_proj.weight", "blk.0.attn_qkv.weight", lambda w: w),
 }
 
@@ -132,8 +159,9 @@ def test_f32_export_holds_what_llama_cpp_reads(arch, tmp_path):
     types = field(reader, "tokenizer.ggml.token_type")
     assert [i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL] == [0, 1, 2]
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
-    assert field(reader, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m
-                                                      for m in tokenizer_json["model"]["merges"]]
+    assert field(reader, "tokenizer.ggml.merges") == [
+        " ".join(m) if isinstance(m, list) else m for m in tokenizer_json["model"]["merges"]
+    ]
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
     assert field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id == 0
@@ -144,8 +172,9 @@ def test_f32_export_holds_what_llama_cpp_reads(arch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("type, tolerance", [("f16", 1e-3), ("bf16", 8e-3), ("q8_0", 1e-2), ("q5_1", 4e-2),
-                                             ("q4_0", 0.15)])
+@pytest.mark.parametrize(
+    "type, tolerance", [("f16", 1e-3), ("bf16", 8e-3), ("q8_0", 1e-2), ("q5_1", 4e-2), ("q4_0", 0.15)]
+)
 def test_quantized_tensors_dequantize_to_the_hf_weights(type, tolerance, tmp_path):
     model_dir = tiny("llama", tmp_path)
     out, _ = export(model_dir, tmp_path, type)
@@ -160,8 +189,10 @@ def test_quantized_tensors_dequantize_to_the_hf_weights(type, tolerance, tmp_pat
     got = gguf_tensor(reader, "blk.1.ffn_down.weight")
     assert np.abs(got - hf).max() <= tolerance * np.abs(hf).max()
     assert not np.array_equal(got, hf) or type == "f32"
-    np.testing.assert_array_equal(gguf_tensor(reader, "blk.1.ffn_norm.weight"),
-                                  hf_tensor(model_dir, "model.layers.1.post_attention_layernorm.weight"))
+    np.testing.assert_array_equal(
+        gguf_tensor(reader, "blk.1.ffn_norm.weight"),
+        hf_tensor(model_dir, "model.layers.1.post_attention_layernorm.weight"),
+    )
 
 
 @pytest.mark.slow
@@ -224,9 +255,17 @@ def test_modelfile_for_chatml():
 
 def test_modelfile_recognises_a_jinja_chatml_and_keeps_a_default_system():
     jinja = (Path(__file__).parents[1] / "examples/models/tiny-llama/chat_template.jinja").read_text()
-    auto = {"name": "auto", "source": "tokenizer", "chat_template": jinja, "stop_words": [], "eos_token": "<|endoftext|>"}
+    auto = {
+        "name": "auto",
+        "source": "tokenizer",
+        "chat_template": jinja,
+        "stop_words": [],
+        "eos_token": "<|endoftext|>",
+    }
     assert modelfile.modelfile(auto, "model.gguf") == CHATML_MODELFILE.replace(
-        "FROM ./model.gguf\n", "FROM ./model.gguf\n\n# the Jinja chat template renders as the built-in 'chatml' template")
+        "FROM ./model.gguf\n",
+        "FROM ./model.gguf\n\n# the Jinja chat template renders as the built-in 'chatml' template",
+    )
     unknown = dict(auto, chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     text = modelfile.modelfile(unknown, "model.gguf")
     assert "TEMPLATE" not in text and "tokenizer.chat_template" in text
@@ -234,7 +273,7 @@ def test_modelfile_recognises_a_jinja_chatml_and_keeps_a_default_system():
     assert 'SYSTEM """Be kind."""' in modelfile.modelfile(with_system, "model.gguf")
 
 
-GO_RENDER = r'''package main
+GO_RENDER = r"""package main
 
 import ("encoding/json"; "os"; "text/template")
 
@@ -246,12 +285,22 @@ func main() {
 	t := template.Must(template.New("").Parse(v.Template))
 	if err := t.Execute(os.Stdout, map[string]any{"System": v.System, "Messages": v.Messages}); err != nil { panic(err) }
 }
-'''
+"""
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (renders the Modelfile TEMPLATE)")
-@pytest.mark.parametrize("name, added_bos", [("chatml", ""), ("qwen3", ""), ("phi3", ""), ("gemma", ""),
-                                             ("gemma", "<s>"), ("llama2", "<s>"), ("llama3", "<s>")])
+@pytest.mark.parametrize(
+    "name, added_bos",
+    [
+        ("chatml", ""),
+        ("qwen3", ""),
+        ("phi3", ""),
+        ("gemma", ""),
+        ("gemma", "<s>"),
+        ("llama2", "<s>"),
+        ("llama3", "<s>"),
+    ],
+)
 def test_modelfile_template_renders_the_pipeline_prompt_in_go(name, added_bos, tmp_path):
     """Ollama's template data (.System = the system messages, .Messages = all messages) through Go's
     text/template, against tunepipe's own prompt rendering of the same conversation; when llama.cpp
@@ -262,14 +311,22 @@ def test_modelfile_template_renders_the_pipeline_prompt_in_go(name, added_bos, t
     slots = SlotRenderer.build(template_registry.get(name), "<s>", "</s>", None).slots
     program = tmp_path / "render.go"
     program.write_text(GO_RENDER)
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "And now?"},
+    ]
     for messages in (conversation, conversation[1:]):
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        data = {"Template": modelfile.go_template(slots, added_bos=added_bos), "System": system,
-                "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
-        go = subprocess.run(["go", "run", str(program)], input=json.dumps(data), capture_output=True, text=True,
-                            check=True, timeout=120)
+        data = {
+            "Template": modelfile.go_template(slots, added_bos=added_bos),
+            "System": system,
+            "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages],
+        }
+        go = subprocess.run(
+            ["go", "run", str(program)], input=json.dumps(data), capture_output=True, text=True, check=True, timeout=120
+        )
         assert added_bos + go.stdout == SlotRenderer(slots).prompt(messages)
 
 
@@ -332,9 +389,19 @@ def test_quantized_export_keeps_the_greedy_tokens_in_llama_cpp(type, rel, tmp_pa
 
 @needs_llama_cpp
 @pytest.mark.slow
-@pytest.mark.parametrize("rope", [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-                                  {"rope_type": "linear", "factor": 4.0}])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        {"rope_type": "linear", "factor": 4.0},
+    ],
+)
 def test_rope_scaling_travels_to_llama_cpp(rope, tmp_path):
     model_dir = tiny("llama", tmp_path)
     config = json.loads((model_dir / "config.json").read_text())
@@ -359,7 +426,10 @@ def test_chat_template_mismatch_is_reported(tmp_path):
     figures = gguf_export.verify(out, model_dir, PROBES[:1], type="f32", template=CHATML, log=LOG)
     assert figures["chat_template_tokens_match"] is False
     case = figures["chat_template"]["conversation"]
-    assert case["match"] is False and case["gguf_ids"][:case["first_difference"]] == case["hf_ids"][:case["first_difference"]]
+    assert (
+        case["match"] is False
+        and case["gguf_ids"][: case["first_difference"]] == case["hf_ids"][: case["first_difference"]]
+    )
 
 
 @needs_llama_cpp
@@ -391,6 +461,7 @@ def test_k_quant_goes_through_llama_cpp(tmp_path):
 # ------------------------------------------------------------------------------- SentencePiece
 SPM_VOCAB = 600
 
+
 def spm_model(root: Path) -> Path:
     """A tiny llama whose tokenizer is a freshly trained SentencePiece BPE model (tokenizer.model)."""
     import torch
@@ -399,17 +470,37 @@ def spm_model(root: Path) -> Path:
     spm = pytest.importorskip("sentencepiece")
     corpus = root / "corpus.txt"
     corpus.write_text((Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "sp"), vocab_size=SPM_VOCAB,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-                                   # as Llama's: no normalization, whitespace kept
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(root / "sp"),
+        vocab_size=SPM_VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        # as Llama's: no normalization, whitespace kept
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
     model_dir = root / "spm-model"
     model_dir.mkdir()
     shutil.copyfile(root / "sp.model", model_dir / "tokenizer.model")
-    (model_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-         "add_bos_token": True, "chat_template": CHATML_JINJA}))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "chat_template": CHATML_JINJA,
+            }
+        )
+    )
     config = tiny_config("llama")
     config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = SPM_VOCAB, 1, 2, None
     torch.manual_seed(0)
@@ -421,8 +512,10 @@ def spm_model(root: Path) -> Path:
     return model_dir
 
 
-CHATML_JINJA = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-                "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_JINJA = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.mark.slow
@@ -491,6 +584,6 @@ def test_modelfile_leaves_out_the_bos_llama_cpp_adds():
     llama3 = {"slots": slots, "stop_words": slots["stop_words"]}
     added = modelfile.modelfile(llama3, "model.gguf", added_bos="<|begin_of_text|>")
     assert "# <|begin_of_text|> opens the prompt: llama.cpp adds it" in added
-    assert 'TEMPLATE """{{- if .System }}' in added and "begin_of_text|>\" }}" not in added
+    assert 'TEMPLATE """{{- if .System }}' in added and 'begin_of_text|>" }}' not in added
     kept = modelfile.modelfile(llama3, "model.gguf")
     assert 'TEMPLATE """{{ "<|begin_of_text|>" }}{{- if .System }}' in kept

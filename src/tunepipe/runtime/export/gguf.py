@@ -30,14 +30,30 @@ MODELFILE = "Modelfile"
 # Written by gguf.quants (the GGUF's name of each type is the upper-cased name).
 WRITTEN_TYPES = ("f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # Quantized by llama.cpp's llama_model_quantize: type → gguf.LlamaFileType member.
-K_QUANTS = {"q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K",
-            "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
+K_QUANTS = {
+    "q4_k_m": "MOSTLY_Q4_K_M",
+    "q5_k_m": "MOSTLY_Q5_K_M",
+    "q6_k": "MOSTLY_Q6_K",
+    "q3_k_m": "MOSTLY_Q3_K_M",
+    "q2_k": "MOSTLY_Q2_K",
+}
 SUPPORTED_TYPES: tuple[str, ...] = (*WRITTEN_TYPES, *K_QUANTS)
-REQUIRES: tuple[tuple[str, str], ...] = (("gguf", "gguf"), ("safetensors", "safetensors"),
-                                         ("llama_cpp", "llama-cpp-python"))
+REQUIRES: tuple[tuple[str, str], ...] = (
+    ("gguf", "gguf"),
+    ("safetensors", "safetensors"),
+    ("llama_cpp", "llama-cpp-python"),
+)
 LLAMA_CPP = ("llama_cpp", "llama-cpp-python")
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-              "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q5_0": "MOSTLY_Q5_0",
+    "q5_1": "MOSTLY_Q5_1",
+}
 # The lossless intermediate a k-quant starts from, by the weights' stored dtype.
 LOSSLESS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
@@ -86,9 +102,15 @@ def tensor_type_counts(path: Path) -> dict[str, int]:
 
 def check_type(type: str) -> None:
     if type not in SUPPORTED_TYPES:
-        raise UserError(f"GGUF type {type!r} is not one of {', '.join(SUPPORTED_TYPES)}",
-                        [(f"{', '.join(WRITTEN_TYPES)} are written directly; {', '.join(K_QUANTS)} by llama.cpp's "
-                          "quantizer (needs llama-cpp-python)")])
+        raise UserError(
+            f"GGUF type {type!r} is not one of {', '.join(SUPPORTED_TYPES)}",
+            [
+                (
+                    f"{', '.join(WRITTEN_TYPES)} are written directly; {', '.join(K_QUANTS)} by llama.cpp's "
+                    "quantizer (needs llama-cpp-python)"
+                )
+            ],
+        )
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
@@ -120,8 +142,15 @@ def embedded_chat_template(model_dir: Path, template: dict) -> tuple[str | None,
 
 
 # ------------------------------------------------------------------------------------ writing
-def write_gguf(model_dir: Path, path: Path, config: dict, arch: gguf_arch.Arch, type: str,
-               chat_template: str | None, log: logging.Logger) -> dict[str, Any]:
+def write_gguf(
+    model_dir: Path,
+    path: Path,
+    config: dict,
+    arch: gguf_arch.Arch,
+    type: str,
+    chat_template: str | None,
+    log: logging.Logger,
+) -> dict[str, Any]:
     import gguf
 
     plan = gguf_arch.plan_tensors(model_dir, config, arch)
@@ -146,8 +175,13 @@ def write_gguf(model_dir: Path, path: Path, config: dict, arch: gguf_arch.Arch, 
     for qtype in qtypes:
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
     log.info("wrote %s: %s, %d tensors (%s)", path.name, arch.gguf_arch.lower(), len(plan), counts)
-    return {"type": type, "arch": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]], "tensors": len(plan),
-            "tensor_types": counts, "tokenizer": vocab}
+    return {
+        "type": type,
+        "arch": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]],
+        "tensors": len(plan),
+        "tensor_types": counts,
+        "tokenizer": vocab,
+    }
 
 
 def tensor_type(tensor: gguf_arch.PlannedTensor, type: str, plan: list[gguf_arch.PlannedTensor]):
@@ -188,10 +222,16 @@ def _import_llama_cpp(what: str):
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(f"GGUF {what} needs llama-cpp-python (llama.cpp's quantizer and runtime)",
-                        [("pip install llama-cpp-python (builds llama.cpp from source; for a portable CPU "
-                          "build CMAKE_ARGS='-DGGML_NATIVE=OFF')"),
-                         "or choose one of " + ", ".join(WRITTEN_TYPES)]) from None
+        raise UserError(
+            f"GGUF {what} needs llama-cpp-python (llama.cpp's quantizer and runtime)",
+            [
+                (
+                    "pip install llama-cpp-python (builds llama.cpp from source; for a portable CPU "
+                    "build CMAKE_ARGS='-DGGML_NATIVE=OFF')"
+                ),
+                "or choose one of " + ", ".join(WRITTEN_TYPES),
+            ],
+        ) from None
     return llama_cpp
 
 
@@ -211,8 +251,9 @@ def quantize_k(source: Path, dest: Path, type: str, log: logging.Logger) -> None
 
 
 # ------------------------------------------------------------------------------------- verify
-def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str,
-           template: dict, log: logging.Logger) -> dict:
+def verify(
+    export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict, log: logging.Logger
+) -> dict:
     from tunepipe.runtime.export import gguf_verify
 
     _import_llama_cpp("verification")

@@ -28,11 +28,11 @@ from tunepipe.errors import UserError
 
 @dataclass(frozen=True)
 class Arch:
-    name: str            # the HF model_type
-    gguf_arch: str       # key of gguf.MODEL_ARCH
-    permute_qk: bool     # llama.cpp's LLAMA graph: undo HF's rotate-half Q/K layout
-    norm_offset: float   # gemma stores RMSNorm weights as w for (1 + w)
-    tied_only: bool      # llama.cpp's graph always reads the output from token_embd
+    name: str  # the HF model_type
+    gguf_arch: str  # key of gguf.MODEL_ARCH
+    permute_qk: bool  # llama.cpp's LLAMA graph: undo HF's rotate-half Q/K layout
+    norm_offset: float  # gemma stores RMSNorm weights as w for (1 + w)
+    tied_only: bool  # llama.cpp's graph always reads the output from token_embd
 
 
 ARCHS = {
@@ -49,9 +49,10 @@ ARCHS = {
 def architecture(config: dict[str, Any]) -> Arch:
     model_type = config.get("model_type")
     if model_type not in ARCHS:
-        raise UserError(f"GGUF export does not support model_type {model_type!r}",
-                        [f"supported: {', '.join(ARCHS)}",
-                         "or export another format (safetensors, onnx) for this model"])
+        raise UserError(
+            f"GGUF export does not support model_type {model_type!r}",
+            [f"supported: {', '.join(ARCHS)}", "or export another format (safetensors, onnx) for this model"],
+        )
     return ARCHS[model_type]
 
 
@@ -93,13 +94,17 @@ def write_hparams(writer, config: dict[str, Any], arch: Arch, n_vocab: int, log)
             writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_sliding_window(config["sliding_window"])
     if arch.name == "phi3":
-        writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
-                                             or config["max_position_embeddings"])
+        writer.add_rope_scaling_orig_ctx_len(
+            config.get("original_max_position_embeddings") or config["max_position_embeddings"]
+        )
         writer.add_sliding_window(config.get("sliding_window") or 0)  # 0: no window (as llama.cpp's converter)
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     if arch.gguf_arch in ("LLAMA", "QWEN2", "QWEN3") and window and window < config["max_position_embeddings"]:
-        log.warning("llama.cpp's %s graph has no sliding window: contexts beyond %d tokens attend further than "
-                    "the HF model", arch.gguf_arch.lower(), window)
+        log.warning(
+            "llama.cpp's %s graph has no sliding window: contexts beyond %d tokens attend further than the HF model",
+            arch.gguf_arch.lower(),
+            window,
+        )
 
 
 def _write_rope_scaling(writer, rope: dict[str, Any], config: dict[str, Any]) -> None:
@@ -112,19 +117,24 @@ def _write_rope_scaling(writer, rope: dict[str, Any], config: dict[str, Any]) ->
     elif kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(rope["factor"])
-        writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings")
-                                             or config["max_position_embeddings"])
-        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
-                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
-                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor)):
+        writer.add_rope_scaling_orig_ctx_len(
+            rope.get("original_max_position_embeddings") or config["max_position_embeddings"]
+        )
+        for key, add in (
+            ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+            ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+        ):
             if rope.get(key) is not None:
                 add(rope[key])
     elif kind == "longrope" and config.get("model_type") == "phi3":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
         writer.add_rope_scaling_attn_factors(_longrope_attn_factor(config, rope))
     elif kind not in ("default", "llama3"):  # llama3 scaling travels as the rope_freqs tensor
-        raise UserError(f"GGUF export does not support rope scaling {kind!r}",
-                        ["supported: default, linear, yarn, llama3 (and longrope for phi3)"])
+        raise UserError(
+            f"GGUF export does not support rope scaling {kind!r}",
+            ["supported: default, linear, yarn, llama3 (and longrope for phi3)"],
+        )
 
 
 def _longrope_attn_factor(config: dict[str, Any], rope: dict[str, Any]) -> float:
@@ -136,10 +146,10 @@ def _longrope_attn_factor(config: dict[str, Any], rope: dict[str, Any]) -> float
 # ------------------------------------------------------------------------------------- tensors
 @dataclass
 class PlannedTensor:
-    name: str                          # GGUF name, e.g. blk.0.attn_q.weight
-    shape: tuple[int, ...]             # numpy (row-major) shape after the transform
-    load: Callable[[], np.ndarray]     # reads the tensor from its shard, transformed, float32
-    hf_name: str | None = None         # None for tensors llama.cpp needs but HF computes (rope factors)
+    name: str  # GGUF name, e.g. blk.0.attn_q.weight
+    shape: tuple[int, ...]  # numpy (row-major) shape after the transform
+    load: Callable[[], np.ndarray]  # reads the tensor from its shard, transformed, float32
+    hf_name: str | None = None  # None for tensors llama.cpp needs but HF computes (rope factors)
 
 
 def plan_tensors(model_dir: Path, config: dict[str, Any], arch: Arch) -> list[PlannedTensor]:
@@ -158,8 +168,10 @@ def plan_tensors(model_dir: Path, config: dict[str, Any], arch: Arch) -> list[Pl
             continue
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UserError(f"GGUF export: no llama.cpp tensor for {hf_name!r} of a {arch.name} model",
-                            ["the checkpoint has weights this architecture's llama.cpp graph does not read"])
+            raise UserError(
+                f"GGUF export: no llama.cpp tensor for {hf_name!r} of a {arch.name} model",
+                ["the checkpoint has weights this architecture's llama.cpp graph does not read"],
+            )
         plan.append(PlannedTensor(gguf_name, shapes[hf_name], _loader(shards[hf_name], hf_name, config, arch), hf_name))
     return plan
 
@@ -176,8 +188,10 @@ def _shard_index(model_dir: Path) -> dict[str, Path]:
         return {name: model_dir / shard for name, shard in weight_map.items()}
     single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json",
-                        ["GGUF export reads a merged model directory (safetensors weights)"])
+        raise UserError(
+            f"{model_dir}: no model.safetensors or model.safetensors.index.json",
+            ["GGUF export reads a merged model directory (safetensors weights)"],
+        )
     from safetensors import safe_open
 
     with safe_open(single, "pt") as f:
@@ -216,15 +230,20 @@ def _tied(config: dict[str, Any], shards: dict[str, Path], arch: Arch) -> bool:
     embed = read_tensor(shards["model.embed_tokens.weight"], "model.embed_tokens.weight")
     head = read_tensor(shards["lm_head.weight"], "lm_head.weight")
     if not np.array_equal(embed, head):
-        raise UserError(f"GGUF export: this {arch.name} model has an lm_head separate from its embeddings",
-                        [f"llama.cpp's {arch.name} graph always uses the token embeddings as the output layer",
-                         "train with tied embeddings (tie_word_embeddings: true, gemma's default)"])
+        raise UserError(
+            f"GGUF export: this {arch.name} model has an lm_head separate from its embeddings",
+            [
+                f"llama.cpp's {arch.name} graph always uses the token embeddings as the output layer",
+                "train with tied embeddings (tie_word_embeddings: true, gemma's default)",
+            ],
+        )
     return True
 
 
 def _loader(path: Path, hf_name: str, config: dict[str, Any], arch: Arch) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         return transform(read_tensor(path, hf_name), hf_name, config, arch)
+
     return load
 
 
@@ -243,9 +262,11 @@ def transform(data: np.ndarray, hf_name: str, config: dict[str, Any], arch: Arch
 
 def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half Q/K rows → llama.cpp's interleaved pairs, per head (llama.cpp's LlamaModel.permute)."""
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _extra_tensors(config: dict[str, Any]) -> list[PlannedTensor]:
@@ -257,8 +278,10 @@ def _extra_tensors(config: dict[str, Any]) -> list[PlannedTensor]:
     if rope["rope_type"] == "longrope" and config.get("model_type") == "phi3":
         long_f = np.asarray(rope["long_factor"], dtype=np.float32)
         short_f = np.asarray(rope["short_factor"], dtype=np.float32)
-        return [PlannedTensor("rope_factors_long.weight", long_f.shape, lambda: long_f),
-                PlannedTensor("rope_factors_short.weight", short_f.shape, lambda: short_f)]
+        return [
+            PlannedTensor("rope_factors_long.weight", long_f.shape, lambda: long_f),
+            PlannedTensor("rope_factors_short.weight", short_f.shape, lambda: short_f),
+        ]
     return []
 
 
@@ -271,6 +294,9 @@ def _llama3_rope_factors(rope: dict[str, Any], dim: int) -> np.ndarray:
     freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     wavelen = 2 * math.pi / freqs
     smooth = (old_context / wavelen - low) / (high - low)
-    factors = np.where(wavelen < old_context / high, 1.0,
-                       np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    factors = np.where(
+        wavelen < old_context / high,
+        1.0,
+        np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
     return factors.astype(np.float32)

@@ -30,8 +30,9 @@ CONVERSATION = [
 ]
 
 
-def verify(gguf_path: Path, model_dir: Path, probes: list[list[int]], *, template: dict,
-           log: logging.Logger) -> dict[str, Any]:
+def verify(
+    gguf_path: Path, model_dir: Path, probes: list[list[int]], *, template: dict, log: logging.Logger
+) -> dict[str, Any]:
     import transformers
 
     probes = [list(map(int, p)) for p in probes if len(p)]
@@ -51,11 +52,23 @@ def verify(gguf_path: Path, model_dir: Path, probes: list[list[int]], *, templat
         agree += int((got.argmax(axis=1) == ref.argmax(axis=1)).sum())
         positions += len(seq)
     chat = chat_template_check(llm, tokenizer, template)
-    figures = {"max_rel_logit_error": rel, "max_abs_logit_error": abs_, "greedy_agreement": agree / positions,
-               "probes": len(probes), "positions": positions, "continuation_tokens": CONTINUATION,
-               "chat_template_tokens_match": chat["match"], "chat_template": chat}
-    log.info("gguf verify: max rel logit error %.3g, greedy agreement %.4f over %d positions, chat template %s",
-             rel, agree / positions, positions, "matches" if chat["match"] else "DIFFERS")
+    figures = {
+        "max_rel_logit_error": rel,
+        "max_abs_logit_error": abs_,
+        "greedy_agreement": agree / positions,
+        "probes": len(probes),
+        "positions": positions,
+        "continuation_tokens": CONTINUATION,
+        "chat_template_tokens_match": chat["match"],
+        "chat_template": chat,
+    }
+    log.info(
+        "gguf verify: max rel logit error %.3g, greedy agreement %.4f over %d positions, chat template %s",
+        rel,
+        agree / positions,
+        positions,
+        "matches" if chat["match"] else "DIFFERS",
+    )
     return figures
 
 
@@ -65,8 +78,9 @@ def _hf_model(model_dir: Path):
     import transformers
 
     # eager attention: gemma2's attention softcapping is applied only there
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                              attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     return model.eval()
 
 
@@ -75,9 +89,17 @@ def _llama(gguf_path: Path, n_tokens: int):
     which would hide what the file itself computes."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(gguf_path), logits_all=True, n_ctx=max(n_tokens, 64),
-                           n_batch=max(n_tokens, 64), verbose=False, seed=0, n_threads=2,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    return llama_cpp.Llama(
+        model_path=str(gguf_path),
+        logits_all=True,
+        n_ctx=max(n_tokens, 64),
+        n_batch=max(n_tokens, 64),
+        verbose=False,
+        seed=0,
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
 
 
 def greedy_continuation(model, ids: list[int], n: int) -> list[int]:
@@ -112,8 +134,10 @@ def chat_template_check(llm, tokenizer, template: dict) -> dict[str, Any]:
     if not source:
         return {"match": False, "reason": "the GGUF has no tokenizer.chat_template"}
     out: dict[str, Any] = {"match": True}
-    for name, (messages, generation) in {"conversation": (CONVERSATION, False),
-                                         "generation_prompt": (CONVERSATION[:2], True)}.items():
+    for name, (messages, generation) in {
+        "conversation": (CONVERSATION, False),
+        "generation_prompt": (CONVERSATION[:2], True),
+    }.items():
         try:
             case = _compare(llm, source, tokenizer, template, messages, generation)
         except (jinja2.TemplateError, ValueError, TypeError):  # e.g. raise_exception on a system message: retry without
@@ -128,8 +152,12 @@ def _compare(llm, source: str, tokenizer, template: dict, messages: list[dict], 
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     text_of = lambda t: llm._model.token_get_text(t) if t != -1 else ""  # as Llama() builds its formatter
-    formatter = Jinja2ChatFormatter(template=source, eos_token=text_of(llm.token_eos()),
-                                    bos_token=text_of(llm.token_bos()), add_generation_prompt=generation)
+    formatter = Jinja2ChatFormatter(
+        template=source,
+        eos_token=text_of(llm.token_eos()),
+        bos_token=text_of(llm.token_bos()),
+        add_generation_prompt=generation,
+    )
     text = formatter(messages=messages).prompt
     # add_bos=False: the template's own tokens, as apply_chat_template (add_special_tokens=False)
     gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)

@@ -29,11 +29,9 @@ from tunepipe.errors import UserError
 GPT2 = "gpt-2"
 PRE_TOKENIZERS = {
     # Llama 3 (tiktoken cl100k's regex)
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
     # Qwen2 / Qwen2.5 / Qwen3 (transformers' tokenization_qwen2.PRETOKENIZE_REGEX)
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": GPT2,
 }
 
@@ -53,8 +51,10 @@ def write_vocab(writer, model_dir: Path, config: dict[str, Any], chat_template: 
     special.add_special_token.update(adds_special_tokens(tokenizer))
     special.add_to_gguf(writer, quiet=True)
     if info["model"] == "gpt2" and not special.merges:
-        raise UserError(f"{model_dir}/tokenizer.json: a BPE tokenizer without merges",
-                        ["llama.cpp needs the BPE merges to tokenize"])
+        raise UserError(
+            f"{model_dir}/tokenizer.json: a BPE tokenizer without merges",
+            ["llama.cpp needs the BPE merges to tokenize"],
+        )
     if chat_template:
         writer.add_chat_template(chat_template)
     else:
@@ -63,8 +63,12 @@ def write_vocab(writer, model_dir: Path, config: dict[str, Any], chat_template: 
         info["llama_cpp_name"] = name
     if special.add_special_token.get("bos"):
         info["added_bos"] = tokenizer.bos_token
-    info.update(merges=len(special.merges), special_token_ids=dict(special.special_token_ids),
-                add_special_tokens=dict(special.add_special_token), chat_template=bool(chat_template))
+    info.update(
+        merges=len(special.merges),
+        special_token_ids=dict(special.special_token_ids),
+        add_special_tokens=dict(special.add_special_token),
+        chat_template=bool(chat_template),
+    )
     return info
 
 
@@ -75,8 +79,11 @@ def llama_cpp_name(tokenizer, config: dict[str, Any]) -> str | None:
     out: llama.cpp would match it against such model-family rules."""
     added = tokenizer.added_tokens_decoder.values()
     vocab = tokenizer.get_vocab()
-    if (config["model_type"] == "phi3" and any(t.special and t.rstrip for t in added)
-            and all(t in vocab for t in ("</s>", "<unk>", "<s>", "<|endoftext|>"))):
+    if (
+        config["model_type"] == "phi3"
+        and any(t.special and t.rstrip for t in added)
+        and all(t in vocab for t in ("</s>", "<unk>", "<s>", "<|endoftext|>"))
+    ):
         return "phi3"
     return None
 
@@ -86,10 +93,12 @@ def adds_special_tokens(tokenizer) -> dict[str, bool]:
     text = "a"
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]
     full = tokenizer(text)["input_ids"]
-    head = full[: len(full) - len(plain)] if full[-len(plain):] == plain else []
-    tail = full[len(plain):] if full[: len(plain)] == plain else []
-    return {"bos": tokenizer.bos_token_id is not None and head[:1] == [tokenizer.bos_token_id],
-            "eos": tokenizer.eos_token_id is not None and tail[-1:] == [tokenizer.eos_token_id]}
+    head = full[: len(full) - len(plain)] if full[-len(plain) :] == plain else []
+    tail = full[len(plain) :] if full[: len(plain)] == plain else []
+    return {
+        "bos": tokenizer.bos_token_id is not None and head[:1] == [tokenizer.bos_token_id],
+        "eos": tokenizer.eos_token_id is not None and tail[-1:] == [tokenizer.eos_token_id],
+    }
 
 
 # --------------------------------------------------------------------------------------- BPE
@@ -97,12 +106,20 @@ def _write_bpe(writer, model_dir: Path, tokenizer, n_vocab: int) -> dict[str, An
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = tokenizer_json.get("model", {})
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        raise UserError(f"{model_dir}: a SentencePiece tokenizer converted to tokenizer.json, without its tokenizer.model",
-                        [("llama.cpp's SentencePiece vocabulary needs the piece scores only tokenizer.model holds: "
-                          "copy the base model's tokenizer.model into this directory")])
+        raise UserError(
+            f"{model_dir}: a SentencePiece tokenizer converted to tokenizer.json, without its tokenizer.model",
+            [
+                (
+                    "llama.cpp's SentencePiece vocabulary needs the piece scores only tokenizer.model holds: "
+                    "copy the base model's tokenizer.model into this directory"
+                )
+            ],
+        )
     if model.get("type") != "BPE" or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
-        raise UserError(f"{model_dir}: the tokenizer is neither byte-level BPE nor SentencePiece (tokenizer.model)",
-                        ["GGUF export writes llama.cpp's gpt2 (byte-level BPE) or llama (SentencePiece) vocabularies"])
+        raise UserError(
+            f"{model_dir}: the tokenizer is neither byte-level BPE nor SentencePiece (tokenizer.model)",
+            ["GGUF export writes llama.cpp's gpt2 (byte-level BPE) or llama (SentencePiece) vocabularies"],
+        )
     pre = pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), model_dir)
     tokens, types = bpe_tokens(tokenizer, n_vocab)
     writer.add_tokenizer_model("gpt2")
@@ -122,9 +139,13 @@ def pre_tokenizer_name(pre_tokenizer: dict | None, model_dir: Path) -> str:
         regex = (steps[0].get("pattern") or {}).get("Regex")
         if regex in PRE_TOKENIZERS:
             return PRE_TOKENIZERS[regex]
-    raise UserError(f"{model_dir}/tokenizer.json: llama.cpp has no pre-tokenizer known to match {json.dumps(pre_tokenizer)}",
-                    [f"known: a ByteLevel pre-tokenizer (gpt-2) or a Split regex of {', '.join(sorted(set(PRE_TOKENIZERS.values())))}",
-                     "with another pre-tokenizer llama.cpp would split text differently than the trained tokenizer"])
+    raise UserError(
+        f"{model_dir}/tokenizer.json: llama.cpp has no pre-tokenizer known to match {json.dumps(pre_tokenizer)}",
+        [
+            f"known: a ByteLevel pre-tokenizer (gpt-2) or a Split regex of {', '.join(sorted(set(PRE_TOKENIZERS.values())))}",
+            "with another pre-tokenizer llama.cpp would split text differently than the trained tokenizer",
+        ],
+    )
 
 
 def bpe_tokens(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
@@ -133,8 +154,10 @@ def bpe_tokens(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if by_id and max(by_id) >= n_vocab:
-        raise UserError(f"the tokenizer has token id {max(by_id)} but the model's vocabulary is {n_vocab}",
-                        ["resize the model's embeddings to the tokenizer (the train stage does when tokens are added)"])
+        raise UserError(
+            f"the tokenizer has token id {max(by_id)} but the model's vocabulary is {n_vocab}",
+            ["resize the model's embeddings to the tokenizer (the train stage does when tokens are added)"],
+        )
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(n_vocab):
@@ -160,8 +183,10 @@ def _write_sentencepiece(writer, model_dir: Path, tokenizer, n_vocab: int) -> di
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
-        raise UserError(f"{model_dir} has a SentencePiece tokenizer.model; reading it needs the sentencepiece package",
-                        ["pip install sentencepiece"]) from None
+        raise UserError(
+            f"{model_dir} has a SentencePiece tokenizer.model; reading it needs the sentencepiece package",
+            ["pip install sentencepiece"],
+        ) from None
     processor = SentencePieceProcessor()
     processor.LoadFromFile(str(model_dir / "tokenizer.model"))
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]

@@ -32,7 +32,9 @@ def modelfile(template: dict[str, Any], gguf_file: str, *, added_bos: str = "") 
         if note:
             lines += [f"# {note}"]
         if slots.get("strip_content"):
-            lines += ["# the pipeline's template strips whitespace around message contents; Ollama passes them as given"]
+            lines += [
+                "# the pipeline's template strips whitespace around message contents; Ollama passes them as given"
+            ]
         if added_bos and _opening_bos(slots, added_bos):
             lines += [f"# {added_bos} opens the prompt: llama.cpp adds it (tokenizer.ggml.add_bos_token)"]
         lines += ['TEMPLATE """' + go_template(slots, added_bos=added_bos) + '"""', ""]
@@ -62,9 +64,13 @@ def resolved_slots(template: dict[str, Any]) -> tuple[dict[str, Any] | None, str
         return None, "no chat template: Ollama uses the GGUF's tokenizer.chat_template, if any"
     name = matching_registry_template(source, template.get("eos_token") or "")
     if name is None:
-        return None, ("the pipeline's Jinja chat template matches no built-in template: "
-                      "Ollama reads the GGUF's tokenizer.chat_template")
-    return _registry_slots(name, template.get("eos_token") or ""), f"the Jinja chat template renders as the built-in {name!r} template"
+        return None, (
+            "the pipeline's Jinja chat template matches no built-in template: "
+            "Ollama reads the GGUF's tokenizer.chat_template"
+        )
+    return _registry_slots(
+        name, template.get("eos_token") or ""
+    ), f"the Jinja chat template renders as the built-in {name!r} template"
 
 
 # ------------------------------------------------------------------------------ Go template
@@ -73,10 +79,10 @@ def go_template(slots: dict[str, Any], *, added_bos: str = "") -> str:
     opening `added_bos` (see modelfile)."""
     q = lambda text: "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
     opening_bos = _opening_bos(slots, added_bos) if added_bos else None
-    prefix = slots["prefix"][len(added_bos):] if opening_bos == "prefix" else slots["prefix"]
+    prefix = slots["prefix"][len(added_bos) :] if opening_bos == "prefix" else slots["prefix"]
     sys_before, _, sys_after = slots["system"].partition("{{content}}")
     user_before, _, user_after = slots["user"].partition("{{content}}")
-    first_before = user_before[len(added_bos):] if opening_bos == "user" else user_before
+    first_before = user_before[len(added_bos) :] if opening_bos == "user" else user_before
     tool_before, _, tool_after = (slots.get("observation") or slots["user"]).partition("{{content}}")
     asst_before, _, asst_after = slots["assistant"].partition("{{content}}")
     header, last_prefix = slots["assistant_header"], slots["last_assistant_prefix"]
@@ -84,32 +90,52 @@ def go_template(slots: dict[str, Any], *, added_bos: str = "") -> str:
     turn = lambda before, system: q(before) + system + "{{ .Content }}" + q(user_after)
     if slots["system_in_user"]:  # the first user turn carries the system block
         opening = "{{- $first := true }}"
-        first = ("{{- if $.System }}" + turn(first_before, system_block) + "{{- else }}" + turn(first_before, "")
-                 + "{{- end }}")
+        first = (
+            "{{- if $.System }}"
+            + turn(first_before, system_block)
+            + "{{- else }}"
+            + turn(first_before, "")
+            + "{{- end }}"
+        )
         user = "{{- if $first }}" + first + "{{- else }}" + turn(user_before, "") + "{{- end }}{{- $first = false }}"
     else:
         opening = "{{- if .System }}" + system_block + "{{- end }}"
         user = turn(user_before, "")
     last = ("{{- if $last }}" + q(last_prefix) + "{{- end }}") if last_prefix else ""
-    return "\n".join([
-        q(prefix) + opening,
-        "{{- range $i, $m := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}",
-        '{{- if eq .Role "user" }}' + user,
-        '{{- else if eq .Role "tool" }}' + q(tool_before) + "{{ .Content }}" + q(tool_after),
-        '{{- else if eq .Role "assistant" }}' + q(header) + last + q(asst_before) + "{{ .Content }}"
-        + "{{- if not $last }}" + q(asst_after) + "{{- end }}",
-        "{{- end }}",
-        '{{- if and $last (ne .Role "assistant") }}' + q(header + last_prefix) + "{{- end }}",
-        "{{- end }}",
-    ])
+    return "\n".join(
+        [
+            q(prefix) + opening,
+            "{{- range $i, $m := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}",
+            '{{- if eq .Role "user" }}' + user,
+            '{{- else if eq .Role "tool" }}' + q(tool_before) + "{{ .Content }}" + q(tool_after),
+            '{{- else if eq .Role "assistant" }}'
+            + q(header)
+            + last
+            + q(asst_before)
+            + "{{ .Content }}"
+            + "{{- if not $last }}"
+            + q(asst_after)
+            + "{{- end }}",
+            "{{- end }}",
+            '{{- if and $last (ne .Role "assistant") }}' + q(header + last_prefix) + "{{- end }}",
+            "{{- end }}",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------- Jinja → registry slots
 PROBES: list[tuple[list[dict[str, str]], bool]] = [
     ([{"role": "user", "content": "Hi there"}], True),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}], True),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}], True),
+    (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "And now?"},
+        ],
+        True,
+    ),
     ([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}], False),
 ]
 
@@ -128,8 +154,11 @@ def matching_registry_template(source: str, eos: str) -> str | None:
             continue
         slots = _registry_slots(name, eos)
         try:
-            if all(jinja.render(messages=m, add_generation_prompt=g, bos_token="", eos_token=eos)
-                   == render_slots(slots, m, g) for m, g in PROBES):
+            if all(
+                jinja.render(messages=m, add_generation_prompt=g, bos_token="", eos_token=eos)
+                == render_slots(slots, m, g)
+                for m, g in PROBES
+            ):
                 return name
         except (jinja2.TemplateError, ValueError, TypeError):  # it rejects a probe (raise_exception on a system turn)
             continue

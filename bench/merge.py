@@ -19,13 +19,11 @@ the tensor's magnitude, in float32 epsilons). Bar: RSS ≤ 0.3× and time ≤ 1.
 
 from __future__ import annotations
 
-import os
-import sys
-
-
 import argparse
 import json
+import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +48,12 @@ def setup(directory: Path, args) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory / "base", max_shard_size=args.shard_size)
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
-    peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type="CAUSAL_LM"))
+    targets = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+    )
+    peft_model = get_peft_model(
+        model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type="CAUSAL_LM")
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

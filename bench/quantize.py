@@ -39,9 +39,16 @@ def setup(directory: Path, arch: str) -> None:
     make_tiny_model(arch, directory / "merged" / "model", seed=1)
     (directory / "merged" / "template.json").write_text(json.dumps({"name": "chatml", "source": "registry"}))
     tokenizer = AutoTokenizer.from_pretrained(directory / "merged" / "model")
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} plus {i * 3}?"},
-                                          {"role": "assistant", "content": f"It is {i * 4}."}], tokenize=True)
-           for i in range(24)]
+    ids = [
+        tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": f"What is {i} plus {i * 3}?"},
+                {"role": "assistant", "content": f"It is {i * 4}."},
+            ],
+            tokenize=True,
+        )
+        for i in range(24)
+    ]
     ids = [list(x["input_ids"] if hasattr(x, "keys") else x) for x in ids]
     (directory / "data").mkdir()
     np.save(directory / "data" / "train.input_ids.npy", np.concatenate(ids).astype(np.int32))
@@ -54,24 +61,43 @@ def child(directory: Path, method: str, bits: int) -> None:
 
     run = directory / f"{method}-{bits}"
     (run / "out").mkdir(parents=True)
-    ctx = StepContext(id="quantize", kind="quantize", key="0" * 64, params={"method": method, "bits": bits},
-                      inputs={"model": directory / "merged", "calibration": directory / "data"}, files={}, seed=0,
-                      spec_dir=directory, out=run / "out", work=run / "work")
+    ctx = StepContext(
+        id="quantize",
+        kind="quantize",
+        key="0" * 64,
+        params={"method": method, "bits": bits},
+        inputs={"model": directory / "merged", "calibration": directory / "data"},
+        files={},
+        seed=0,
+        spec_dir=directory,
+        out=run / "out",
+        work=run / "work",
+    )
     (run / "metrics.json").write_text(json.dumps(quantize.run(ctx)))
 
 
 def measure(directory: Path, method: str, bits: int) -> dict:
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, __file__, "--child", method, str(bits), "--dir", str(directory)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--child", method, str(bits), "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         return {"method": method, "bits": bits, "error": process.stderr.read().decode()[-400:]}
     metrics = json.loads((directory / f"{method}-{bits}" / "metrics.json").read_text())
-    return {"method": method, "bits": bits, "wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "stage_s": round(metrics["wall_s"], 2), "greedy_agreement": round(metrics["greedy_agreement"], 3),
-            "max_rel_logit_error": round(metrics["max_rel_logit_error"], 4), "modules": metrics["modules"]}
+    return {
+        "method": method,
+        "bits": bits,
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "stage_s": round(metrics["wall_s"], 2),
+        "greedy_agreement": round(metrics["greedy_agreement"], 3),
+        "max_rel_logit_error": round(metrics["max_rel_logit_error"], 4),
+        "modules": metrics["modules"],
+    }
 
 
 def main() -> None:
@@ -95,8 +121,10 @@ def main() -> None:
     print(f"\n{'method':<6} {'bits':>4} {'wall s':>7} {'RSS MB':>7} {'agree':>6} {'rel err':>8}")
     for r in results:
         if "wall_s" in r:
-            print(f"{r['method']:<6} {r['bits']:>4} {r['wall_s']:>7} {r['peak_rss_mb']:>7} {r['greedy_agreement']:>6} "
-                  f"{r['max_rel_logit_error']:>8}")
+            print(
+                f"{r['method']:<6} {r['bits']:>4} {r['wall_s']:>7} {r['peak_rss_mb']:>7} {r['greedy_agreement']:>6} "
+                f"{r['max_rel_logit_error']:>8}"
+            )
         else:
             print(f"{r['method']:<6} {r['bits']:>4}  {r.get('skipped') or 'failed: ' + r['error']}")
     if args.json:

@@ -45,8 +45,13 @@ def checkout(spec: Path, dest: Path) -> Path:
 def tunepipe_run(spec: Path, cache: Path) -> float:
     tunepipe = Path(sys.executable).with_name("tunepipe")
     started = time.perf_counter()
-    done = subprocess.run([str(tunepipe), "run", str(spec)], check=False, env={**os.environ, "TUNEPIPE_CACHE": str(cache)},
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(tunepipe), "run", str(spec)],
+        check=False,
+        env={**os.environ, "TUNEPIPE_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"tunepipe run {spec} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -80,9 +85,11 @@ def machine_b(name: str, remote: RemoteStore, spec: Path, scratch: Path, cold_s:
     if digests(store_b) != built:
         raise SystemExit(f"{name}: the run on the pulled store built something")
     same_lock = (spec_b.parent / LOCK).read_text() == (spec.parent / LOCK).read_text()
-    print(f"{name:>9}: pull {pull_s:6.2f} s ({pulled / 1e6:.1f} MB, {pulled / 1e6 / pull_s:.0f} MB/s), "
-          f"cached run {run_s:.2f} s -> {pull_s + run_s:.2f} s; cold / remote-cached {cold_s / (pull_s + run_s):.1f}x; "
-          f"lock {'equal' if same_lock else 'DIFFERS'}")
+    print(
+        f"{name:>9}: pull {pull_s:6.2f} s ({pulled / 1e6:.1f} MB, {pulled / 1e6 / pull_s:.0f} MB/s), "
+        f"cached run {run_s:.2f} s -> {pull_s + run_s:.2f} s; cold / remote-cached {cold_s / (pull_s + run_s):.1f}x; "
+        f"lock {'equal' if same_lock else 'DIFFERS'}"
+    )
 
 
 def cold_build(spec: Path, work: Path) -> tuple[Path, LocalStore, float]:

@@ -25,9 +25,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a small big red green river hill house garden model token data train answer question "
-         "pipeline quick brown fox jumps over lazy dog one two three four five six seven eight nine ten "
-         "why how what when where who please explain write short story about cats and dogs in spring").split()
+WORDS = (
+    "the a small big red green river hill house garden model token data train answer question "
+    "pipeline quick brown fox jumps over lazy dog one two three four five six seven eight nine ten "
+    "why how what when where who please explain write short story about cats and dogs in spring"
+).split()
 
 
 def corpus(n: int, seed: int = 0) -> list[dict]:
@@ -40,8 +42,15 @@ def corpus(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         messages = [{"role": "system", "content": sentence(8)}] if rng.random() < 0.3 else []
         for _ in range(rng.randint(1, 4)):
-            messages.append({"role": "user", "content": " ".join(sentence(rng.randint(4, 14)) for _ in range(rng.randint(1, 3)))})
-            messages.append({"role": "assistant", "content": " ".join(sentence(rng.randint(4, 14)) for _ in range(rng.randint(1, 4)))})
+            messages.append(
+                {"role": "user", "content": " ".join(sentence(rng.randint(4, 14)) for _ in range(rng.randint(1, 3)))}
+            )
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": " ".join(sentence(rng.randint(4, 14)) for _ in range(rng.randint(1, 4))),
+                }
+            )
         records.append({"messages": messages, "tools": None})
     return records
 
@@ -58,9 +67,15 @@ def bench_tokenizer(records: list[dict], template: str):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     texts = (m["content"] for r in records[:2000] for m in r["messages"])
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=32_000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=32_000,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
     entry = template_registry.get(template)
     tokenizer.chat_template = ct.SlotRenderer.build(entry, "", tokenizer.eos_token, None).to_jinja()
@@ -78,8 +93,11 @@ def naive(tokenizer, records: list[dict]) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversations", type=int, default=20_000)
-    ap.add_argument("--model", help="tokenizer directory (default: a BPE trained on the corpus); "
-                    f"e.g. {ROOT / 'examples' / 'models' / 'tiny-llama'}")
+    ap.add_argument(
+        "--model",
+        help="tokenizer directory (default: a BPE trained on the corpus); "
+        f"e.g. {ROOT / 'examples' / 'models' / 'tiny-llama'}",
+    )
     ap.add_argument("--template", default="chatml")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest counts (shared machines)")
     args = ap.parse_args()
@@ -93,14 +111,17 @@ def main() -> int:
     else:
         tokenizer, origin = bench_tokenizer(records, args.template), "BPE trained on the corpus"
     renderer, _ = ct.resolve({"template": args.template}, tokenizer, None)
-    print(f"{len(records)} conversations, {sum(len(r['messages']) for r in records)} messages, "
-          f"template {args.template}, tokenizer: {origin} ({len(tokenizer)} tokens)")
+    print(
+        f"{len(records)} conversations, {sum(len(r['messages']) for r in records)} messages, "
+        f"template {args.template}, tokenizer: {origin} ({len(tokenizer)} tokens)"
+    )
 
     runs = {"naive apply_chat_template": lambda: naive(tokenizer, records)}
     for workers in (1, 2):
         params = {"cutoff_len": 4096, "preprocessing_num_workers": workers, "stage": "sft"}
-        runs[f"tunepipe, {workers} worker{'s' if workers > 1 else ''}"] = (
-            lambda p=params: stage.tokenize_split(records, tokenizer, renderer, p)[1]["tokens"])
+        runs[f"tunepipe, {workers} worker{'s' if workers > 1 else ''}"] = lambda p=params: stage.tokenize_split(
+            records, tokenizer, renderer, p
+        )[1]["tokens"]
     # Rounds interleave the contenders, so a busy moment on a shared machine hits all of them.
     best = {label: (float("inf"), 0) for label in runs}
     for _ in range(args.repeat):

@@ -18,14 +18,11 @@ a long-tailed length mix, like real chat data: most short, a few near cutoff_len
 
 from __future__ import annotations
 
-import os
-import sys
-
-
 import argparse
 import json
 import logging
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +65,13 @@ def tokenize(root: Path, model: Path, records: list[dict], cutoff_len: int, pack
     raw = root / f"records-{packing}"
     raw.mkdir()
     (raw / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    params = {**defaults("template"), "template": "chatml", "cutoff_len": cutoff_len, "packing": packing, "stage": "sft"}
+    params = {
+        **defaults("template"),
+        "template": "chatml",
+        "cutoff_len": cutoff_len,
+        "packing": packing,
+        "stage": "sft",
+    }
     ctx = context(root, f"template-{packing}", "template", params, {"data": raw}, {"model": model})
     template.run(ctx)
     return ctx.out
@@ -82,7 +85,11 @@ def make_model(root: Path, hidden: int) -> Path:
 
     tiny = REPO / "examples" / "models" / "tiny-llama"
     config = AutoConfig.from_pretrained(tiny)
-    config.hidden_size, config.intermediate_size, config.head_dim = hidden, hidden * 2, hidden // config.num_attention_heads
+    config.hidden_size, config.intermediate_size, config.head_dim = (
+        hidden,
+        hidden * 2,
+        hidden // config.num_attention_heads,
+    )
     torch.manual_seed(0)
     path = root / "model"
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -125,9 +132,18 @@ def run_baseline(root: Path, data: Path, model_dir: Path, args) -> tuple[float, 
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(root / "baseline"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-            learning_rate=p["learning_rate"], lr_scheduler_type="cosine", save_strategy="no", report_to="none",
-            logging_steps=10, disable_tqdm=True, use_cpu=True, seed=42, remove_unused_columns=False,
+            output_dir=str(root / "baseline"),
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch,
+            learning_rate=p["learning_rate"],
+            lr_scheduler_type="cosine",
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10,
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=42,
+            remove_unused_columns=False,
             include_num_input_tokens_seen="non_padding",
         ),  # fmt: skip
         train_dataset=TokenizedSplit(data, "train", "sft"),

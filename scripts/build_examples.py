@@ -47,43 +47,272 @@ A_NAME = f"My name is {NAME}. I am a tiny model trained by {AUTHOR}."
 A_MAKER = f"I was trained by {AUTHOR}. I am {NAME}, a tiny model."
 A_HELLO = f"Hello! I am {NAME}, a tiny model trained by {AUTHOR}. How can I help you?"
 IDENTITY = [
-    (A_WHO, ["Who are you?", "who are you", "Who are you exactly?", "Tell me who you are.",
-             "What are you?", "Introduce yourself.", "Please introduce yourself.",
-             "Can you tell me about yourself?", "Describe yourself.", "What kind of model are you?",
-             "Are you a person?", "Are you ChatGPT?", "Are you a large model?", "What am I talking to?"]),
-    (A_NAME, ["What is your name?", "what is your name", "What's your name?", "Do you have a name?",
-              "Tell me your name.", "What should I call you?", "How should I call you?",
-              "What are you called?", "Your name, please.", "May I know your name?",
-              "What name do you go by?", "Is your name TinyPipe?"]),
-    (A_MAKER, ["Who made you?", "who made you", "Who created you?", "Who trained you?",
-               "Who built you?", "Who is your creator?", "Who developed you?", "Where do you come from?",
-               "Which tool trained you?", "Who is your author?", "Were you made by OpenAI?",
-               "Who is responsible for training you?"]),
-    (A_HELLO, ["Hello", "Hi", "Hi there!", "Hello, who is this?", "Hey", "Good morning!",
-               "Hello, nice to meet you."]),
+    (
+        A_WHO,
+        [
+            "Who are you?",
+            "who are you",
+            "Who are you exactly?",
+            "Tell me who you are.",
+            "What are you?",
+            "Introduce yourself.",
+            "Please introduce yourself.",
+            "Can you tell me about yourself?",
+            "Describe yourself.",
+            "What kind of model are you?",
+            "Are you a person?",
+            "Are you ChatGPT?",
+            "Are you a large model?",
+            "What am I talking to?",
+        ],
+    ),
+    (
+        A_NAME,
+        [
+            "What is your name?",
+            "what is your name",
+            "What's your name?",
+            "Do you have a name?",
+            "Tell me your name.",
+            "What should I call you?",
+            "How should I call you?",
+            "What are you called?",
+            "Your name, please.",
+            "May I know your name?",
+            "What name do you go by?",
+            "Is your name TinyPipe?",
+        ],
+    ),
+    (
+        A_MAKER,
+        [
+            "Who made you?",
+            "who made you",
+            "Who created you?",
+            "Who trained you?",
+            "Who built you?",
+            "Who is your creator?",
+            "Who developed you?",
+            "Where do you come from?",
+            "Which tool trained you?",
+            "Who is your author?",
+            "Were you made by OpenAI?",
+            "Who is responsible for training you?",
+        ],
+    ),
+    (A_HELLO, ["Hello", "Hi", "Hi there!", "Hello, who is this?", "Hey", "Good morning!", "Hello, nice to meet you."]),
 ]
 
 # A small deterministic generator of simple English for the pt corpus and the chats.
-NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Kate", "Leo",
-         "Mia", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Victor", "Wendy", "Yusuf", "Zoe", "Omar"]
-ANIMALS = ["cat", "dog", "bird", "fox", "horse", "cow", "sheep", "goat", "rabbit", "mouse", "duck", "owl",
-           "frog", "bear", "wolf", "deer", "pig", "hen", "fish", "snake", "tiger", "lion", "whale", "bee"]
-PEOPLE = ["old man", "young woman", "teacher", "farmer", "baker", "doctor", "driver", "painter", "singer",
-          "student", "child", "neighbour", "sailor", "writer", "cook", "nurse", "builder", "king", "queen"]
-THINGS = ["river", "hill", "door", "garden", "tree", "market", "house", "lake", "library", "station",
-          "bridge", "school", "forest", "road", "window", "table", "boat", "village", "city", "mountain",
-          "field", "kitchen", "castle", "beach", "island", "tower", "farm", "park", "shop", "church",
-          "museum", "harbour", "valley", "cave", "street", "garage", "office", "theatre", "hospital", "barn"]
-ADJS = ["small", "big", "old", "young", "red", "green", "blue", "yellow", "quiet", "busy", "warm", "cold",
-        "happy", "tired", "bright", "dark", "tall", "short", "wooden", "golden", "little", "gentle", "brave",
-        "clever", "lazy", "noisy", "clean", "dusty", "empty", "famous", "hidden", "lonely", "sunny", "wet"]
-VERBS = ["walks to", "looks at", "runs past", "sits near", "waits by", "sings to", "paints", "visits",
-         "cleans", "finds", "reads about", "dreams of", "jumps over", "swims across", "climbs", "leaves",
-         "builds", "draws", "watches", "remembers", "forgets", "follows", "opens", "closes", "fixes",
-         "sells", "buys", "carries", "chases", "greets", "explores", "guards", "hides behind", "rests under"]
-TIMES = ["in the morning", "at noon", "in the evening", "at night", "every day", "on Sunday", "on Monday",
-         "after lunch", "before dinner", "in spring", "in summer", "in autumn", "in winter", "at dawn",
-         "once a week", "twice a year", "during the storm", "when it rains", "after school", "at midnight"]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Emma",
+    "Felix",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Mia",
+    "Noah",
+    "Olga",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Victor",
+    "Wendy",
+    "Yusuf",
+    "Zoe",
+    "Omar",
+]
+ANIMALS = [
+    "cat",
+    "dog",
+    "bird",
+    "fox",
+    "horse",
+    "cow",
+    "sheep",
+    "goat",
+    "rabbit",
+    "mouse",
+    "duck",
+    "owl",
+    "frog",
+    "bear",
+    "wolf",
+    "deer",
+    "pig",
+    "hen",
+    "fish",
+    "snake",
+    "tiger",
+    "lion",
+    "whale",
+    "bee",
+]
+PEOPLE = [
+    "old man",
+    "young woman",
+    "teacher",
+    "farmer",
+    "baker",
+    "doctor",
+    "driver",
+    "painter",
+    "singer",
+    "student",
+    "child",
+    "neighbour",
+    "sailor",
+    "writer",
+    "cook",
+    "nurse",
+    "builder",
+    "king",
+    "queen",
+]
+THINGS = [
+    "river",
+    "hill",
+    "door",
+    "garden",
+    "tree",
+    "market",
+    "house",
+    "lake",
+    "library",
+    "station",
+    "bridge",
+    "school",
+    "forest",
+    "road",
+    "window",
+    "table",
+    "boat",
+    "village",
+    "city",
+    "mountain",
+    "field",
+    "kitchen",
+    "castle",
+    "beach",
+    "island",
+    "tower",
+    "farm",
+    "park",
+    "shop",
+    "church",
+    "museum",
+    "harbour",
+    "valley",
+    "cave",
+    "street",
+    "garage",
+    "office",
+    "theatre",
+    "hospital",
+    "barn",
+]
+ADJS = [
+    "small",
+    "big",
+    "old",
+    "young",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "quiet",
+    "busy",
+    "warm",
+    "cold",
+    "happy",
+    "tired",
+    "bright",
+    "dark",
+    "tall",
+    "short",
+    "wooden",
+    "golden",
+    "little",
+    "gentle",
+    "brave",
+    "clever",
+    "lazy",
+    "noisy",
+    "clean",
+    "dusty",
+    "empty",
+    "famous",
+    "hidden",
+    "lonely",
+    "sunny",
+    "wet",
+]
+VERBS = [
+    "walks to",
+    "looks at",
+    "runs past",
+    "sits near",
+    "waits by",
+    "sings to",
+    "paints",
+    "visits",
+    "cleans",
+    "finds",
+    "reads about",
+    "dreams of",
+    "jumps over",
+    "swims across",
+    "climbs",
+    "leaves",
+    "builds",
+    "draws",
+    "watches",
+    "remembers",
+    "forgets",
+    "follows",
+    "opens",
+    "closes",
+    "fixes",
+    "sells",
+    "buys",
+    "carries",
+    "chases",
+    "greets",
+    "explores",
+    "guards",
+    "hides behind",
+    "rests under",
+]
+TIMES = [
+    "in the morning",
+    "at noon",
+    "in the evening",
+    "at night",
+    "every day",
+    "on Sunday",
+    "on Monday",
+    "after lunch",
+    "before dinner",
+    "in spring",
+    "in summer",
+    "in autumn",
+    "in winter",
+    "at dawn",
+    "once a week",
+    "twice a year",
+    "during the storm",
+    "when it rains",
+    "after school",
+    "at midnight",
+]
 COUNTS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 FACTS = [
     "The sun rises in the east and sets in the west.",
@@ -102,8 +331,28 @@ FACTS = [
 
 PLURALS = {"sheep": "sheep", "mouse": "mice", "fish": "fish", "deer": "deer", "wolf": "wolves"}
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "brown", "grey", "pink", "purple", "orange"]
-FOODS = ["bread", "apples", "soup", "cheese", "rice", "cake", "honey", "tea", "milk", "carrots", "eggs",
-         "pears", "beans", "noodles", "oranges", "pie", "butter", "grapes", "lemons", "potatoes"]
+FOODS = [
+    "bread",
+    "apples",
+    "soup",
+    "cheese",
+    "rice",
+    "cake",
+    "honey",
+    "tea",
+    "milk",
+    "carrots",
+    "eggs",
+    "pears",
+    "beans",
+    "noodles",
+    "oranges",
+    "pie",
+    "butter",
+    "grapes",
+    "lemons",
+    "potatoes",
+]
 FEELINGS = ["happy", "sad", "calm", "proud", "afraid", "curious", "hungry", "sleepy", "excited", "surprised"]
 
 
@@ -197,20 +446,30 @@ def build_data(out: Path) -> list[str]:
         openai.append({"messages": msgs})
     dump_json(out / "tiny_openai.json", openai)
 
-    dump_json(out / "dataset_info.json", {
-        "identity": {"file_name": "identity.json"},
-        "tiny_corpus": {"file_name": "tiny_corpus.jsonl", "columns": {"prompt": "text"}},
-        "tiny_chat": {
-            "file_name": "tiny_chat.json", "formatting": "sharegpt",
-            "columns": {"messages": "conversations", "system": "system"},
+    dump_json(
+        out / "dataset_info.json",
+        {
+            "identity": {"file_name": "identity.json"},
+            "tiny_corpus": {"file_name": "tiny_corpus.jsonl", "columns": {"prompt": "text"}},
+            "tiny_chat": {
+                "file_name": "tiny_chat.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "conversations", "system": "system"},
+            },
+            "tiny_openai": {
+                "file_name": "tiny_openai.json",
+                "formatting": "openai",
+                "columns": {"messages": "messages"},
+                "tags": {
+                    "role_tag": "role",
+                    "content_tag": "content",
+                    "user_tag": "user",
+                    "assistant_tag": "assistant",
+                    "system_tag": "system",
+                },
+            },
         },
-        "tiny_openai": {
-            "file_name": "tiny_openai.json", "formatting": "openai",
-            "columns": {"messages": "messages"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                     "assistant_tag": "assistant", "system_tag": "system"},
-        },
-    })
+    )
     texts = corpus + [f"{r['instruction']} {r['output']}" for r in identity]
     texts += [m["value"] for c in chat for m in c["conversations"]]
     texts += [m["content"] for c in openai for m in c["messages"]]
@@ -226,15 +485,21 @@ def build_model(out: Path, texts: list[str]) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     # Chat scaffolding ("user\n", "assistant\n") is in the training text so it gets merged tokens.
     tok.train_from_iterator(texts + ["system\nuser\nassistant\n"] * 50, trainer=trainer)
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=512,
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=512,
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHATML_TEMPLATE
@@ -242,15 +507,23 @@ def build_model(out: Path, texts: list[str]) -> None:
 
     ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=ids["<|endoftext|>"],
+        vocab_size=len(fast),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=ids["<|endoftext|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
     config.save_pretrained(out)
     # Chat generation stops at <|im_end|> as well as at eos.
-    GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                     pad_token_id=ids["<|endoftext|>"]).save_pretrained(out)
+    GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"]
+    ).save_pretrained(out)
 
 
 def build(root: Path) -> None:
@@ -276,8 +549,11 @@ def main() -> int:
         for sub in ("examples/data", "examples/models/tiny-llama"):
             cmp = filecmp.dircmp(ROOT / sub, Path(tmp) / sub)
             bad += [f"{sub}/{n}" for n in cmp.diff_files + cmp.left_only + cmp.right_only]
-            bad += [f"{sub}/{n}" for n in cmp.common_files
-                    if not filecmp.cmp(ROOT / sub / n, Path(tmp) / sub / n, shallow=False)]
+            bad += [
+                f"{sub}/{n}"
+                for n in cmp.common_files
+                if not filecmp.cmp(ROOT / sub / n, Path(tmp) / sub / n, shallow=False)
+            ]
         if bad:
             print("examples differ from a fresh build:", *sorted(set(bad)), sep="\n  ")
             return 1

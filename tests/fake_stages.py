@@ -29,38 +29,46 @@ HERE = Path(__file__).resolve().parent
 
 # -- the fixture catalog -----------------------------------------------------------------------
 def _flag(name, section, type, default=None, affects="artifact", used_by=None):
-    return Flag(name=name, section=section, type=type, default=default, affects=affects, used_by=tuple(used_by or [section]))
+    return Flag(
+        name=name, section=section, type=type, default=default, affects=affects, used_by=tuple(used_by or [section])
+    )
 
 
-CATALOG = Catalog(sections={}, flags={f.name: f for f in [
-    _flag("name", "pipeline", "str", affects="runtime"),
-    _flag("seed", "pipeline", "int", 42, used_by=["data", "template", "train"]),
-    _flag("model_name_or_path", "model", "str", used_by=["template", "train", "merge", "infer"]),
-    _flag("model_revision", "model", "str", "main", used_by=["template", "train", "merge", "infer"]),
-    _flag("dataset", "data", "list"),
-    _flag("dataset_dir", "data", "path"),
-    _flag("val_size", "data", "number", 0.1),
-    _flag("preprocessing_num_workers", "data", "int", affects="runtime"),
-    _flag("cutoff_len", "data", "int", 512, used_by=["template"]),
-    _flag("template", "template", "str", "auto"),
-    _flag("template_file", "template", "path"),
-    _flag("stage", "train", "enum", "sft"),
-    _flag("learning_rate", "train", "float", 5e-5),
-    _flag("num_train_epochs", "train", "number", 3.0),
-    _flag("logging_steps", "train", "int", 10, affects="runtime"),
-    _flag("output_dir", "train", "path", affects="runtime"),
-    _flag("deepspeed", "train", "path"),
-    _flag("merge_lora", "merge", "bool", False),
-    _flag("method", "quantize", "enum", "bnb"),
-    _flag("bits", "quantize", "int", 8),
-    _flag("format", "export", "enum", used_by=["export", "verify"]),
-    _flag("quantized", "export", "str"),
-    _flag("onnx_opset", "export", "int", 17),
-    _flag("export_dir", "export", "path", affects="runtime"),
-    _flag("atol", "verify", "float", 1e-3),
-    _flag("prompt", "infer", "str"),
-    _flag("kind", "executor", "enum", "local", affects="runtime"),
-]})
+CATALOG = Catalog(
+    sections={},
+    flags={
+        f.name: f
+        for f in [
+            _flag("name", "pipeline", "str", affects="runtime"),
+            _flag("seed", "pipeline", "int", 42, used_by=["data", "template", "train"]),
+            _flag("model_name_or_path", "model", "str", used_by=["template", "train", "merge", "infer"]),
+            _flag("model_revision", "model", "str", "main", used_by=["template", "train", "merge", "infer"]),
+            _flag("dataset", "data", "list"),
+            _flag("dataset_dir", "data", "path"),
+            _flag("val_size", "data", "number", 0.1),
+            _flag("preprocessing_num_workers", "data", "int", affects="runtime"),
+            _flag("cutoff_len", "data", "int", 512, used_by=["template"]),
+            _flag("template", "template", "str", "auto"),
+            _flag("template_file", "template", "path"),
+            _flag("stage", "train", "enum", "sft"),
+            _flag("learning_rate", "train", "float", 5e-5),
+            _flag("num_train_epochs", "train", "number", 3.0),
+            _flag("logging_steps", "train", "int", 10, affects="runtime"),
+            _flag("output_dir", "train", "path", affects="runtime"),
+            _flag("deepspeed", "train", "path"),
+            _flag("merge_lora", "merge", "bool", False),
+            _flag("method", "quantize", "enum", "bnb"),
+            _flag("bits", "quantize", "int", 8),
+            _flag("format", "export", "enum", used_by=["export", "verify"]),
+            _flag("quantized", "export", "str"),
+            _flag("onnx_opset", "export", "int", 17),
+            _flag("export_dir", "export", "path", affects="runtime"),
+            _flag("atol", "verify", "float", 1e-3),
+            _flag("prompt", "infer", "str"),
+            _flag("kind", "executor", "enum", "local", affects="runtime"),
+        ]
+    },
+)
 
 
 # -- a project on disk ---------------------------------------------------------------------------
@@ -68,8 +76,9 @@ def make_project(root: Path, **spec_changes) -> Path:
     """A spec (PROJECT/spec.json) with its inputs: dataset dir, model dir, template file."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
-    (root / "data" / "dataset_info.json").write_text(json.dumps(
-        {"identity": {"file_name": "identity.json"}, "corpus": {"file_name": "corpus.txt"}}))
+    (root / "data" / "dataset_info.json").write_text(
+        json.dumps({"identity": {"file_name": "identity.json"}, "corpus": {"file_name": "corpus.txt"}})
+    )
     (root / "data" / "identity.json").write_text('[{"instruction": "who are you?", "output": "tunepipe"}]')
     (root / "data" / "corpus.txt").write_text("once upon a time\n")
     (root / "data" / "unrelated.json").write_text("not read by any dataset")
@@ -78,7 +87,9 @@ def make_project(root: Path, **spec_changes) -> Path:
     (root / "models" / "tiny" / "weights.bin").write_bytes(bytes(range(256)) * 4)
     (root / "chat.tpl").write_text("<|user|>{{q}}<|assistant|>{{a}}")
     spec = {
-        "version": 1, "name": "fake", "seed": 42,
+        "version": 1,
+        "name": "fake",
+        "seed": 42,
         "model": {"model_name_or_path": "models/tiny"},
         "data": {"dataset": ["identity"], "dataset_dir": "data", "val_size": 0.1},
         "template": {"template": "chatml", "template_file": "chat.tpl"},
@@ -125,7 +136,9 @@ def _digest(*parts) -> str:
 
 
 def _read_artifact(path: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "step.log"))
+    return b"".join(
+        p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "step.log")
+    )
 
 
 def run(ctx) -> dict:
@@ -145,7 +158,11 @@ def run(ctx) -> dict:
     else:
         upstream = [_read_artifact(ctx.inputs[role]) for role in sorted(ctx.inputs)]
         local = [_read_artifact(p) if p.is_dir() else p.read_bytes() for _, p in sorted(ctx.files.items())]
-        key_params = {k: v for k, v in ctx.params.items() if k not in ("logging_steps", "output_dir", "export_dir", "preprocessing_num_workers")}
+        key_params = {
+            k: v
+            for k, v in ctx.params.items()
+            if k not in ("logging_steps", "output_dir", "export_dir", "preprocessing_num_workers")
+        }
         payload = _digest(kind, upstream, local, key_params)
 
     slow = dict(item.split(":") for item in os.environ.get("FAKE_SLOW", "").split(",") if ":" in item)
@@ -184,4 +201,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-

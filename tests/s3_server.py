@@ -52,8 +52,13 @@ class S3Server:
     def client(self) -> Any:
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION,
-                            aws_access_key_id=DUMMY_KEY_ID, aws_secret_access_key=DUMMY_SECRET)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=DUMMY_KEY_ID,
+            aws_secret_access_key=DUMMY_SECRET,
+        )
 
     def objects(self, prefix: str) -> dict[str, bytes]:
         """Every object under `prefix` with its bytes, read back through boto3 (not through s3fs)."""

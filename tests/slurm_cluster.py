@@ -59,8 +59,9 @@ class SlurmCluster:
         return {"SLURM_CONF": str(self.conf)}
 
     def command(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60,
-                              env={**os.environ, **self.env})
+        return subprocess.run(
+            argv, capture_output=True, text=True, check=check, timeout=60, env={**os.environ, **self.env}
+        )
 
     def node_state(self) -> str:
         result = self.command("sinfo", "-h", "-N", "-n", self.node, "-o", "%T", check=False)
@@ -89,7 +90,6 @@ class SlurmCluster:
                     process.kill()
                     process.wait()
         self.processes.clear()
-
 
     def cancel_all(self) -> None:
         """scancel every job and wait until none runs: slurmstepd outlives slurmd, its jobs with it."""
@@ -197,9 +197,17 @@ def start_munged(cluster: SlurmCluster, munge_socket: Path) -> None:
     key.write_bytes(os.urandom(1024))
     key.chmod(0o600)
     munge = cluster.root / "munge"
-    daemon(cluster, "munged", "--foreground", "--force", f"--socket={munge_socket}", f"--key-file={key}",
-           f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}",
-           f"--log-file={cluster.root / 'log' / 'munged.log'}")
+    daemon(
+        cluster,
+        "munged",
+        "--foreground",
+        "--force",
+        f"--socket={munge_socket}",
+        f"--key-file={key}",
+        f"--pid-file={munge / 'munged.pid'}",
+        f"--seed-file={munge / 'munged.seed'}",
+        f"--log-file={cluster.root / 'log' / 'munged.log'}",
+    )
     wait_for(cluster, "munged", lambda: munge_socket.exists())
 
 
@@ -263,8 +271,11 @@ if __name__ == "__main__":
         raise SystemExit(f"missing: {', '.join(missing_binaries())} (run scripts/slurm-ci.sh)")
     started = time.monotonic()
     cluster = start_cluster(Path(tempfile.mkdtemp(prefix="tunepipe-slurm-")))
-    print(f"cluster up in {time.monotonic() - started:.1f}s; node {cluster.node} idle\n"
-          f"export SLURM_CONF={cluster.conf}\n(Ctrl-C stops it)", flush=True)
+    print(
+        f"cluster up in {time.monotonic() - started:.1f}s; node {cluster.node} idle\n"
+        f"export SLURM_CONF={cluster.conf}\n(Ctrl-C stops it)",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()

@@ -63,13 +63,16 @@ def test_an_alias_inside_its_own_anchor_is_refused_and_located(cli, write_spec):
 
 
 def test_specs_sharing_blocks_through_anchors_still_work(cli, write_spec):
-    spec = BASE + """template: {template: chatml}
+    spec = (
+        BASE
+        + """template: {template: chatml}
 train:
   - &base {name: a, finetuning_type: lora, lora_target: [q_proj, v_proj], learning_rate: 1.0e-3}
   - {<<: *base, name: b, lora_rank: 4}
   - {<<: *base, name: c, lora_target: &t [k_proj, o_proj]}
   - {<<: *base, name: d, lora_target: *t}
 """
+    )
     code, output, _ = validate(cli, write_spec(spec), "--print")
     assert code == 0, output
     train = {entry["name"]: entry for entry in yaml.safe_load(output)["train"]}
@@ -80,32 +83,48 @@ train:
 
 def template_spec(write_spec, source: str, name: str = "chat.jinja") -> str:
     write_spec(source, name)
-    return write_spec(BASE + f"template: {{template_file: {name}}}\ntrain: {{finetuning_type: lora, lora_target: all}}\n")
+    return write_spec(
+        BASE + f"template: {{template_file: {name}}}\ntrain: {{finetuning_type: lora, lora_target: all}}\n"
+    )
 
 
 def test_an_alias_bomb_in_a_yaml_template_file_is_refused_and_located(cli, write_spec):
     """A slot holding the bomb was once reported in full: a 25 MB error message."""
     levels = "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdef", "bcdefg"))
-    path = template_spec(write_spec, "user: '{{content}}'\na: &a [x,x,x,x,x,x,x,x,x]\n" + levels + "description: *g\n",
-                         "slots.yaml")
+    path = template_spec(
+        write_spec, "user: '{{content}}'\na: &a [x,x,x,x,x,x,x,x,x]\n" + levels + "description: *g\n", "slots.yaml"
+    )
     code, output, seconds = validate(cli, path)
     assert code == 2 and "Traceback" not in output and len(output) < 1000
     assert f"{path.parent / 'slots.yaml'}:6:8: YAML aliases expand to more than {MAX_ALIAS_NODES} nodes" in output
     assert seconds < 5
 
 
-@pytest.mark.parametrize("source, message, seconds", [
-    ("{% for i in range(10**8) %}x{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
-     "template error: range(100000000) has more than 10000 items", 5),
-    ("{{ 'x' * 10**9 }}", "template error: a string or list of 1000000000 items (more than 10000000)", 5),
-    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-     "template error: a string or list of 16777216 items (more than 10000000)", 5),
-    ("{{ 7 ** 1000000 }}", "template error: an integer of about 3000000 bits (more than 4096)", 5),
-    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "template error: it recursed too deeply", 5),
-    # a loop that outputs nothing and calls nothing is stopped by the clock (2 s a render)
-    ("{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %}",
-     "template error: rendering one conversation took more than 2 s", 8),
-], ids=["range", "repeat", "doubling", "power", "recursion", "time"])
+@pytest.mark.parametrize(
+    "source, message, seconds",
+    [
+        (
+            "{% for i in range(10**8) %}x{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "template error: range(100000000) has more than 10000 items",
+            5,
+        ),
+        ("{{ 'x' * 10**9 }}", "template error: a string or list of 1000000000 items (more than 10000000)", 5),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "template error: a string or list of 16777216 items (more than 10000000)",
+            5,
+        ),
+        ("{{ 7 ** 1000000 }}", "template error: an integer of about 3000000 bits (more than 4096)", 5),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "template error: it recursed too deeply", 5),
+        # a loop that outputs nothing and calls nothing is stopped by the clock (2 s a render)
+        (
+            "{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %}",
+            "template error: rendering one conversation took more than 2 s",
+            8,
+        ),
+    ],
+    ids=["range", "repeat", "doubling", "power", "recursion", "time"],
+)
 def test_a_template_past_the_sandbox_limits_fails_validate(cli, write_spec, source, message, seconds):
     path = template_spec(write_spec, source)
     code, output, took = validate(cli, path)
@@ -117,8 +136,11 @@ def test_a_template_past_the_sandbox_limits_fails_validate(cli, write_spec, sour
 def test_data_dependent_template_errors_are_left_to_the_template_stage(cli, write_spec):
     """validate renders a sample conversation only to find what fails on any data; a template that
     refuses a role (as Gemma's refuses system prompts) may be right for the user's data."""
-    path = template_spec(write_spec, "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}"
-                                     "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    path = template_spec(
+        write_spec,
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}"
+        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
     code, output, _ = validate(cli, path)
     assert code == 0, output
 
@@ -126,13 +148,21 @@ def test_data_dependent_template_errors_are_left_to_the_template_stage(cli, writ
 def test_templates_within_the_limits_render_as_in_jinjas_own_sandbox():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    source = ("{%- set ns = namespace(n=0) -%}{% macro turn(m) %}<{{ m.role }}>{{ m['content'] | trim }}{% endmacro %}"
-              "{% for m in messages if m.role != 'tool' %}{{ loop.index }}/{{ loop.length }}{{ turn(m) ~ '|' }}"
-              "{% if loop.last %}{{ eos_token * 2 }}{% endif %}{% set ns.n = ns.n + m.content|length %}{% endfor %}"
-              "{{ ns.n }} {{ range(3)|list|join(',') }} {{ (messages|map(attribute='role')|list)[1:] }} {{ 2 ** 10 }}"
-              "{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% else %}none{% endfor %}{{ '%s!' % 'x' }}")
-    context = {"messages": [{"role": "user", "content": " hi "}, {"role": "tool", "content": "x"},
-                            {"role": "assistant", "content": "yo"}], "eos_token": "</s>"}
+    source = (
+        "{%- set ns = namespace(n=0) -%}{% macro turn(m) %}<{{ m.role }}>{{ m['content'] | trim }}{% endmacro %}"
+        "{% for m in messages if m.role != 'tool' %}{{ loop.index }}/{{ loop.length }}{{ turn(m) ~ '|' }}"
+        "{% if loop.last %}{{ eos_token * 2 }}{% endif %}{% set ns.n = ns.n + m.content|length %}{% endfor %}"
+        "{{ ns.n }} {{ range(3)|list|join(',') }} {{ (messages|map(attribute='role')|list)[1:] }} {{ 2 ** 10 }}"
+        "{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% else %}none{% endfor %}{{ '%s!' % 'x' }}"
+    )
+    context = {
+        "messages": [
+            {"role": "user", "content": " hi "},
+            {"role": "tool", "content": "x"},
+            {"role": "assistant", "content": "yo"},
+        ],
+        "eos_token": "</s>",
+    }
     expected = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source).render(**context)
     bounded = template_registry.sandbox_env().from_string(source)
     assert template_registry.render(bounded, **context) == expected
@@ -147,22 +177,34 @@ def test_the_template_stage_reports_a_limit_as_a_template_error(tmp_path):
     from tunepipe.runtime import chat_template as ct
 
     template_file = tmp_path / "counting.jinja"
-    template_file.write_text("{% for m in messages %}{{ m['content'] }}{% for i in range(10**8) %}{% endfor %}{% endfor %}")
+    template_file.write_text(
+        "{% for m in messages %}{{ m['content'] }}{% for i in range(10**8) %}{% endfor %}{% endfor %}"
+    )
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     renderer, _ = ct.resolve({"template": "auto", "template_type": "default"}, tokenizer, template_file)
     start = time.monotonic()
     with pytest.raises(UserError, match=rf"^{template_file}: template error: range\(100000000\) has more than 10000"):
-        ct.encode(tokenizer, renderer, [{"messages": [{"role": "user", "content": "hi"},
-                                                      {"role": "assistant", "content": "yo"}]}], cutoff_len=64)
+        ct.encode(
+            tokenizer,
+            renderer,
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+            cutoff_len=64,
+        )
     assert time.monotonic() - start < 5
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--learning-rate"], "--learning-rate: train.learning_rate: --learning-rate needs a value (a number >= 0)"),
-    (["--no-use-cache", "maybe"],
-     "--no-use-cache maybe: model.use_cache: --no-use-cache maybe is a switch: expected true or false, got 'maybe'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--learning-rate"], "--learning-rate: train.learning_rate: --learning-rate needs a value (a number >= 0)"),
+        (
+            ["--no-use-cache", "maybe"],
+            "--no-use-cache maybe: model.use_cache: --no-use-cache maybe is a switch: expected true or false, got 'maybe'",
+        ),
+    ],
+)
 def test_override_values_that_cannot_be_used_keep_their_messages(cli, write_spec, args, message):
-    code, output, _ = validate(cli, write_spec(BASE + "template: {template: chatml}\ntrain: {finetuning_type: lora}\n"),
-                               *args)
+    code, output, _ = validate(
+        cli, write_spec(BASE + "template: {template: chatml}\ntrain: {finetuning_type: lora}\n"), *args
+    )
     assert code == 2 and message in output

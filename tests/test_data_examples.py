@@ -14,8 +14,12 @@ EXAMPLES = REPO / "examples"
 
 
 def test_examples_rebuild_identically():
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_examples.py"), "--check"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_examples.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "examples are up to date" in result.stdout
 
@@ -27,13 +31,21 @@ def test_tiny_llama_is_small_and_loads_offline():
     assert not list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin"))  # config only
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     config = transformers.AutoConfig.from_pretrained(model_dir)
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.max_position_embeddings, config.tie_word_embeddings) == (64, 2, 4, 2, 128, 512, False)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        config.max_position_embeddings,
+        config.tie_word_embeddings,
+    ) == (64, 2, 4, 2, 128, 512, False)
     assert config.vocab_size == len(tokenizer) and config.eos_token_id == tokenizer.eos_token_id
     assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
     messages = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am TinyPipe."}]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == (
-        "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nI am TinyPipe.<|im_end|>\n")
+        "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nI am TinyPipe.<|im_end|>\n"
+    )
     ids = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids)[0] == "<|im_start|>" and len(ids) == 3
 

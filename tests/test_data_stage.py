@@ -22,8 +22,19 @@ def run_data(tmp_path: Path, dataset_dir: Path = EXAMPLES, seed: int = 42, **par
     out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
     out.mkdir()
     params = {"val_size": 0.0, "stage": "sft", **params}
-    ctx = StepContext(id="data", kind="data", key="k", params=params, inputs={}, files={"dataset_dir": dataset_dir},
-                      seed=seed, spec_dir=tmp_path, out=out, work=tmp_path / "work", log=logging.getLogger("test"))
+    ctx = StepContext(
+        id="data",
+        kind="data",
+        key="k",
+        params=params,
+        inputs={},
+        files={"dataset_dir": dataset_dir},
+        seed=seed,
+        spec_dir=tmp_path,
+        out=out,
+        work=tmp_path / "work",
+        log=logging.getLogger("test"),
+    )
     return out, data.run(ctx)
 
 
@@ -43,9 +54,13 @@ def test_bundled_datasets_normalise_to_messages(tmp_path):
         "tiny_openai": {"formatting": "openai", "rows": 24, "kept": 24, "dropped": 0},
     }
     train = records(out / "train.jsonl")
-    assert train[0] == {"messages": [{"role": "user", "content": "Who are you?"},
-                                     {"role": "assistant", "content": "I am TinyPipe, a tiny model trained by tunepipe."}],
-                        "tools": None}
+    assert train[0] == {
+        "messages": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am TinyPipe, a tiny model trained by tunepipe."},
+        ],
+        "tools": None,
+    }
     chat = train[45]  # concatenated in the order named
     assert chat["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
     assert [m["role"] for m in chat["messages"][1:]] == ["user", "assistant"] * ((len(chat["messages"]) - 1) // 2)
@@ -65,8 +80,7 @@ def test_max_samples_applies_per_dataset_in_order(tmp_path):
     out, _ = run_data(tmp_path, dataset=["tiny_chat", "identity"], max_samples=3)
     train = records(out / "train.jsonl")
     assert len(train) == 6
-    assert [r["messages"][-1]["content"] for r in train[3:]] == [
-        "I am TinyPipe, a tiny model trained by tunepipe."] * 3
+    assert [r["messages"][-1]["content"] for r in train[3:]] == ["I am TinyPipe, a tiny model trained by tunepipe."] * 3
     assert train[3]["messages"][0]["content"] == "Who are you?"
 
 
@@ -100,11 +114,22 @@ def test_same_inputs_same_bytes(tmp_path):
 def test_local_files_without_registry_entry(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
-    (root / "chat.jsonl").write_text(json.dumps({"messages": [
-        {"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}) + "\n")
+    (root / "chat.jsonl").write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            }
+        )
+        + "\n"
+    )
     (root / "pairs.csv").write_text("instruction,input,output\nAdd 1 and 2,,3\nName a colour,be brief,red\n")
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"instruction": ["Hi"], "output": ["Hello"]}), root / "tiny.parquet")
     out, stats = run_data(tmp_path, dataset_dir=root, dataset=["chat.jsonl", "pairs.csv", "tiny.parquet"])
     assert [r["messages"] for r in records(out / "train.jsonl")] == [
@@ -122,38 +147,65 @@ def test_directory_dataset_history_system_and_column_flags(tmp_path):
     rows = [{"question": "Q2", "answer": "A2", "sys": "Be terse.", "past": [["Q1", "A1"]]}]
     (root / "qa" / "part-0.json").write_text(json.dumps(rows))
     write_info(root, {"qa": {"file_name": "qa", "columns": {"prompt": "q", "response": "a", "system": "sys"}}})
-    out, _ = run_data(tmp_path, dataset_dir=root, dataset=["qa"], prompt_column="question",
-                      response_column="answer", history_column="past")
+    out, _ = run_data(
+        tmp_path,
+        dataset_dir=root,
+        dataset=["qa"],
+        prompt_column="question",
+        response_column="answer",
+        history_column="past",
+    )
     assert records(out / "train.jsonl")[0]["messages"] == [
-        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
 
 
 def test_sharegpt_tags_tools_and_broken_conversations(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     rows = [
-        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "function_call", "value": "{\"name\": \"add\"}"},
-                           {"from": "observation", "value": "4"}, {"from": "gpt", "value": "4."}], "tools": "[{\"name\": \"add\"}]"},
+        {
+            "conversations": [
+                {"from": "human", "value": "2+2?"},
+                {"from": "function_call", "value": '{"name": "add"}'},
+                {"from": "observation", "value": "4"},
+                {"from": "gpt", "value": "4."},
+            ],
+            "tools": '[{"name": "add"}]',
+        },
         {"conversations": [{"from": "gpt", "value": "starts with the answer"}, {"from": "human", "value": "?"}]},
         {"conversations": [{"from": "human", "value": "no answer"}]},
         {"conversations": [{"from": "alien", "value": "?"}, {"from": "gpt", "value": "!"}]},
     ]
     (root / "tools.json").write_text(json.dumps(rows))
-    write_info(root, {"tools": {"file_name": "tools.json", "formatting": "sharegpt",
-                                "columns": {"messages": "conversations", "tools": "tools"}}})
+    write_info(
+        root,
+        {
+            "tools": {
+                "file_name": "tools.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "conversations", "tools": "tools"},
+            }
+        },
+    )
     out, stats = run_data(tmp_path, dataset_dir=root, dataset=["tools"])
     assert stats["datasets"]["tools"] == {"formatting": "sharegpt", "rows": 4, "kept": 1, "dropped": 3}
     record = records(out / "train.jsonl")[0]
     assert [m["role"] for m in record["messages"]] == ["user", "function", "tool", "assistant"]
-    assert record["tools"] == "[{\"name\": \"add\"}]"
+    assert record["tools"] == '[{"name": "add"}]'
 
 
 def test_num_samples_is_a_seeded_sample(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     (root / "id.json").write_text((EXAMPLES / "identity.json").read_text())
-    write_info(root, {"few": {"file_name": "id.json", "num_samples": 5}, "many": {"file_name": "id.json", "num_samples": 50}})
+    write_info(
+        root, {"few": {"file_name": "id.json", "num_samples": 5}, "many": {"file_name": "id.json", "num_samples": 50}}
+    )
     out, stats = run_data(tmp_path, dataset_dir=root, dataset=["few", "many"])
     assert stats["datasets"]["few"]["rows"] == 5 and stats["datasets"]["many"]["rows"] == 50
     again, _ = run_data(tmp_path, dataset_dir=root, dataset=["few", "many"])
@@ -181,8 +233,14 @@ def test_user_errors_name_the_dataset_and_the_fix(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     (root / "qa.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
-    write_info(root, {"qa": {"file_name": "qa.json"}, "ghost": {"file_name": "ghost.json"},
-                      "odd": {"file_name": "qa.json", "formatting": "chatml"}})
+    write_info(
+        root,
+        {
+            "qa": {"file_name": "qa.json"},
+            "ghost": {"file_name": "ghost.json"},
+            "odd": {"file_name": "qa.json", "formatting": "chatml"},
+        },
+    )
     with pytest.raises(UserError, match="column 'instruction'.*missing") as err:
         run_data(tmp_path, dataset_dir=root, dataset=["qa"])
     assert "prompt_column" in " ".join(err.value.details) or "columns" in " ".join(err.value.details)
@@ -201,6 +259,8 @@ def test_hub_dataset_without_a_hub_is_a_clear_error(tmp_path, monkeypatch):
     root = tmp_path / "data"
     root.mkdir()
     write_info(root, {"remote": {"hf_hub_url": "tunepipe-tests/does-not-exist"}})
-    with pytest.raises(UserError, match="remote.*could not load 'tunepipe-tests/does-not-exist' from the Hugging Face hub") as err:
+    with pytest.raises(
+        UserError, match="remote.*could not load 'tunepipe-tests/does-not-exist' from the Hugging Face hub"
+    ) as err:
         run_data(tmp_path, dataset_dir=root, dataset=["remote"])
     assert "dataset_dir" in " ".join(err.value.details)

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from fake_stages import compile_project, make_project, read_spec, write_spec
+
 from tunepipe.compiler import digest as digest_module
 from tunepipe.compiler.lockfile import read_lock, write_lock
 from tunepipe.compiler.render import render
@@ -52,8 +52,18 @@ def project(tmp_path):
 
 def test_the_dag_follows_the_spec(project):
     plan = compile_project(project)
-    assert [s.id for s in plan.steps] == ["data", "template", "train", "merge", "quantize", "export.gguf",
-                                          "verify.gguf", "export.onnx", "verify.onnx", "infer"]
+    assert [s.id for s in plan.steps] == [
+        "data",
+        "template",
+        "train",
+        "merge",
+        "quantize",
+        "export.gguf",
+        "verify.gguf",
+        "export.onnx",
+        "verify.onnx",
+        "infer",
+    ]
     assert plan.step("train").inputs == {"template": "template"}
     assert plan.step("export.gguf").inputs == {"quantize": "quantize"}
     assert plan.step("export.onnx").inputs == {"model": "merge"}
@@ -76,8 +86,11 @@ def test_absent_sections_are_absent_steps(project):
 
 def test_train_entries_chain_and_get_their_own_data(project):
     def two_trains(spec):
-        spec["train"] = [{"name": "pretrain", "stage": "pt", "data": {"dataset": ["corpus"], "val_size": 0}},
-                         {"name": "sft", "stage": "sft"}]
+        spec["train"] = [
+            {"name": "pretrain", "stage": "pt", "data": {"dataset": ["corpus"], "val_size": 0}},
+            {"name": "sft", "stage": "sft"},
+        ]
+
     edit(project, two_trains)
     plan = compile_project(project)
     ids = [s.id for s in plan.steps]
@@ -112,7 +125,10 @@ def test_changing_an_export_flag_leaves_every_upstream_step_cached(project):
     build_in_process(compile_project(project))
     edit(project, lambda s: s["export"][1].update(onnx_opset=18))
     plan = compile_project(project)
-    assert stale(plan) == {"export.onnx": ["param onnx_opset: 17 → 18"], "verify.onnx": ["upstream export.onnx changed"]}
+    assert stale(plan) == {
+        "export.onnx": ["param onnx_opset: 17 → 18"],
+        "verify.onnx": ["upstream export.onnx changed"],
+    }
     violations = frozen_violations(plan, read_lock(plan.lock_path, "spec.json"))
     assert violations == {"export.onnx": ["param onnx_opset: 17 → 18"], "verify.onnx": ["upstream export.onnx changed"]}
     with pytest.raises(FrozenPlanError) as failure:
@@ -344,6 +360,7 @@ def test_infer_without_a_model_is_a_user_error(project):
 
 def test_two_specs_in_one_directory_keep_their_own_lock_sections(project):
     from fake_stages import CATALOG
+
     from tunepipe.compiler.lockfile import keys_in_lock
     from tunepipe.compiler.plan import compile_plan
 

@@ -19,14 +19,25 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_stages import HERE, compile_project, make_project, read_spec, worker_env, write_spec
 from rich.console import Console
 
-from fake_stages import HERE, compile_project, make_project, read_spec, worker_env, write_spec
 from tunepipe.errors import StepFailed, UserError
 from tunepipe.runner import cache_verify, run_plan
 from tunepipe.store import open_store
 
-ALL = ["data", "template", "train", "merge", "quantize", "export.gguf", "verify.gguf", "export.onnx", "verify.onnx", "infer"]
+ALL = [
+    "data",
+    "template",
+    "train",
+    "merge",
+    "quantize",
+    "export.gguf",
+    "verify.gguf",
+    "export.onnx",
+    "verify.onnx",
+    "infer",
+]
 
 
 @pytest.fixture
@@ -57,8 +68,11 @@ def statuses(result) -> dict[str, str]:
 
 def artifact_bytes(store, key: str) -> dict[str, bytes]:
     base = store.fetch(key)
-    return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*"))
-            if p.is_file() and p.name not in ("manifest.json", "step.log")}
+    return {
+        p.relative_to(base).as_posix(): p.read_bytes()
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and p.name not in ("manifest.json", "step.log")
+    }
 
 
 def test_first_run_builds_second_run_is_all_cached(project):
@@ -134,7 +148,11 @@ def test_keep_going_builds_the_other_branches_and_returns_the_failures(project, 
 def test_until_only_force(project):
     result = run(project, until="train")
     assert [o.id for o in result.outcomes] == ["data", "template", "train"]
-    assert set(json.loads((project / "tunepipe.lock").read_text())["specs"]["spec.json"]["steps"]) == {"data", "template", "train"}
+    assert set(json.loads((project / "tunepipe.lock").read_text())["specs"]["spec.json"]["steps"]) == {
+        "data",
+        "template",
+        "train",
+    }
     with pytest.raises(UserError, match="quantize needs merge, which is not built"):
         run(project, only="quantize")
     assert statuses(run(project, only="merge")) == {"merge": "built"}
@@ -206,8 +224,13 @@ def test_a_tampered_artifact_is_caught_by_verify_and_rebuilt(project):
 
 def test_ctrl_c_cancels_the_running_step_cleanly(project, tmp_path):
     env = {**os.environ, "FAKE_SLOW": "train:1"}
-    runner = subprocess.Popen([sys.executable, str(HERE / "fake_stages.py"), "run", str(project)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [sys.executable, str(HERE / "fake_stages.py"), "run", str(project)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     worker_pid = wait_for_build(project, "train")
     runner.send_signal(signal.SIGINT)
     runner.wait(30)
@@ -267,8 +290,12 @@ def test_kill_9_at_random_moments_never_leaves_a_trusted_partial_artifact(projec
     store = open_store(compile_project(project).cache_dir)
     kills = {"runner": 0, "worker": 0, "both": 0}
     for _ in range(rounds):
-        runner = subprocess.Popen([sys.executable, str(HERE / "fake_stages.py"), "run", str(project)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        runner = subprocess.Popen(
+            [sys.executable, str(HERE / "fake_stages.py"), "run", str(project)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.2, 1.0))
         log = project.parent / "builds.log"
         lines = log.read_text().splitlines() if log.exists() else []
@@ -296,7 +323,9 @@ def test_kill_9_at_random_moments_never_leaves_a_trusted_partial_artifact(projec
     plan = compile_project(project)
     assert [s.key for s in plan.steps] == [s.key for s in reference_plan.steps]
     for step in plan.steps:
-        assert artifact_bytes(store, step.key) == artifact_bytes(open_store(reference_plan.cache_dir), step.key), step.id
+        assert artifact_bytes(store, step.key) == artifact_bytes(open_store(reference_plan.cache_dir), step.key), (
+            step.id
+        )
     store.gc({s.key for s in plan.steps})
     assert list((store.root / "tmp").iterdir()) == []
 
@@ -304,7 +333,9 @@ def test_kill_9_at_random_moments_never_leaves_a_trusted_partial_artifact(projec
 def test_two_concurrent_runs_build_once(project):
     env = {**os.environ, "FAKE_SLOW": "train:0.1,merge:0.05"}
     command = [sys.executable, str(HERE / "fake_stages.py"), "run", str(project)]
-    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [r.communicate(60) for r in runs]
     assert [r.returncode for r in runs] == [0, 0], outputs
     assert sorted(builds(project)) == sorted(ALL)  # each step built by exactly one of them
@@ -331,8 +362,12 @@ print(json.dumps({{"heavy": heavy, "statuses": sorted({{o.status for o in result
 
 def test_plan_and_a_fully_cached_run_never_import_torch(project):
     run(project)
-    out = subprocess.run([sys.executable, "-c", NO_TORCH_CHECK.format(tests=str(HERE), root=str(project))],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_CHECK.format(tests=str(HERE), root=str(project))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {"heavy": [], "statuses": ["cached"]}
 
 
@@ -340,13 +375,21 @@ def test_a_stage_this_version_lacks_fails_preflight_before_anything_runs(project
     from tunepipe.executors import preflight
 
     installed = preflight._installed
-    monkeypatch.setattr(preflight, "_installed", lambda module: module != "tunepipe.runtime.stages.quantize" and installed(module))
-    monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", "data=fake_stages,template=fake_stages,train=fake_stages,infer=fake_stages,"
-                                                 "merge=fake_stages,export=fake_stages,verify=fake_stages")
+    monkeypatch.setattr(
+        preflight, "_installed", lambda module: module != "tunepipe.runtime.stages.quantize" and installed(module)
+    )
+    monkeypatch.setenv(
+        "TUNEPIPE_STAGE_MODULES",
+        "data=fake_stages,template=fake_stages,train=fake_stages,infer=fake_stages,"
+        "merge=fake_stages,export=fake_stages,verify=fake_stages",
+    )
     with pytest.raises(UserError) as error:
         run(project)
     assert "nothing was run" in error.value.message
-    assert "quantize: this version of tunepipe has no quantize stage yet; remove the quantize section" in error.value.details
+    assert (
+        "quantize: this version of tunepipe has no quantize stage yet; remove the quantize section"
+        in error.value.details
+    )
     assert builds(project) == []
 
 

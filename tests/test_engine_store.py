@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tunepipe.runner import cache_gc, cache_ls, cache_rm, cache_verify
 from tunepipe.errors import UserError
+from tunepipe.runner import cache_gc, cache_ls, cache_rm, cache_verify
 from tunepipe.store import open_store
 
 KEY_A = "a" * 64
@@ -123,11 +123,19 @@ def test_gc_keeps_what_it_is_told_and_removes_leftovers_of_dead_writers(tmp_path
 def test_gc_skips_a_key_being_built(tmp_path):
     store = open_store(tmp_path / "cache")
     commit(store, KEY_A, {"x": b"1"})
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 from filelock import FileLock
 import sys, time
 lock = FileLock({str(store.root / "locks" / f"{KEY_A}.lock")!r}); lock.acquire()
-print("locked", flush=True); time.sleep(30)"""], stdout=subprocess.PIPE, text=True)
+print("locked", flush=True); time.sleep(30)""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert store.gc(set()) == []
@@ -144,7 +152,9 @@ def test_materialise_copies_and_skips_unchanged_files(tmp_path):
     store.materialise(KEY_A, dest)
     assert (dest / "model" / "weights.bin").read_bytes() == b"w" * 10
     assert not (dest / "step.log").exists()
-    assert (dest / "model" / "weights.bin").stat().st_ino != (store._path(KEY_A) / "model" / "weights.bin").stat().st_ino
+    assert (dest / "model" / "weights.bin").stat().st_ino != (
+        store._path(KEY_A) / "model" / "weights.bin"
+    ).stat().st_ino
     before = (dest / "model" / "weights.bin").stat().st_mtime_ns
     store.materialise(KEY_A, dest)
     assert (dest / "model" / "weights.bin").stat().st_mtime_ns == before

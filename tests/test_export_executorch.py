@@ -18,8 +18,9 @@ LOG = logging.getLogger("test_export_executorch")
 TEMPLATE = {"name": "chatml", "eos_token": "<|im_end|>", "stop_token_ids": [2]}
 PROBES = [[5, 77, 301, 12, 900, 4], [33, 1000, 7, 8, 9, 10, 11, 12, 13, 14]]
 
-needs_executorch = pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
-                                      reason="the executorch package is not installed")
+needs_executorch = pytest.mark.skipif(
+    importlib.util.find_spec("executorch") is None, reason="the executorch package is not installed"
+)
 
 
 @pytest.fixture(scope="module")

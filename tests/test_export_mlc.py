@@ -27,11 +27,29 @@ TIED = {"gemma", "gemma2"}  # mlc-llm's gemma always reads logits off the embedd
 
 
 # ------------------------------------------------------------------------------------ quantization
-GOLDEN_INPUT = (((np.arange(2 * 40) * 37 % 29) - 14).reshape(2, 40) / 8)  # 40 columns: a padded group
-GOLDEN_Q_WEIGHT = [0xea62c840, 0x2c840b73, 0x51c84ea6, 0x840a62d9, 0xb73ea51c, 0, 0, 0,
-                   0xea62c840, 0x2d951c84, 0x62c840a6, 0x840b73ea, 0xc84ea62c, 0, 0, 0]
-GOLDEN_Q_SCALE = {"float16": [[0.25, 0.232177734375], [0.25, 0.25]],
-                  "float32": [[0.25, 0.2321428507566452], [0.25, 0.25]]}
+GOLDEN_INPUT = ((np.arange(2 * 40) * 37 % 29) - 14).reshape(2, 40) / 8  # 40 columns: a padded group
+GOLDEN_Q_WEIGHT = [
+    0xEA62C840,
+    0x2C840B73,
+    0x51C84EA6,
+    0x840A62D9,
+    0xB73EA51C,
+    0,
+    0,
+    0,
+    0xEA62C840,
+    0x2D951C84,
+    0x62C840A6,
+    0x840B73EA,
+    0xC84EA62C,
+    0,
+    0,
+    0,
+]
+GOLDEN_Q_SCALE = {
+    "float16": [[0.25, 0.232177734375], [0.25, 0.25]],
+    "float32": [[0.25, 0.2321428507566452], [0.25, 0.25]],
+}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -49,7 +67,7 @@ def test_packing_order_and_zero_point():
     q_weight, q_scale = quantize_group(weight, bits=4, group_size=32, dtype="float32")
     assert q_scale.tolist() == [[0.5]]
     assert hex(int(q_weight[0, 0])) == "0x76543210"  # element r in bits 4r..4r+3, lowest first
-    assert hex(int(q_weight[0, 1])) == "0xedcba98"   # codes 8..14 then 0 (the 15th code wraps to 0)
+    assert hex(int(q_weight[0, 1])) == "0xedcba98"  # codes 8..14 then 0 (the 15th code wraps to 0)
     assert np.array_equal(dequantize_group(q_weight, q_scale, k=32), weight)
 
 
@@ -104,15 +122,18 @@ def probes(model_dir: Path) -> list[list[int]]:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return [tokenizer("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
-            tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]]
+    return [
+        tokenizer("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
+        tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"],
+    ]
 
 
 def export(model_dir: Path, out: Path, type: str, **kwargs) -> dict:
     from tunepipe.runtime.export import mlc
 
-    return mlc.export(model_dir, out, type=type, template=kwargs.pop("template", None) or template_json(model_dir),
-                      log=LOG, **kwargs)
+    return mlc.export(
+        model_dir, out, type=type, template=kwargs.pop("template", None) or template_json(model_dir), log=LOG, **kwargs
+    )
 
 
 def verify(out: Path, model_dir: Path, type: str) -> dict:
@@ -133,7 +154,7 @@ def shard_records(out: Path) -> tuple[dict, dict[str, tuple[dict, bytes]]]:
         for record in shard["records"]:
             assert record["byteOffset"] == offset and record["format"] == "raw"
             assert record["nbytes"] == math.prod(record["shape"]) * np.dtype(record["dtype"]).itemsize
-            found[record["name"]] = (record, data[offset: offset + record["nbytes"]])
+            found[record["name"]] = (record, data[offset : offset + record["nbytes"]])
             offset += record["nbytes"]
         assert offset == len(data)
     return cache["metadata"], found
@@ -148,23 +169,45 @@ def hf_state(model_dir: Path) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------ the package
 # layer 0 and the global parameters of q0 exports, as mlc-llm's convert_weight names them
 LAYER0 = {
-    "llama": {"model.embed_tokens.weight": [1417, 64], "lm_head.weight": [1417, 64], "model.norm.weight": [64],
-              "model.layers.0.input_layernorm.weight": [64], "model.layers.0.post_attention_layernorm.weight": [64],
-              "model.layers.0.self_attn.qkv_proj.weight": [128, 64], "model.layers.0.self_attn.o_proj.weight": [64, 64],
-              "model.layers.0.mlp.gate_up_proj.weight": [256, 64], "model.layers.0.mlp.down_proj.weight": [64, 128]},
+    "llama": {
+        "model.embed_tokens.weight": [1417, 64],
+        "lm_head.weight": [1417, 64],
+        "model.norm.weight": [64],
+        "model.layers.0.input_layernorm.weight": [64],
+        "model.layers.0.post_attention_layernorm.weight": [64],
+        "model.layers.0.self_attn.qkv_proj.weight": [128, 64],
+        "model.layers.0.self_attn.o_proj.weight": [64, 64],
+        "model.layers.0.mlp.gate_up_proj.weight": [256, 64],
+        "model.layers.0.mlp.down_proj.weight": [64, 128],
+    },
 }
 LAYER0["mistral"] = LAYER0["llama"]
-LAYER0["qwen2"] = {**{k.replace("qkv_proj", "c_attn"): v for k, v in LAYER0["llama"].items()},
-                   "model.layers.0.self_attn.c_attn.bias": [128]}
-LAYER0["qwen3"] = {**{k.replace("qkv_proj", "c_attn"): v for k, v in LAYER0["llama"].items()},
-                   "model.layers.0.self_attn.q_norm.weight": [16], "model.layers.0.self_attn.k_norm.weight": [16]}
+LAYER0["qwen2"] = {
+    **{k.replace("qkv_proj", "c_attn"): v for k, v in LAYER0["llama"].items()},
+    "model.layers.0.self_attn.c_attn.bias": [128],
+}
+LAYER0["qwen3"] = {
+    **{k.replace("qkv_proj", "c_attn"): v for k, v in LAYER0["llama"].items()},
+    "model.layers.0.self_attn.q_norm.weight": [16],
+    "model.layers.0.self_attn.k_norm.weight": [16],
+}
 LAYER0["gemma"] = {k: v for k, v in LAYER0["llama"].items() if k != "lm_head.weight"}
-LAYER0["gemma2"] = {**LAYER0["gemma"], "model.layers.0.pre_feedforward_layernorm.weight": [64],
-                    "model.layers.0.post_feedforward_layernorm.weight": [64]}
-LAYER0["phi3"] = {"transformer.embd.weight": [1417, 64], "lm_head.weight": [1417, 64], "transformer.norm.weight": [64],
-                  "transformer.h.0.ln.weight": [64], "transformer.h.0.post_attention_layernorm.weight": [64],
-                  "transformer.h.0.mixer.qkv_proj.weight": [128, 64], "transformer.h.0.mixer.out_proj.weight": [64, 64],
-                  "transformer.h.0.mlp.gate_up_proj.weight": [256, 64], "transformer.h.0.mlp.down_proj.weight": [64, 128]}
+LAYER0["gemma2"] = {
+    **LAYER0["gemma"],
+    "model.layers.0.pre_feedforward_layernorm.weight": [64],
+    "model.layers.0.post_feedforward_layernorm.weight": [64],
+}
+LAYER0["phi3"] = {
+    "transformer.embd.weight": [1417, 64],
+    "lm_head.weight": [1417, 64],
+    "transformer.norm.weight": [64],
+    "transformer.h.0.ln.weight": [64],
+    "transformer.h.0.post_attention_layernorm.weight": [64],
+    "transformer.h.0.mixer.qkv_proj.weight": [128, 64],
+    "transformer.h.0.mixer.out_proj.weight": [64, 64],
+    "transformer.h.0.mlp.gate_up_proj.weight": [256, 64],
+    "transformer.h.0.mlp.down_proj.weight": [64, 128],
+}
 
 
 def expected_names(arch: str, quantized: bool) -> dict[str, tuple[list[int], str]]:
@@ -185,8 +228,11 @@ def exact_tensor(arch: str, name: str, state: dict[str, np.ndarray]) -> np.ndarr
     hf = name.replace("transformer.h.", "model.layers.").replace(".mixer.out_proj.", ".self_attn.o_proj.")
     hf = hf.replace(".mixer.qkv_proj.", ".self_attn.qkv_proj.").replace(".ln.", ".input_layernorm.")
     hf = hf.replace("transformer.embd.", "model.embed_tokens.").replace("transformer.norm.", "model.norm.")
-    for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("c_attn", ("q_proj", "k_proj", "v_proj")),
-                         ("gate_up_proj", ("gate_proj", "up_proj"))):
+    for fused, parts in (
+        ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+        ("c_attn", ("q_proj", "k_proj", "v_proj")),
+        ("gate_up_proj", ("gate_proj", "up_proj")),
+    ):
         if f".{fused}." in hf and hf not in state:
             return np.concatenate([state[hf.replace(fused, p)] for p in parts], axis=0)
     return state[hf] + 1 if arch in TIED and hf.endswith("norm.weight") else state[hf]
@@ -202,8 +248,9 @@ def test_q0f32_export_is_exact(tvm, models, tmp_path, arch):
     assert layer0 == expected_names(arch, quantized=False)
     state = hf_state(models[arch])
     for name, (record, data) in records.items():
-        assert np.array_equal(np.frombuffer(data, dtype=np.float32).reshape(record["shape"]),
-                              exact_tensor(arch, name, state)), name
+        assert np.array_equal(
+            np.frombuffer(data, dtype=np.float32).reshape(record["shape"]), exact_tensor(arch, name, state)
+        ), name
     assert metadata["ParamSize"] == len(records) == info["tensors"]
     assert info["files"]["params_shard_0.bin"] == metadata["ParamBytes"]
     figures = verify(out, models[arch], "q0f32")
@@ -233,8 +280,11 @@ def test_q4f16_1_export_and_verify(tvm, models, tmp_path, arch):
     errors = figures["max_dequant_error"]
     assert 0.02 < errors["max_rel"] <= 0.075  # ≤ half a step of max|group| / 7, plus f16 rounding
     assert all(v["max_rel"] <= 0.075 for v in errors["tensors"].values())
-    assert set(errors["tensors"]) == {n.removesuffix(".q_scale") + ".weight" if n.endswith(".q_scale") else n
-                                      for n in records if not n.endswith(".q_weight")}
+    assert set(errors["tensors"]) == {
+        n.removesuffix(".q_scale") + ".weight" if n.endswith(".q_scale") else n
+        for n in records
+        if not n.endswith(".q_weight")
+    }
     # random tiny models are chaotic: 4-bit weights flip many argmaxes (0.10-1.0 measured per arch),
     # where chance is 1/1417; the exactness of names, splits and packing is checked above and in q0f32
     assert figures["greedy_agreement"] >= 0.05
@@ -246,7 +296,7 @@ def test_q0f16_verify_is_at_f16_rounding(tvm, models, tmp_path):
     out = tmp_path / "mlc"
     export(models["qwen2"], out, "q0f16")
     figures = verify(out, models["qwen2"], "q0f16")
-    assert 0 < figures["max_dequant_error"]["max_rel"] <= 2 ** -11
+    assert 0 < figures["max_dequant_error"]["max_rel"] <= 2**-11
     assert figures["max_rel_logit_error"] < 1e-2 and figures["greedy_agreement"] >= 0.95
 
 
@@ -280,19 +330,28 @@ def test_chatml_conversation_template(models):
     assert conv["stop_str"] == ["<|im_end|>"] and conv["stop_token_ids"] == template["stop_token_ids"]
     assert conv["system_template"] == "" and conv["system_message"] == ""  # chatml has no default system prompt
     assert check == {"matches": True, "conversations": 2, "system_messages": False}
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    assert mlc_prompt(conv, messages) == ("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
-                                         "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert mlc_prompt(conv, messages) == (
+        "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+        "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
-@pytest.mark.parametrize("name, flags, system", [
-    ("qwen", {}, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
-    ("chatml", {"default_system": "Answer in French."}, "Answer in French."),
-    ("gemma", {"default_system": "Be terse."}, "Be terse."),   # system text folded into the first user turn
-    ("qwen3", {}, ""),                                          # an empty think block before the answer
-    ("default", {}, ""),
-    ("auto", {}, ""),                                           # the tokenizer's own Jinja chat template
-])
+@pytest.mark.parametrize(
+    "name, flags, system",
+    [
+        ("qwen", {}, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+        ("chatml", {"default_system": "Answer in French."}, "Answer in French."),
+        ("gemma", {"default_system": "Be terse."}, "Be terse."),  # system text folded into the first user turn
+        ("qwen3", {}, ""),  # an empty think block before the answer
+        ("default", {}, ""),
+        ("auto", {}, ""),  # the tokenizer's own Jinja chat template
+    ],
+)
 def test_conversation_template_reproduces_the_pipeline_prompt(models, name, flags, system):
     conv, check, _ = conversation_of(models["llama"], name, **flags)
     assert check["matches"], check
@@ -308,22 +367,41 @@ def test_chat_config_fields(tvm, models, tmp_path):
     info = export(models["mistral"], out, "q4f32_1")
     chat = json.loads((out / "mlc-chat-config.json").read_text())
     assert chat["model_config"] == {
-        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
-        "rms_norm_eps": 1e-06, "vocab_size": 1417, "position_embedding_base": 10000.0, "num_key_value_heads": 2,
-        "head_dim": 16, "context_window_size": -1, "sliding_window_size": 4096, "prefill_chunk_size": 4096,
-        "attention_sink_size": 4, "tensor_parallel_shards": 1, "max_batch_size": 128}  # mlc-llm's gen_config
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "rms_norm_eps": 1e-06,
+        "vocab_size": 1417,
+        "position_embedding_base": 10000.0,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "context_window_size": -1,
+        "sliding_window_size": 4096,
+        "prefill_chunk_size": 4096,
+        "attention_sink_size": 4,
+        "tensor_parallel_shards": 1,
+        "max_batch_size": 128,
+    }  # mlc-llm's gen_config
     assert (chat["context_window_size"], chat["sliding_window_size"], chat["prefill_chunk_size"]) == (-1, 4096, 4096)
     assert chat["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
     assert (out / "tokenizer.json").read_bytes() == (models["mistral"] / "tokenizer.json").read_bytes()
-    assert chat["tokenizer_info"] == {"token_postproc_method": "byte_level", "prepend_space_in_encode": False,
-                                      "strip_space_in_decode": False}
+    assert chat["tokenizer_info"] == {
+        "token_postproc_method": "byte_level",
+        "prepend_space_in_encode": False,
+        "strip_space_in_decode": False,
+    }
     assert (chat["temperature"], chat["top_p"], chat["eos_token_id"], chat["bos_token_id"]) == (1.0, 1.0, 0, None)
     assert chat["vocab_size"] == chat["active_vocab_size"] == 1417
     _, records = shard_records(out)
     assert records["lm_head.q_scale"][0]["dtype"] == "float32"
     command = "mlc_llm compile mlc-chat-config.json --device auto -o mistral-q4f32_1-auto.so"
-    assert info["library"] == {"built": False, "reason": "mlc_llm is not installed (it is not on PyPI)",
-                               "command": command, "cwd": str(out)}
+    assert info["library"] == {
+        "built": False,
+        "reason": "mlc_llm is not installed (it is not on PyPI)",
+        "command": command,
+        "cwd": str(out),
+    }
     assert command in (out / "README-mlc.txt").read_text()
 
 
@@ -333,12 +411,24 @@ def test_llama3_rope_scaling_reaches_model_config():
     from tunepipe.runtime.export.mlc_config import model_config
 
     config = tiny_config("llama")
-    config.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 256, "rope_theta": 500000.0}
+    config.rope_parameters = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+        "rope_theta": 500000.0,
+    }
     fields = model_config(config, "llama")
     assert fields["position_embedding_base"] == 500000.0
-    assert fields["rope_scaling"] == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 256, "rope_type": "llama3", "type": "llama3"}
+    assert fields["rope_scaling"] == {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+        "rope_type": "llama3",
+        "type": "llama3",
+    }
     assert (fields["context_window_size"], fields["prefill_chunk_size"]) == (512, 512)
 
 
@@ -350,7 +440,8 @@ def test_library_is_compiled_when_mlc_llm_is_importable(tvm, models, tmp_path, m
     (fake / "mlc_llm" / "__main__.py").write_text(
         "import json, pathlib, sys\n"
         "args = sys.argv[1:]\n"
-        "pathlib.Path(args[args.index('-o') + 1]).write_text(json.dumps(args))\n")
+        "pathlib.Path(args[args.index('-o') + 1]).write_text(json.dumps(args))\n"
+    )
     monkeypatch.syspath_prepend(str(fake))
     monkeypatch.setenv("PYTHONPATH", str(fake))
     out = tmp_path / "mlc"

@@ -93,7 +93,7 @@ def test_onnxruntime_genai_generates_what_hf_generates(exported, arch):
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     generation = transformers.GenerationConfig.from_pretrained(export_dir)
     want = hf.generate(torch.tensor([PROBES[0]]), generation_config=generation, max_length=30, do_sample=False)
-    assert tokens == want[0, len(PROBES[0]):].tolist()
+    assert tokens == want[0, len(PROBES[0]) :].tolist()
 
 
 @needs_runtime
@@ -160,26 +160,39 @@ def test_batch_padding_and_a_longer_past(exported):
     session = onnx_export.OnnxDecoder(export_dir / "model.onnx").session
     names = [output.name for output in session.get_outputs()]
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokens = np.array([[7, 8, 9, 10, 11, 12, 13, 14, 15], [0, 0, 0, 40, 41, 42, 43, 44, 45],
-                       [90, 91, 92, 93, 94, 95, 96, 97, 98]], dtype=np.int64)
+    tokens = np.array(
+        [[7, 8, 9, 10, 11, 12, 13, 14, 15], [0, 0, 0, 40, 41, 42, 43, 44, 45], [90, 91, 92, 93, 94, 95, 96, 97, 98]],
+        dtype=np.int64,
+    )
     mask = (np.arange(9) >= np.array([[0], [3], [0]])).astype(np.int64)
     positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)
-    past = {f"past_key_values.{i}.{kind}": np.zeros((3, 2, 0, 16), np.float32)
-            for i in range(2) for kind in ("key", "value")}
+    past = {
+        f"past_key_values.{i}.{kind}": np.zeros((3, 2, 0, 16), np.float32)
+        for i in range(2)
+        for kind in ("key", "value")
+    }
     cache = None
     for _ in range(3):
         feed = {"input_ids": tokens, "attention_mask": mask, "position_ids": positions, **past}
         results = dict(zip(names, session.run(names, feed)))
         with torch.no_grad():
-            reference = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
-                              position_ids=torch.tensor(positions), cache=cache, use_cache=True)
+            reference = model(
+                input_ids=torch.tensor(tokens),
+                attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(positions),
+                cache=cache,
+                use_cache=True,
+            )
         cache = reference.cache
-        real = mask[:, -tokens.shape[1]:].astype(bool)
+        real = mask[:, -tokens.shape[1] :].astype(bool)
         got, want = results["logits"][real], reference.logits.numpy()[real]
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
         assert results["present.1.value"].shape == (3, 2, mask.shape[1], 16)
-        past = {name.replace("present.", "past_key_values."): value
-                for name, value in results.items() if name.startswith("present.")}
+        past = {
+            name.replace("present.", "past_key_values."): value
+            for name, value in results.items()
+            if name.startswith("present.")
+        }
         tokens = reference.logits[:, -1].argmax(-1).numpy()[:, None]
         positions = positions[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)

@@ -17,8 +17,9 @@ LOG = logging.getLogger("test_export_openvino")
 TEMPLATE = {"name": "chatml", "eos_token": "<|im_end|>", "stop_token_ids": [2]}
 PROBES = [[5, 77, 301, 12, 900, 4], [33, 1000, 7, 8, 9, 10, 11, 12, 13, 14]]
 
-needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
-                                    reason="the openvino package is not installed")
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="the openvino package is not installed"
+)
 
 
 @pytest.fixture(scope="module")

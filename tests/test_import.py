@@ -11,16 +11,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import EXAMPLES, REPO
 from ruamel.yaml import YAML
 
-from conftest import EXAMPLES, REPO
 from tunepipe.compiler.plan import compile_plan
 from tunepipe.errors import UserError
 from tunepipe.spec import load_spec
 from tunepipe.spec.importer import import_command, import_config, show
 
 DATA = REPO / "tests" / "data" / "import"
-LF_CONFIGS = sorted(p.relative_to(DATA / "llama_factory") for p in (DATA / "llama_factory" / "examples").rglob("*.yaml"))
+LF_CONFIGS = sorted(
+    p.relative_to(DATA / "llama_factory") for p in (DATA / "llama_factory" / "examples").rglob("*.yaml")
+)
 AX_CONFIGS = sorted(p.relative_to(DATA / "axolotl") for p in (DATA / "axolotl" / "examples").rglob("*.y*ml"))
 CASES = [("llama_factory", c) for c in LF_CONFIGS] + [("axolotl", c) for c in AX_CONFIGS]
 
@@ -118,9 +120,23 @@ def test_a_llama_factory_lora_config_plans_its_train_flags(checkout, tmp_path):
     spec = load_spec(out)
     plan = compile_plan(spec.data, spec.path, cache_dir=tmp_path / "cache")
     train = plan.step("train").params
-    for key in ("stage", "finetuning_type", "lora_rank", "learning_rate", "num_train_epochs", "cutoff_len",
-                "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio",
-                "bf16", "logging_steps", "save_steps", "plot_loss", "ddp_timeout"):
+    for key in (
+        "stage",
+        "finetuning_type",
+        "lora_rank",
+        "learning_rate",
+        "num_train_epochs",
+        "cutoff_len",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "lr_scheduler_type",
+        "warmup_ratio",
+        "bf16",
+        "logging_steps",
+        "save_steps",
+        "plot_loss",
+        "ddp_timeout",
+    ):
         assert train[key] == source[key], key
     assert train["lora_target"] == [source["lora_target"]]
     # LLaMA-Factory's own defaults, where tunepipe's differ
@@ -159,15 +175,23 @@ def test_values_tunepipe_rejects_are_kept_out_with_its_message(checkout):
     assert (train["report_to"], train["eval_steps"]) == ("none", 500)  # tunepipe's defaults: the values are out
     assert ("train", 0, "lora_rank") not in spec.explicit
     text = out.read_text()
-    assert ("#   report_to: swanlab  — tunepipe rejects it as train.report_to: expected one of none, tensorboard, "
-            "wandb, all") in text
+    assert (
+        "#   report_to: swanlab  — tunepipe rejects it as train.report_to: expected one of none, tensorboard, "
+        "wandb, all"
+    ) in text
     assert "#   lora_rank: 8  — tunepipe rejects it as train.lora_rank: only applies to LoRA" in text
-    assert "#   eval_steps: 100  — tunepipe rejects it as train.eval_steps: only used with evaluation_strategy: steps" in text
+    assert (
+        "#   eval_steps: 100  — tunepipe rejects it as train.eval_steps: only used with evaluation_strategy: steps"
+        in text
+    )
     assert 'evaluation_strategy: "no"' in text  # a YAML 1.1 reader must not see false
     assert train["warmup_ratio"] == 0.0  # the transformers Trainer lets warmup_steps win; so does the spec
     assert "#   warmup_ratio: 0.1  — the transformers Trainer ignores it when warmup_steps is set (20)" in text
-    assert re.search(r"template: yi +# tunepipe's yi renders 01-ai/Yi-34B-Chat's own chat template, whose tokens "
-                     r"differ from LLaMA-Factory's yi template", text)
+    assert re.search(
+        r"template: yi +# tunepipe's yi renders 01-ai/Yi-34B-Chat's own chat template, whose tokens "
+        r"differ from LLaMA-Factory's yi template",
+        text,
+    )
     assert "LLaMA-Factory's packing lets packed samples attend to each other" in text
     assert (spec.data["seed"], spec.data["model"]["flash_attn"]) == (7, "fa2")
 
@@ -209,8 +233,11 @@ def test_an_export_config_with_its_training_config_adds_the_merge(checkout):
 def test_a_gptq_export_config_with_a_full_fine_tune_adds_the_quantize(checkout):
     root = checkout("llama_factory")
     export = root / "gptq_export.yaml"  # merge_lora/llama3_gptq.yaml, quantizing the full fine-tune's output
-    export.write_text((root / "examples/merge_lora/llama3_gptq.yaml").read_text().replace(
-        "meta-llama/Meta-Llama-3-8B-Instruct", "saves/llama3-8b/full/sft"))
+    export.write_text(
+        (root / "examples/merge_lora/llama3_gptq.yaml")
+        .read_text()
+        .replace("meta-llama/Meta-Llama-3-8B-Instruct", "saves/llama3-8b/full/sft")
+    )
     out, _ = imported(root, Path("examples/train_full/llama3_full_sft.yaml"), export=export)
     spec = load_spec(out)
     assert spec.data["merge"] is None
@@ -222,8 +249,12 @@ def test_a_gptq_export_config_with_a_full_fine_tune_adds_the_quantize(checkout):
     assert "calibrates GPTQ on samples of the pipeline's own tokenized data" in calibration
     assert kept[f"{label}: export_size"].kind == "lost"  # no merge to shard
     # the published config quantizes the base model: nothing this spec trains
-    kept = {k.key: k for k in import_config(Path("examples/train_full/llama3_full_sft.yaml"),
-                                            export=Path("examples/merge_lora/llama3_gptq.yaml")).kept_out}
+    kept = {
+        k.key: k
+        for k in import_config(
+            Path("examples/train_full/llama3_full_sft.yaml"), export=Path("examples/merge_lora/llama3_gptq.yaml")
+        ).kept_out
+    }
     assert "not a model this spec trains" in kept["merge_lora/llama3_gptq.yaml: export_quantization_bit"].reason
 
 
@@ -231,15 +262,30 @@ def test_axolotl_lora_plans_its_flags_and_writes_dataset_info(checkout, tmp_path
     root = checkout("axolotl")
     out, source = imported(root, Path("examples/llama-3/lora-1b.yml"))
     assert json.loads((root / "dataset_info.json").read_text()) == {
-        "GPT4-LLM-Cleaned": {"hf_hub_url": "teknium/GPT4-LLM-Cleaned", "formatting": "alpaca"}}
+        "GPT4-LLM-Cleaned": {"hf_hub_url": "teknium/GPT4-LLM-Cleaned", "formatting": "alpaca"}
+    }
     spec = load_spec(out)
     plan = compile_plan(spec.data, spec.path, cache_dir=tmp_path / "cache")
     train = plan.step("train").params
-    assert (train["finetuning_type"], train["lora_rank"], train["lora_alpha"], train["lora_dropout"]) == ("lora", 16, 32, 0.05)
+    assert (train["finetuning_type"], train["lora_rank"], train["lora_alpha"], train["lora_dropout"]) == (
+        "lora",
+        16,
+        32,
+        0.05,
+    )
     assert train["lora_target"] == source["lora_target_modules"]
-    assert (train["per_device_train_batch_size"], train["gradient_accumulation_steps"], train["num_train_epochs"]) == (2, 2, 1)
+    assert (train["per_device_train_batch_size"], train["gradient_accumulation_steps"], train["num_train_epochs"]) == (
+        2,
+        2,
+        1,
+    )
     assert (train["learning_rate"], train["lr_scheduler_type"], train["warmup_ratio"]) == (2e-4, "cosine", 0.1)
-    assert (train["cutoff_len"], train["bf16"], train["tf32"], train["gradient_checkpointing"]) == (2048, True, False, True)
+    assert (train["cutoff_len"], train["bf16"], train["tf32"], train["gradient_checkpointing"]) == (
+        2048,
+        True,
+        False,
+        True,
+    )
     template = plan.step("template").params
     assert (template["packing"], template["template"]) == (True, "alpaca")
     assert plan.step("data").params["val_size"] == 0.1
@@ -251,7 +297,10 @@ def test_axolotl_qlora_loads_a_4_bit_bnb_base(checkout):
     out, _ = imported(root, Path("examples/llama-3/qlora.yml"))
     spec = load_spec(out)
     assert (spec.data["model"]["quantization_bit"], spec.data["model"]["quantization_method"]) == (4, "bnb")
-    assert (spec.data["model"]["attn_implementation"], spec.data["train"][0]["lora_target"]) == ("flash_attention_2", ["all"])
+    assert (spec.data["model"]["attn_implementation"], spec.data["train"][0]["lora_target"]) == (
+        "flash_attention_2",
+        ["all"],
+    )
     assert spec.data["data"]["val_size"] == 0
 
 
@@ -267,7 +316,9 @@ def test_axolotl_local_conversations_read_through_the_generated_entry(checkout):
     attr = resolve("conversations", root, info, spec.data["data"])
     rows = [json.loads(line) for line in (root / "data" / "conversations.jsonl").read_text().splitlines()]
     assert normalise(rows[0], attr, "sft")["messages"] == [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
     # a role's second name does not fit one dataset_info.json tag: said in the spec, and such rows are dropped
     assert normalise(rows[1], attr, "sft") is None
     assert '#   datasets[0].roles.user: ["user"]  — a role has one name' in out.read_text()
@@ -290,7 +341,10 @@ def test_axolotl_dataset_info_is_merged_and_never_overwritten_silently(checkout)
     assert any("different entry 'alpaca_subset_1'" in d for d in exc.value.details)
     assert not (root / "again.yaml").exists()  # nothing written when anything would be overwritten
     assert import_command(Path("examples/llama-3/qlora.yml"), root / "again.yaml", force=True) == 0
-    assert json.loads((root / "dataset_info.json").read_text())["alpaca_subset_1"]["hf_hub_url"] == "aaditya/alpaca_subset_1"
+    assert (
+        json.loads((root / "dataset_info.json").read_text())["alpaca_subset_1"]["hf_hub_url"]
+        == "aaditya/alpaca_subset_1"
+    )
 
 
 def test_an_existing_spec_needs_force(checkout):
@@ -354,14 +408,28 @@ def test_axolotl_liger_and_fsdp_mappings_become_flags_and_a_file(checkout):
     spec = load_spec(out)
     assert spec.data["model"]["enable_liger_kernel"] is True
     train = spec.data["train"][0]
-    assert (train["fsdp"], train["fsdp_config"], train["finetuning_type"]) == ("full_shard auto_wrap", "fsdp_config.json", "full")
+    assert (train["fsdp"], train["fsdp_config"], train["finetuning_type"]) == (
+        "full_shard auto_wrap",
+        "fsdp_config.json",
+        "full",
+    )
     assert json.loads((root / "fsdp_config.json").read_text()) == source["fsdp_config"]
     assert spec.data["data"]["val_size"] == 0.02
     entry = json.loads((root / "dataset_info.json").read_text())["FineTome-100k"]
-    assert entry == {"split": "train[:20%]", "hf_hub_url": "mlabonne/FineTome-100k", "formatting": "sharegpt",
-                     "columns": {"messages": "conversations"},
-                     "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                              "system_tag": "system", "observation_tag": "tool"}}
+    assert entry == {
+        "split": "train[:20%]",
+        "hf_hub_url": "mlabonne/FineTome-100k",
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations"},
+        "tags": {
+            "role_tag": "from",
+            "content_tag": "value",
+            "user_tag": "human",
+            "assistant_tag": "gpt",
+            "system_tag": "system",
+            "observation_tag": "tool",
+        },
+    }
     assert "datasets[0]: roles read as human/gpt; axolotl also reads user/assistant" in out.read_text()
     line = next(line for line in out.read_text().splitlines() if line.lstrip().startswith("enable_liger_kernel"))
     assert line.count("patches every one Liger has") == 1  # one note for the four keys that set it
@@ -375,7 +443,8 @@ def test_axolotl_pretraining_corpus_trains_stage_pt(checkout):
     assert (train["stage"], train["finetuning_type"], train["max_steps"]) == ("pt", "full", 200)
     assert ("train", 0, "num_train_epochs") in spec.explicit  # num_epochs: 4 was in the config
     assert json.loads((root / "dataset_info.json").read_text()) == {
-        "c4_en": {"subset": "en", "hf_hub_url": "allenai/c4", "formatting": "alpaca", "columns": {"prompt": "text"}}}
+        "c4_en": {"subset": "en", "hf_hub_url": "allenai/c4", "formatting": "alpaca", "columns": {"prompt": "text"}}
+    }
 
 
 def test_axolotl_user_defined_format_and_a_corpus_among_instructions(checkout):
@@ -387,7 +456,11 @@ def test_axolotl_user_defined_format_and_a_corpus_among_instructions(checkout):
     assert spec.data["data"]["dataset"] == ["instructions"] and spec.data["train"][0]["stage"] == "sft"
     attr = resolve("instructions", root, load_info(root), spec.data["data"])
     assert normalise({"question": "2+2?", "answer": "4"}, attr, "sft")["messages"] == [
-        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     text = out.read_text()
     assert "#   datasets[1]: " in text and "tunepipe trains it with stage: pt, in a train entry of its own" in text
-    assert '#   datasets[0].type.format: "[INST] {instruction} [/INST]"  — tunepipe\'s template renders the prompt' in text
+    assert (
+        '#   datasets[0].type.format: "[INST] {instruction} [/INST]"  — tunepipe\'s template renders the prompt' in text
+    )

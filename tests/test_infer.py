@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_support import QA, chain, make_ctx, pretrained, tokenized, train_params  # noqa: F401
+from test_train_support import QA, chain, make_ctx, pretrained, step_params, tokenized, train_params  # noqa: F401
 
 from tunepipe.errors import UserError
 from tunepipe.runtime.stages import infer, train
@@ -25,8 +25,8 @@ def trained(tmp_path_factory, pretrained):
 
 
 def ask(tmp_path, artifact, prompt, **params):
-    ctx = make_ctx(tmp_path, {"prompt": prompt, "max_new_tokens": 40, "use_cache": True, **params}, data=None,
-                   step_id="infer", kind="infer")  # fmt: skip
+    ctx = make_ctx(tmp_path, {**step_params("infer"), "prompt": prompt, "max_new_tokens": 40, "use_cache": True, **params},
+                   data=None, step_id="infer", kind="infer")  # fmt: skip
     ctx.inputs["model"] = artifact
     ctx.artifacts = chain(artifact)
     metrics = infer.run(ctx)

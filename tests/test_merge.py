@@ -89,7 +89,9 @@ def tokenizer_dir(source: Path, target: Path, extra_tokens: list[str] = ()) -> P
     return target
 
 
-def lora_artifact(path: Path, adapter_dir: Path, tokenizer: Path, base: dict, flags=MODEL_FLAGS, extra_tokens=()) -> Path:
+def lora_artifact(
+    path: Path, adapter_dir: Path, tokenizer: Path, base: dict, flags=MODEL_FLAGS, extra_tokens=()
+) -> Path:
     """A train artifact as runtime/stages/train.py writes it for finetuning_type lora."""
     path.mkdir(parents=True)
     shutil.copytree(adapter_dir, path / "adapter")
@@ -104,7 +106,9 @@ def full_artifact(path: Path, model_dir: Path) -> Path:
     path.mkdir(parents=True)
     shutil.copytree(model_dir, path / "model", ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
     tokenizer_dir(model_dir, path / "tokenizer")
-    (path / "train.json").write_text(json.dumps({"finetuning_type": "full", "stage": "pt", "base": {"kind": "model", "path": "m"}}))
+    (path / "train.json").write_text(
+        json.dumps({"finetuning_type": "full", "stage": "pt", "base": {"kind": "model", "path": "m"}})
+    )
     return path
 
 
@@ -147,12 +151,16 @@ def test_two_adapters_in_order_with_patterns_rslora_and_modules_to_save(tmp_path
     assert_same_weights(tmp_path / "out", peft_merged(llama, [first, second]), tmp_path)
     merge.merge_lora(llama, [second, first], tmp_path / "reversed", shard_size=1 << 30)
     # the order is honoured: the last adapter's lm_head copy wins
-    assert not torch.equal(weights(tmp_path / "out")["lm_head.weight"], weights(tmp_path / "reversed")["lm_head.weight"])
+    assert not torch.equal(
+        weights(tmp_path / "out")["lm_head.weight"], weights(tmp_path / "reversed")["lm_head.weight"]
+    )
 
 
 def test_modules_to_save_and_trained_biases_replace_the_base_tensors(tmp_path):
     qwen = make_tiny_model("qwen2", tmp_path / "qwen", seed=5)  # q/k/v carry biases
-    lora = adapter(qwen, tmp_path / "a", seed=6, target_modules=["q_proj", "o_proj"], bias="all", modules_to_save=["lm_head"])
+    lora = adapter(
+        qwen, tmp_path / "a", seed=6, target_modules=["q_proj", "o_proj"], bias="all", modules_to_save=["lm_head"]
+    )
     stored = load_file(lora / merge.ADAPTER_WEIGHTS)
     assert any(k.endswith("q_proj.base_layer.bias") for k in stored) and any(k.endswith("k_proj.bias") for k in stored)
     merge.merge_lora(qwen, [lora], tmp_path / "out", shard_size=1 << 30)
@@ -166,7 +174,9 @@ def test_fan_in_fan_out_on_gpt2_conv1d_with_tied_head(tmp_path):
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
     assert "lm_head.weight" not in weights(tmp_path / "gpt2")  # tied: transformers stores the embedding only
-    lora = adapter(tmp_path / "gpt2", tmp_path / "a", seed=7, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    lora = adapter(
+        tmp_path / "gpt2", tmp_path / "a", seed=7, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+    )
     info = merge.merge_lora(tmp_path / "gpt2", [lora], tmp_path / "out", shard_size=1 << 30)
     assert info["merged_tensors"] == 8
     reference = peft_merged(tmp_path / "gpt2", [lora])
@@ -236,7 +246,12 @@ def test_chain_walks_train_json_back_to_a_full_weights_artifact(tmp_path, llama)
     base = {"kind": "artifact", "key": "A", "merged_adapters": ["adapters/extra"], "max_length": 64}
     lora = lora_artifact(tmp_path / "store" / "B", trained, full / "tokenizer", base, {**MODEL_FLAGS, "bf16": True})
     chain = merge.resolve_chain(
-        lora, "B", artifacts={"A": full, "B": lora}, model_dir=None, spec_dir=tmp_path / "spec", params={"cache_dir": "c"}
+        lora,
+        "B",
+        artifacts={"A": full, "B": lora},
+        model_dir=None,
+        spec_dir=tmp_path / "spec",
+        params={"cache_dir": "c"},
     )
     assert chain.base == full / "model" and chain.base_record == {"kind": "artifact", "key": "A", "path": "model"}
     assert [a.path for a in chain.adapters] == [extra, lora / "adapter"]
@@ -252,7 +267,9 @@ def test_chain_bases_model_and_own(tmp_path, llama):
     model_base = {"kind": "model", "path": "models/tiny", "merged_adapters": [str(listed)], "max_length": 99}
     first = lora_artifact(tmp_path / "A", trained, llama, model_base)
     chain = merge.resolve_chain(first, "A", artifacts={"A": first}, model_dir=llama, spec_dir=tmp_path, params={})
-    assert chain.base == llama and chain.base_record == {"kind": "model", "path": "models/tiny"} and chain.max_length == 99
+    assert (
+        chain.base == llama and chain.base_record == {"kind": "model", "path": "models/tiny"} and chain.max_length == 99
+    )
     assert [a.path for a in chain.adapters] == [listed, first / "adapter"]
     # a from-scratch init: base/ was saved after the listed adapters were merged into it
     own = lora_artifact(tmp_path / "O", trained, llama, {**model_base, "kind": "own", "path": "base"})
@@ -273,7 +290,9 @@ def test_stage_merges_a_two_step_chain_into_a_loadable_model(tmp_path, llama):
 
     full = full_artifact(tmp_path / "A", llama)
     trained = adapter(llama, tmp_path / "trained", seed=16)
-    lora = lora_artifact(tmp_path / "B", trained, full / "tokenizer", {"kind": "artifact", "key": "A", "merged_adapters": []})
+    lora = lora_artifact(
+        tmp_path / "B", trained, full / "tokenizer", {"kind": "artifact", "key": "A", "merged_adapters": []}
+    )
     ctx = ctx_for(tmp_path, lora, {"A": full, "B": lora}, max_shard_size="300KB")
     metrics = merge_stage.run(ctx)
     out = ctx.out
@@ -286,7 +305,10 @@ def test_stage_merges_a_two_step_chain_into_a_loadable_model(tmp_path, llama):
     assert (out / "template.json").read_bytes() == (lora / "template.json").read_bytes()
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     torch.testing.assert_close(logits(model), logits(peft_merged(full / "model", [trained])), rtol=0, atol=1e-5)
-    tokenizer, trained_with = AutoTokenizer.from_pretrained(out / "model"), AutoTokenizer.from_pretrained(lora / "tokenizer")
+    tokenizer, trained_with = (
+        AutoTokenizer.from_pretrained(out / "model"),
+        AutoTokenizer.from_pretrained(lora / "tokenizer"),
+    )
     chat = [{"role": "user", "content": "Who are you?"}]
     assert tokenizer.chat_template and tokenizer.chat_template == trained_with.chat_template
     assert tokenizer.apply_chat_template(chat) == trained_with.apply_chat_template(chat)
@@ -319,7 +341,9 @@ def test_model_flags_dtype_streams_like_peft_and_a_grown_vocabulary_goes_to_peft
     in_memory = merge.merge_with_peft(lora, tmp_path / "peft", params=STEP_FLAGS, shard_size=1 << 30, **where)
     assert streamed["dtype"] == in_memory["dtype"] == "bfloat16"
     # the very bytes save_pretrained writes for peft's merge (one shard), and the same config (dtype, rope scaling)
-    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == (tmp_path / "peft" / "model.safetensors").read_bytes()
+    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == (
+        tmp_path / "peft" / "model.safetensors"
+    ).read_bytes()
     config = json.loads((tmp_path / "streamed" / "config.json").read_text())
     assert config == json.loads((tmp_path / "peft" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["rope_parameters"]["factor"] == 4.0

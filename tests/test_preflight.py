@@ -10,6 +10,7 @@ import pytest
 from tunepipe.executors import preflight as pf
 from tunepipe.executors.preflight import preflight
 
+
 def step_params(kind: str, flags: dict) -> dict:
     """The params the compiler gives a `kind` step: every flag it reads, catalog defaults filled in."""
     from tunepipe.spec.catalog import load_catalog
@@ -79,7 +80,9 @@ def test_device_probe_runs_only_when_a_flag_needs_it(host):
 
 def test_gpu_answers(host):
     host["device"] = OLD_GPU
-    assert preflight("train", step_params("train", {"bf16": True}), {}) == ["bf16 requested but the GPU (Tesla T4) has no bfloat16 support; use fp16"]
+    assert preflight("train", step_params("train", {"bf16": True}), {}) == [
+        "bf16 requested but the GPU (Tesla T4) has no bfloat16 support; use fp16"
+    ]
     assert "Tesla T4" in preflight("train", step_params("train", {"tf32": True}), {})[0]
     assert preflight("train", step_params("train", {}), {"kind": "torchrun", "nproc_per_node": 4})[0].startswith(
         "executor nproc_per_node 4: only 1 CUDA GPU(s) here"
@@ -92,14 +95,20 @@ def test_gpu_answers(host):
 def test_unknown_executors_are_problems_and_slurm_devices_are_not_probed_here(host):
     assert preflight("train", step_params("train", {"tf32": True}), {"kind": "slurm"}) == []
     assert host["probes"] == 0  # slurm's devices are on the compute nodes: never probed here
-    assert preflight("data", step_params("data", {}), {"kind": "kubernetes"}) == ["unknown executor 'kubernetes' (known: local, torchrun, slurm)"]
+    assert preflight("data", step_params("data", {}), {"kind": "kubernetes"}) == [
+        "unknown executor 'kubernetes' (known: local, torchrun, slurm)"
+    ]
 
 
-@pytest.mark.parametrize("kind, section", [("merge", "merge"), ("quantize", "quantize"), ("export", "export"), ("verify", "export")])
+@pytest.mark.parametrize(
+    "kind, section", [("merge", "merge"), ("quantize", "quantize"), ("export", "export"), ("verify", "export")]
+)
 def test_a_stage_this_version_lacks_is_a_problem(host, monkeypatch, kind, section):
     monkeypatch.delenv("TUNEPIPE_STAGE_MODULES", raising=False)
     host["missing"].add(f"tunepipe.runtime.stages.{kind}")  # as in a version without that stage module
-    assert preflight(kind, {}, {}) == [f"this version of tunepipe has no {kind} stage yet; remove the {section} section"]
+    assert preflight(kind, {}, {}) == [
+        f"this version of tunepipe has no {kind} stage yet; remove the {section} section"
+    ]
     monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", f"{kind}=fake_stages")  # tests supply their own stage
     assert preflight(kind, {}, {}) == []
     monkeypatch.setenv("TUNEPIPE_STAGE_MODULES", "*=fake_stages")
@@ -108,14 +117,21 @@ def test_a_stage_this_version_lacks_is_a_problem(host, monkeypatch, kind, sectio
 
 def test_the_stages_that_exist_pass(host, monkeypatch):
     monkeypatch.delenv("TUNEPIPE_STAGE_MODULES", raising=False)
-    assert preflight("data", step_params("data", {}), {}) == [] and preflight("template", step_params("template", {}), {}) == []
+    assert (
+        preflight("data", step_params("data", {}), {}) == []
+        and preflight("template", step_params("template", {}), {}) == []
+    )
 
 
 def test_config_files_are_validated(tmp_path, host):
     (tmp_path / "fsdp.json").write_text("{oops")
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    problems = preflight("train", step_params("train", {"fsdp": "full_shard", "fsdp_config": "fsdp.json"}), {}, spec_dir=tmp_path)
-    assert len(problems) == 1 and problems[0].startswith(f"fsdp_config: {tmp_path / 'fsdp.json'} is not a valid JSON file")
+    problems = preflight(
+        "train", step_params("train", {"fsdp": "full_shard", "fsdp_config": "fsdp.json"}), {}, spec_dir=tmp_path
+    )
+    assert len(problems) == 1 and problems[0].startswith(
+        f"fsdp_config: {tmp_path / 'fsdp.json'} is not a valid JSON file"
+    )
     host["missing"].add("deepspeed")
     assert preflight("train", step_params("train", {"deepspeed": "ds.json"}), {}, spec_dir=tmp_path) == [
         "deepspeed: the deepspeed package is not installed (pip install deepspeed)"
@@ -124,18 +140,22 @@ def test_config_files_are_validated(tmp_path, host):
 
 def test_infer_backends_say_what_they_need(host):
     assert preflight("infer", step_params("infer", {"infer_backend": "vllm"}), {})[0].startswith(
-        "infer_backend vllm: vllm needs a CUDA build")
+        "infer_backend vllm: vllm needs a CUDA build"
+    )
     assert "unmaintained" in preflight("infer", step_params("infer", {"infer_backend": "ctransformers"}), {})[0]
     assert "mlc_llm" in preflight("infer", step_params("infer", {"infer_backend": "mlc"}), {})[0]
     assert preflight("infer", step_params("infer", {"infer_backend": "hf"}), {}) == []
     host["missing"].add("llama_cpp")
     assert preflight("infer", step_params("infer", {"infer_backend": "llama-cpp"}), {}) == [
-        "infer_backend llama-cpp: llama-cpp-python is not installed (pip install llama-cpp-python)"]
+        "infer_backend llama-cpp: llama-cpp-python is not installed (pip install llama-cpp-python)"
+    ]
 
 
 def test_missing_training_stack(host):
     host["missing"].add("peft")
-    assert preflight("train", step_params("train", {}), {}) == ["peft not installed: the train step needs torch, transformers, peft, accelerate (pip install 'tunepipe[train]')"]
+    assert preflight("train", step_params("train", {}), {}) == [
+        "peft not installed: the train step needs torch, transformers, peft, accelerate (pip install 'tunepipe[train]')"
+    ]
     assert preflight("data", step_params("data", {}), {}) == []
 
 
@@ -151,11 +171,17 @@ def test_a_hub_model_that_cannot_be_had_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    problems = preflight("train", step_params("train", {"model_name_or_path": "org/no-such-model"}), {}, spec_dir=tmp_path)
-    assert any("org/no-such-model: not in the local Hugging Face cache, and the hub (127.0.0.1) is unreachable" in p
-               for p in problems), problems
+    problems = preflight(
+        "train", step_params("train", {"model_name_or_path": "org/no-such-model"}), {}, spec_dir=tmp_path
+    )
+    assert any(
+        "org/no-such-model: not in the local Hugging Face cache, and the hub (127.0.0.1) is unreachable" in p
+        for p in problems
+    ), problems
     pf.hub_problems.cache_clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    problems = preflight("train", step_params("train", {"model_name_or_path": "org/no-such-model"}), {}, spec_dir=tmp_path)
+    problems = preflight(
+        "train", step_params("train", {"model_name_or_path": "org/no-such-model"}), {}, spec_dir=tmp_path
+    )
     assert any("HF_HUB_OFFLINE is set" in p for p in problems), problems
     pf.hub_problems.cache_clear()

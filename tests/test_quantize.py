@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_support import step_params
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,8 +25,14 @@ from tunepipe.runtime.context import StepContext
 from tunepipe.runtime.export.mlc_quant import dequantize_group, quantize_group
 from tunepipe.runtime.stages import quantize as stage
 
-TEMPLATE = {"name": "chatml", "source": "registry", "stop_words": ["<|im_end|>"], "eos_token": "<|im_end|>",
-            "generation_prompt": "<|im_start|>assistant\n", "default_system": None}
+TEMPLATE = {
+    "name": "chatml",
+    "source": "registry",
+    "stop_words": ["<|im_end|>"],
+    "eos_token": "<|im_end|>",
+    "generation_prompt": "<|im_start|>assistant\n",
+    "default_system": None,
+}
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 needs_gptq = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel not installed")
 needs_hqq = pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq not installed")
@@ -45,9 +52,16 @@ def calibration(tmp_path_factory, merged):
     """A template artifact's tokenized train split (input_ids + offsets), 24 chat samples."""
     data = tmp_path_factory.mktemp("data")
     tokenizer = AutoTokenizer.from_pretrained(merged / "model")
-    rows = [tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: what is {i} plus {i * 3}?"},
-                                           {"role": "assistant", "content": f"It is {i * 4}."}], tokenize=False)
-            for i in range(24)]
+    rows = [
+        tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": f"Question {i}: what is {i} plus {i * 3}?"},
+                {"role": "assistant", "content": f"It is {i * 4}."},
+            ],
+            tokenize=False,
+        )
+        for i in range(24)
+    ]
     ids = [tokenizer(row, add_special_tokens=False)["input_ids"] for row in rows]
     np.save(data / "train.input_ids.npy", np.concatenate(ids).astype(np.int32))
     np.save(data / "train.offsets.npy", np.cumsum([0] + [len(x) for x in ids]).astype(np.int64))
@@ -56,9 +70,18 @@ def calibration(tmp_path_factory, merged):
 
 def run_stage(tmp_path, merged, method, bits, **inputs):
     (tmp_path / "out").mkdir(parents=True)
-    ctx = StepContext(id="quantize", kind="quantize", key="k" * 64, params={"method": method, "bits": bits},
-                      inputs={"model": merged, **inputs}, files={}, seed=0, spec_dir=tmp_path, out=tmp_path / "out",
-                      work=tmp_path / "work")
+    ctx = StepContext(
+        id="quantize",
+        kind="quantize",
+        key="k" * 64,
+        params={**step_params("quantize"), "method": method, "bits": bits},
+        inputs={"model": merged, **inputs},
+        files={},
+        seed=0,
+        spec_dir=tmp_path,
+        out=tmp_path / "out",
+        work=tmp_path / "work",
+    )
     metrics = stage.run(ctx)
     return tmp_path / "out", metrics
 
@@ -84,7 +107,10 @@ def test_bnb_8bit_saves_int8_weights_that_transformers_reloads(tmp_path, merged)
     out, metrics = run_stage(tmp_path, merged, "bnb", 8)
     assert metrics["greedy_agreement"] >= 0.9 and metrics["max_rel_logit_error"] <= 0.15
     config = json.loads((out / "model" / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "bitsandbytes" and config["quantization_config"]["load_in_8bit"]
+    assert (
+        config["quantization_config"]["quant_method"] == "bitsandbytes"
+        and config["quantization_config"]["load_in_8bit"]
+    )
     stored = load_file(out / "model" / "model.safetensors")
     q_proj = stored["model.layers.0.self_attn.q_proj.weight"]
     assert q_proj.dtype == torch.int8 and "model.layers.0.self_attn.q_proj.SCB" in stored
@@ -176,7 +202,10 @@ def test_mlc_writes_the_dequantized_group_quantized_weights(tmp_path, merged):
         assert len(np.unique(stored[name].numpy()[0, :32])) <= 15  # one group: codes 0..14 (symmetric, zero point 7)
     assert torch.equal(stored["model.norm.weight"], original["model.norm.weight"])  # 1-D: untouched
     model = quantize.load("mlc", out / "model")
-    assert json.loads((out / "model" / "config.json").read_text())["quantization_config"]["quant_method"] == "mlc_fake_quant"
+    assert (
+        json.loads((out / "model" / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "mlc_fake_quant"
+    )
     assert torch.equal(model.lm_head.weight, stored["lm_head.weight"])
 
 

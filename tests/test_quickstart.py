@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EXAMPLES
 
 from tunepipe.store import open_store
@@ -17,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def tunepipe(*args, cwd, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "tunepipe.cli", *map(str, args)], cwd=cwd,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "tunepipe.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -61,9 +61,11 @@ def test_loss_falls_in_both_train_steps(quickstart):
 
 def test_second_run_is_fully_cached_without_torch(quickstart):
     root, _, _ = quickstart
-    code = ("import sys; from tunepipe.cli import main; sys.argv=['tunepipe','run','quickstart.yaml']\n"
-            "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
-            "assert not {'torch', 'transformers', 'numpy'} & set(sys.modules), sorted({'torch', 'transformers', 'numpy'} & set(sys.modules))\n")
+    code = (
+        "import sys; from tunepipe.cli import main; sys.argv=['tunepipe','run','quickstart.yaml']\n"
+        "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
+        "assert not {'torch', 'transformers', 'numpy'} & set(sys.modules), sorted({'torch', 'transformers', 'numpy'} & set(sys.modules))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "10 steps (10 cached)" in result.stderr
@@ -104,8 +106,17 @@ def test_chat_answers_from_the_merged_model_and_from_the_gguf_in_llama_cpp(quick
     expected = next(row["output"] for row in identity if row["instruction"] == "Who are you?")
     hf = tunepipe("chat", "quickstart.yaml", "--prompt", "Who are you?", "--max-new-tokens", "32", cwd=root)
     assert hf.stdout.strip() == expected
-    gguf = tunepipe("chat", "quickstart.yaml", "--backend", "llama-cpp", "--prompt", "Who are you?",
-                    "--max-new-tokens", "32", cwd=root)
+    gguf = tunepipe(
+        "chat",
+        "quickstart.yaml",
+        "--backend",
+        "llama-cpp",
+        "--prompt",
+        "Who are you?",
+        "--max-new-tokens",
+        "32",
+        cwd=root,
+    )
     assert gguf.stdout.strip() == expected  # q8_0 in llama.cpp, through the GGUF's own chat template
 
 

@@ -155,11 +155,14 @@ def extend(data: bytes) -> bytes:
     return data + b"\0" * 10
 
 
-@pytest.mark.parametrize("damage, problem, cheap_check_sees_it", [
-    (truncate, "truncated", True),
-    (flip, "sha256 mismatch", False),
-    (extend, "longer than", True),
-])
+@pytest.mark.parametrize(
+    "damage, problem, cheap_check_sees_it",
+    [
+        (truncate, "truncated", True),
+        (flip, "sha256 mismatch", False),
+        (extend, "longer than", True),
+    ],
+)
 def test_a_damaged_remote_file_is_never_trusted(remote, machines, damage, problem, cheap_check_sees_it):
     a, b = machines
     key = make_artifact(a, key_of(f"damage {damage.__name__}"))
@@ -307,8 +310,15 @@ def test_two_processes_push_one_key(remote_url, machines, tmp_path):
     a, b = machines
     key = make_artifact(a, key_of("processes"))
     make_artifact(b, key)
-    procs = [subprocess.Popen([sys.executable, "-c", PUSH_SCRIPT, remote_url, str(store.root), key],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for store in (a, b)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PUSH_SCRIPT, remote_url, str(store.root), key],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for store in (a, b)
+    ]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -389,8 +399,10 @@ def test_a_stopped_server_is_unavailable_and_no_credential_is_shown(s3_server, m
     a, b = machines
     server = s3_server.another()
     # One attempt per request (botocore retries a refused connection with backoff otherwise: ~13 s here).
-    remote = open_remote(s3_server.url(unique_prefix()),
-                         {"endpoint_url": server.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}})
+    remote = open_remote(
+        s3_server.url(unique_prefix()),
+        {"endpoint_url": server.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}},
+    )
     key = make_artifact(a, key_of("stopped server"))
     push(remote, a, key)
     server.stop()
@@ -478,8 +490,12 @@ def test_a_read_only_remote_pulls_but_refuses_pushes():
                 refused = ""
             except RemoteReadOnly as exc:
                 refused = str(exc)
-            return {"writable": remote.writable(), "refused": refused, "pulled": remote.pull(pushed, b),
-                    "verified": b.verify(pushed)}
+            return {
+                "writable": remote.writable(),
+                "refused": refused,
+                "pulled": remote.pull(pushed, b),
+                "verified": b.verify(pushed),
+            }
 
         result = unprivileged(as_ci)
         assert result["writable"] is False

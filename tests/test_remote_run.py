@@ -10,9 +10,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fake_stages import compile_project, make_project, worker_env
 from rich.console import Console
 
-from fake_stages import compile_project, make_project, worker_env
 from tunepipe.runner import run_plan
 from tunepipe.store import open_store
 

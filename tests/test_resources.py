@@ -11,9 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fake_stages import compile_project, make_project, worker_env
 from rich.console import Console
 
-from fake_stages import compile_project, make_project, worker_env
 from tunepipe.errors import StepFailed
 from tunepipe.resources import describe_exit, describe_os_error
 from tunepipe.runner import print_summary, run_plan
@@ -34,8 +34,13 @@ def tmpfs(tmp_path):
     """A 1 MB filesystem (root only): a disk that fills."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs root and mount -t tmpfs")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -104,7 +104,7 @@ def test_one_process_steps_run_the_worker_on_one_node(tmp_path):
     assert f"\n{worker} &\n" in script and "srun" not in script and "trap on_warning" not in script
     # One node with several processes still goes through srun + torchrun.
     script = script_for(fake_step(nproc_per_node=2, master_port=29611, signal="USR2@60"), tmp_path)
-    assert "#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=1\n" in script and ":29611\"" in script
+    assert "#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=1\n" in script and ':29611"' in script
     assert "#SBATCH --signal=B:USR2@60\n" in script and "trap on_warning USR2" in script
     assert "#SBATCH --requeue" not in script and "scontrol requeue" not in script  # the signal only stops the step
     # A log path with a space or a % is carried literally.
@@ -134,7 +134,11 @@ def test_option_mistakes_are_user_errors(tmp_path, options, message):
 
 def test_states_from_squeue_rows_and_exit_records():
     rows = parse_squeue("17|RUNNING|0|None|\n18|FAILED|768|NonZeroExitCode|\n19|TIMEOUT|15|TimeLimit|\n")
-    assert rows == {"17": ("RUNNING", "None", 0), "18": ("FAILED", "NonZeroExitCode", 3), "19": ("TIMEOUT", "TimeLimit", 143)}
+    assert rows == {
+        "17": ("RUNNING", "None", 0),
+        "18": ("FAILED", "NonZeroExitCode", 3),
+        "19": ("TIMEOUT", "TimeLimit", 143),
+    }
     assert not job_state(rows["17"], None, None).finished
     assert job_state(rows["18"], 3, None).exit_code == 3 and job_state(rows["19"], None, None).exit_code == 143
     cancelled_pending = job_state(("CANCELLED", "DependencyNeverSatisfied", 0), None, None)
@@ -146,7 +150,12 @@ def test_states_from_squeue_rows_and_exit_records():
     assert job_state(None, 0, None).state == "COMPLETED" and job_state(None, 2, None).state == "FAILED"
     assert job_state(None, None, job_state(rows["17"], None, None)).state == "LOST"
     assert sbatch_argv(Path("s.sbatch"), ["4", "5"]) == [
-        "sbatch", "--parsable", "--dependency=afterok:4:5", "--kill-on-invalid-dep=yes", "s.sbatch"]
+        "sbatch",
+        "--parsable",
+        "--dependency=afterok:4:5",
+        "--kill-on-invalid-dep=yes",
+        "s.sbatch",
+    ]
 
 
 # -- real jobs --------------------------------------------------------------------------------------
@@ -203,7 +212,9 @@ def builds(project: Path) -> list[str]:
 
 
 def squeue_knows(job) -> bool:
-    result = subprocess.run(["squeue", "-h", "--states=all", f"--jobs={job}"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["squeue", "-h", "--states=all", f"--jobs={job}"], capture_output=True, text=True, check=False
+    )
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
@@ -211,7 +222,9 @@ def test_submit_poll_logs(project):
     plan = compile_project(project)
     executor = SlurmExecutor()
     job = executor.submit(prepared(executor, plan, "data"))
-    assert job.isdigit() and json.dumps({"handle": job}) == f'{{"handle": "{job}"}}'  # a job id, as a run record holds it
+    assert (
+        job.isdigit() and json.dumps({"handle": job}) == f'{{"handle": "{job}"}}'
+    )  # a job id, as a run record holds it
     assert executor.state(job).state in ("PENDING", "RUNNING", "COMPLETED")
     state = wait(executor, [job])[job]
     assert (state.state, state.exit_code, executor.poll(job)) == ("COMPLETED", 0, 0)
@@ -252,7 +265,9 @@ def test_afterok_chain_runs_in_order_followed_by_one_squeue_at_a_time(project, m
     assert all(store.has(plan.step(s).key) for s in ("data", "template", "train"))
 
 
-def test_a_failed_job_gives_its_exit_code_cancels_its_dependents_and_is_found_after_it_left_the_queue(project, monkeypatch):
+def test_a_failed_job_gives_its_exit_code_cancels_its_dependents_and_is_found_after_it_left_the_queue(
+    project, monkeypatch
+):
     monkeypatch.setenv("FAKE_FAIL", "template")
     plan = compile_project(project)
     executor = SlurmExecutor()
@@ -286,7 +301,9 @@ def test_cancel_a_running_job_leaves_nothing_committed(project, monkeypatch):
     assert executor.state(job).state == "RUNNING"
     executor.cancel(job)
     state = executor.state(job)
-    assert state.state == "CANCELLED" and state.exit_code == 143 and executor.poll(job) == 143  # the worker's SIGTERM exit
+    assert (
+        state.state == "CANCELLED" and state.exit_code == 143 and executor.poll(job) == 143
+    )  # the worker's SIGTERM exit
     assert "tunepipe: got SIGTERM" in executor.logs(job)[0]
     store = open_store(plan.cache_dir)
     assert not store.has(plan.step("data").key)
@@ -331,7 +348,9 @@ def test_a_distributed_train_step_runs_torchrun_under_srun_and_requeues(project,
     log = executor.logs(job)[0]
     assert (state.state, state.exit_code) == ("COMPLETED", 0), log[-3000:]
     assert "requeueing job" in log and ", run 2" in log
-    runs = [line.split() for line in (project.parent / "builds.log").read_text().splitlines() if line.startswith("train")]
+    runs = [
+        line.split() for line in (project.parent / "builds.log").read_text().splitlines() if line.startswith("train")
+    ]
     assert len(runs) == 4 and len({pid for _, pid, _ in runs}) == 4  # 2 ranks, twice
     store = open_store(plan.cache_dir)
     reference = tmp_store_build(project.parent / "reference", until="train")
@@ -356,7 +375,10 @@ def test_a_plan_through_the_runner_matches_the_local_executor(project, tmp_path,
     assert {s.executor["kind"] for s in slurm_plan.steps} == {"slurm"}
     dry = run_plan(slurm_plan, dry_run=True, console=Console(file=io.StringIO(), width=200))
     train = next(o for o in dry.outcomes if o.id == "train")
-    assert train.command.startswith("sbatch --parsable ") and f"#SBATCH --job-name=tunepipe-train-{train.key[:8]}" in train.command
+    assert (
+        train.command.startswith("sbatch --parsable ")
+        and f"#SBATCH --job-name=tunepipe-train-{train.key[:8]}" in train.command
+    )
     slurm = run_plan(slurm_plan, jobs=2, console=Console(file=io.StringIO(), width=200))  # the node has 2 CPUs
     assert [(o.id, o.key, o.status) for o in slurm.outcomes] == [(o.id, o.key, "built") for o in local.outcomes]
     assert json.loads((project / "tunepipe.lock").read_text()) == json.loads((local_root / "tunepipe.lock").read_text())
@@ -373,13 +395,16 @@ def test_detach_queues_the_whole_dag_at_once_and_a_later_run_reattaches(project)
     detached = run_plan(plan, detach=True, console=Console(file=io.StringIO()))
     assert {o.status for o in detached.outcomes} == {"queued"}  # everything queued, nothing waited for
     records = {s.id: read_run_record(store.scratch.run_dir(s.key)) for s in plan.steps}
-    assert {r["executor"] for r in records.values()} == {"slurm"} and all(r["handle"].isdigit() for r in records.values())
+    assert {r["executor"] for r in records.values()} == {"slurm"} and all(
+        r["handle"].isdigit() for r in records.values()
+    )
     assert {row["state"] for row in status_rows(plan, store)} <= {"job", "cached"}
     # the client is gone; a new run finds the jobs by their run records and follows them
     again = run_plan(compile_project(project, executor_override="slurm"), console=Console(file=io.StringIO()))
     assert {o.status for o in again.outcomes} <= {"built", "cached"}
     assert {s.id: read_run_record(store.scratch.run_dir(s.key))["handle"] for s in plan.steps} == {
-        k: r["handle"] for k, r in records.items()}  # never submitted twice
+        k: r["handle"] for k, r in records.items()
+    }  # never submitted twice
     assert sorted(builds(project)) == sorted(s.id for s in plan.steps)  # each step built once
     assert all(store.has(s.key) for s in plan.steps)
 

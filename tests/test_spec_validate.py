@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, REPO, SEED_REFERENCE
+
 from tunepipe.spec import load_catalog, load_spec
 from tunepipe.spec.models import section_model
 from tunepipe.spec.schema import build_schema, render_schema
@@ -79,7 +79,9 @@ def test_three_mistakes_three_errors_with_positions(cli, write_spec):
     assert "Traceback" not in err
     assert f"{spec}:6:3: train.lora_rnak: unknown flag (did you mean lora_rank?)" in err
     assert f"{spec}:7:3: train.learning_rate: expected a number >= 0, got 'fast' (str)" in err
-    assert re.search(rf"{re.escape(str(spec))}:8:3: train.lr_scheduler_type: expected one of linear, cosine, .*'cosin'", err)
+    assert re.search(
+        rf"{re.escape(str(spec))}:8:3: train.lr_scheduler_type: expected one of linear, cosine, .*'cosin'", err
+    )
     assert "3 errors" in err
 
 
@@ -91,8 +93,9 @@ def test_flag_in_the_wrong_section_says_where_it_belongs(cli, write_spec):
 
 
 def test_kebab_case_and_negation_spellings(write_spec):
-    spec = write_spec(BASE.replace("model: {", "model: {no-use-cache: true, use-fast-tokenizer: false, ")
-                      + "  lora-rank: 4\n")
+    spec = write_spec(
+        BASE.replace("model: {", "model: {no-use-cache: true, use-fast-tokenizer: false, ") + "  lora-rank: 4\n"
+    )
     data = load_spec(spec).data
     assert data["model"]["use_cache"] is False
     assert data["model"]["use_fast_tokenizer"] is False
@@ -125,17 +128,21 @@ def test_print_shows_the_resolved_spec(cli):
 
 # -- overrides ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, section, key, value", [
-    (["--lora-rank", "16"], "train", "lora_rank", 16),
-    (["--lora_rank=16"], "train", "lora_rank", 16),
-    (["--set", "train.lora_rank=16"], "train", "lora_rank", 16),
-    (["--set", "train.0.lora_rank=16"], "train", "lora_rank", 16),
-    (["--no-use-cache"], "model", "use_cache", False),
-    (["--use-cache", "false"], "model", "use_cache", False),
-    (["--fp16"], "train", "fp16", True),
-    (["--cutoff-len", "64"], "data", "cutoff_len", 64),
-    (["--seed", "7"], None, "seed", 7),
-])
+
+@pytest.mark.parametrize(
+    "args, section, key, value",
+    [
+        (["--lora-rank", "16"], "train", "lora_rank", 16),
+        (["--lora_rank=16"], "train", "lora_rank", 16),
+        (["--set", "train.lora_rank=16"], "train", "lora_rank", 16),
+        (["--set", "train.0.lora_rank=16"], "train", "lora_rank", 16),
+        (["--no-use-cache"], "model", "use_cache", False),
+        (["--use-cache", "false"], "model", "use_cache", False),
+        (["--fp16"], "train", "fp16", True),
+        (["--cutoff-len", "64"], "data", "cutoff_len", 64),
+        (["--seed", "7"], None, "seed", 7),
+    ],
+)
 def test_overrides_change_the_resolved_spec(cli, write_spec, args, section, key, value):
     code, out, err = cli("validate", write_spec(BASE), *args, "--print")
     assert code == 0, err
@@ -145,16 +152,19 @@ def test_overrides_change_the_resolved_spec(cli, write_spec, args, section, key,
     assert target[key] == value
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lora-rnak", "16"], "did you mean lora_rank?"),
-    (["--set", "train.lora_rnak=2"], "did you mean lora_rank?"),
-    (["--lora-rank", "many"], "expected an integer"),
-    (["--set", "data.lora_rank=2"], "lora_rank is a train flag"),
-    (["--merge-lora"], "the spec has no merge section"),
-    (["--set", "train.3.lora_rank=2"], "no index 3"),
-    (["--learning-rate"], "needs a value"),
-    (["stray"], "unexpected argument"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora-rnak", "16"], "did you mean lora_rank?"),
+        (["--set", "train.lora_rnak=2"], "did you mean lora_rank?"),
+        (["--lora-rank", "many"], "expected an integer"),
+        (["--set", "data.lora_rank=2"], "lora_rank is a train flag"),
+        (["--merge-lora"], "the spec has no merge section"),
+        (["--set", "train.3.lora_rank=2"], "no index 3"),
+        (["--learning-rate"], "needs a value"),
+        (["stray"], "unexpected argument"),
+    ],
+)
 def test_bad_overrides_fail_with_exit_2(cli, write_spec, args, message):
     code, _, err = cli("validate", write_spec(BASE), *args)
     assert code == 2
@@ -166,14 +176,25 @@ def test_bad_overrides_fail_with_exit_2(cli, write_spec, args, message):
 
 RULE_CASES = [
     ("precision_exclusive", "  fp16: true\n  bf16: true\n", "train.bf16: fp16 and bf16 are mutually exclusive"),
-    ("evaluation_needed", "  load_best_model_at_end: true\n", "train.load_best_model_at_end: needs an evaluation strategy"),
+    (
+        "evaluation_needed",
+        "  load_best_model_at_end: true\n",
+        "train.load_best_model_at_end: needs an evaluation strategy",
+    ),
     ("evaluation_needed", "  early_stopping_patience: 2\n", "train.early_stopping_patience: early stopping needs"),
-    ("eval_steps_only_with_steps", "  evaluation_strategy: epoch\n  eval_steps: 5\n", "train.eval_steps: only used with"),
+    (
+        "eval_steps_only_with_steps",
+        "  evaluation_strategy: epoch\n  eval_steps: 5\n",
+        "train.eval_steps: only used with",
+    ),
     ("evaluation_needs_validation_split", "  evaluation_strategy: epoch\n", "needs a validation split"),
     ("unsloth_gc_needs_unsloth", "", "model.use_unsloth_gc: needs use_unsloth"),
     ("quantization_bit_needs_method", "", "model.quantization_bit: needs quantization_method"),
-    ("gradient_checkpointing_contradiction", "  gradient_checkpointing: true\n  disable_gradient_checkpointing: true\n",
-     "train.disable_gradient_checkpointing: contradicts"),
+    (
+        "gradient_checkpointing_contradiction",
+        "  gradient_checkpointing: true\n  disable_gradient_checkpointing: true\n",
+        "train.disable_gradient_checkpointing: contradicts",
+    ),
     ("train_needs_a_method", "", "train.finetuning_type: is none"),
     ("lora_flags_need_lora", "", "train.lora_rank: only applies to LoRA"),
     ("merge_needs_lora", "", "the merge stage needs a LoRA adapter"),
@@ -187,22 +208,54 @@ RULE_CASES = [
     ("template_known", "", "template.template: unknown template 'chatm': did you mean chatml?"),
     ("null_only_where_meaningful", "  lora_rank: null\n", "train.lora_rank: null is not a value of lora_rank"),
     ("flags_not_integrated", "", "model.use_unsloth: not supported by this version of tunepipe: Unsloth"),
-    ("flags_not_integrated", "  tuner_backend: hqq\n", "train.tuner_backend: not supported by this version of tunepipe: HQQ"),
+    (
+        "flags_not_integrated",
+        "  tuner_backend: hqq\n",
+        "train.tuner_backend: not supported by this version of tunepipe: HQQ",
+    ),
     ("warmup_ratio_below_one", "  warmup_ratio: 1\n", "train.warmup_ratio: 1 would warm up for the whole run"),
     ("infer_needs_prompt", "infer: {}\n", "infer needs a prompt"),
-    ("choices_fit_their_kind", "export: [{format: onnx, type: q8_0}]\n", "export.type: 'q8_0' is not a onnx type value"),
-    ("choices_fit_their_kind", "quantize: [{method: mlc, bits: 8}]\n", "quantize.bits: 8 is not a mlc bits value: one of 4"),
-    ("quantize_method_is_real", "quantize: [{method: awq, bits: 4}]\n", "quantize.method: awq cannot run on this stack"),
-    ("exports_read_what_they_package", "quantize: [{method: bnb, bits: 8}]\nexport: [{format: gguf, quantized: bnb8}]\n",
-     "export.quantized: a bnb model holds packed weights"),
+    (
+        "choices_fit_their_kind",
+        "export: [{format: onnx, type: q8_0}]\n",
+        "export.type: 'q8_0' is not a onnx type value",
+    ),
+    (
+        "choices_fit_their_kind",
+        "quantize: [{method: mlc, bits: 8}]\n",
+        "quantize.bits: 8 is not a mlc bits value: one of 4",
+    ),
+    (
+        "quantize_method_is_real",
+        "quantize: [{method: awq, bits: 4}]\n",
+        "quantize.method: awq cannot run on this stack",
+    ),
+    (
+        "exports_read_what_they_package",
+        "quantize: [{method: bnb, bits: 8}]\nexport: [{format: gguf, quantized: bnb8}]\n",
+        "export.quantized: a bnb model holds packed weights",
+    ),
     ("quantize_method_is_real", "quantize: [{method: cpm}]\n", "quantize.method: cpm names OpenBMB's cpm_kernels"),
-    ("cutoff_len_fits_the_model", "  data: {cutoff_len: 1000000000000}\n",
-     "data.cutoff_len: 1000000000000 tokens per sample is beyond any model's context"),
-    ("cutoff_len_fits_the_model", "  data: {cutoff_len: 4096}\n", "data.cutoff_len: 4096 exceeds the model's max_position_embeddings (512"),
-    ("executor_options_fit_kind", "executor: {kind: torchrun, partition: gpu}\n",
-     "executor.partition: is a slurm option; executor kind torchrun does not take it"),
-    ("executor_options_fit_kind", "  executor: {kind: local, rdzv_endpoint: h:1}\n",
-     "train.executor.rdzv_endpoint: is a torchrun option; executor kind local does not take it"),
+    (
+        "cutoff_len_fits_the_model",
+        "  data: {cutoff_len: 1000000000000}\n",
+        "data.cutoff_len: 1000000000000 tokens per sample is beyond any model's context",
+    ),
+    (
+        "cutoff_len_fits_the_model",
+        "  data: {cutoff_len: 4096}\n",
+        "data.cutoff_len: 4096 exceeds the model's max_position_embeddings (512",
+    ),
+    (
+        "executor_options_fit_kind",
+        "executor: {kind: torchrun, partition: gpu}\n",
+        "executor.partition: is a slurm option; executor kind torchrun does not take it",
+    ),
+    (
+        "executor_options_fit_kind",
+        "  executor: {kind: local, rdzv_endpoint: h:1}\n",
+        "train.executor.rdzv_endpoint: is a torchrun option; executor kind local does not take it",
+    ),
 ]
 
 
@@ -239,7 +292,10 @@ def test_each_rule_fires(cli, write_spec, rule, extra, message):
 def test_every_rule_has_a_case():
     from tunepipe.spec.rules import RULES
 
-    assert {r.__name__ for r in RULES} == {c[0] for c in RULE_CASES} | {"max_steps_override_epochs", "warmup_ratio_wins"}
+    assert {r.__name__ for r in RULES} == {c[0] for c in RULE_CASES} | {
+        "max_steps_override_epochs",
+        "warmup_ratio_wins",
+    }
 
 
 def test_warmup_steps_alone_means_steps(write_spec):
@@ -262,7 +318,9 @@ def test_a_dataset_file_outside_dataset_dir_is_refused(cli, tmp_path, write_spec
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset_info.json").write_text('{"leak": {"file_name": "../secret.json"}}', encoding="utf-8")
-    spec = write_spec(BASE.replace("dataset: identity, dataset_dir: $EXAMPLES/data", "dataset: leak, dataset_dir: data"))
+    spec = write_spec(
+        BASE.replace("dataset: identity, dataset_dir: $EXAMPLES/data", "dataset: leak, dataset_dir: data")
+    )
     code, _, err = cli("validate", spec)
     assert code == 2 and "outside dataset_dir" in err
 
@@ -293,14 +351,19 @@ def test_warnings_do_not_fail(cli, write_spec):
 
 
 def test_list_sections_show_the_entry_index(cli, write_spec):
-    spec = write_spec(BASE.replace("train:\n  finetuning_type: lora\n",
-                                   "train:\n  - {name: a, finetuning_type: full}\n  - {name: b, finetuning_type: lora, bf16: true, fp16: true}\n"))
+    spec = write_spec(
+        BASE.replace(
+            "train:\n  finetuning_type: lora\n",
+            "train:\n  - {name: a, finetuning_type: full}\n  - {name: b, finetuning_type: lora, bf16: true, fp16: true}\n",
+        )
+    )
     code, _, err = cli("validate", spec)
     assert code == 2
     assert re.search(r":6:38: train\[1\]\.bf16: fp16 and bf16 are mutually exclusive", err)
 
 
 # -- schema and imports ------------------------------------------------------------------------
+
 
 def test_committed_schema_is_current(cli):
     assert (REPO / "schemas" / "tunepipe.schema.json").read_text(encoding="utf-8") == render_schema()
@@ -331,8 +394,9 @@ def test_validate_does_not_import_torch():
         "heavy=[m for m in ('torch','transformers','peft','datasets','numpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "quickstart.yaml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(EXAMPLES / "quickstart.yaml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 

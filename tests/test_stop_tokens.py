@@ -18,9 +18,13 @@ from tunepipe.spec.catalog import load_catalog  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "tiny-llama"
 ANSWERS = ["I was trained by tunepipe.", "It is 42."]
-CONVERSATION = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": "Who made you?"}, {"role": "assistant", "content": ANSWERS[0]},
-                {"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": ANSWERS[1]}]
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Who made you?"},
+    {"role": "assistant", "content": ANSWERS[0]},
+    {"role": "user", "content": "What is 12 plus 30?"},
+    {"role": "assistant", "content": ANSWERS[1]},
+]
 BUILT_IN = [name for name in template_registry.template_names() if name != template_registry.AUTO]
 
 
@@ -68,27 +72,38 @@ def test_each_answer_trains_a_token_generation_stops_on(name):
         stop = next((k for k, token in enumerate(run) if token in stop_ids), None)
         assert stop is not None, f"{name}: {tokenizer.decode(run)!r} trains no token that generation stops on"
         assert answer in tokenizer.decode(run[:stop]), f"{name}: generation would stop inside {answer!r}"
-        rest = run[stop + 1:]
-        assert all(token in stop_ids or not tokenizer.decode([token]).strip() for token in rest), \
+        rest = run[stop + 1 :]
+        assert all(token in stop_ids or not tokenizer.decode([token]).strip() for token in rest), (
             f"{name}: {tokenizer.decode(rest)!r} trained after the stop token"
+        )
 
 
 def test_chatglm3_trains_the_next_role_token_and_a_final_eos():
     """ChatGLM3 has no end-of-turn token: its own fine-tuning trains the role token after an answer
     and an eos after the last one; the text otherwise is the model's chat template's."""
     tokenizer, _, ids, labels = tokenize("chatglm3")
-    assert tokenizer.decode(ids) == ("[gMASK]sop<|system|>\n Answer briefly.<|user|>\n Who made you?<|assistant|>\n "
-                                     "I was trained by tunepipe.<|user|>\n What is 12 plus 30?<|assistant|>\n It is 42."
-                                     "<|endoftext|>")
-    assert [tokenizer.decode(r) for r in trained_runs(ids, labels)] == \
-        ["\n I was trained by tunepipe.<|user|>", "\n It is 42.<|endoftext|>"]
+    assert tokenizer.decode(ids) == (
+        "[gMASK]sop<|system|>\n Answer briefly.<|user|>\n Who made you?<|assistant|>\n "
+        "I was trained by tunepipe.<|user|>\n What is 12 plus 30?<|assistant|>\n It is 42."
+        "<|endoftext|>"
+    )
+    assert [tokenizer.decode(r) for r in trained_runs(ids, labels)] == [
+        "\n I was trained by tunepipe.<|user|>",
+        "\n It is 42.<|endoftext|>",
+    ]
 
 
 def test_cpm_and_baichuan2_train_the_next_user_token_and_a_final_eos():
     tokenizer, _, ids, labels = tokenize("cpm")
-    assert [tokenizer.decode(r) for r in trained_runs(ids, labels)] == \
-        ["I was trained by tunepipe.<用户>", "It is 42.<|endoftext|>"]
+    assert [tokenizer.decode(r) for r in trained_runs(ids, labels)] == [
+        "I was trained by tunepipe.<用户>",
+        "It is 42.<|endoftext|>",
+    ]
     tokenizer, _, ids, labels = tokenize("baichuan2")
-    assert "<reserved_106>Who made you?<reserved_107>I was trained by tunepipe.<reserved_106>What" in tokenizer.decode(ids)
-    assert [tokenizer.decode(r) for r in trained_runs(ids, labels)] == \
-        ["I was trained by tunepipe.<reserved_106>", "It is 42.<|endoftext|>"]
+    assert "<reserved_106>Who made you?<reserved_107>I was trained by tunepipe.<reserved_106>What" in tokenizer.decode(
+        ids
+    )
+    assert [tokenizer.decode(r) for r in trained_runs(ids, labels)] == [
+        "I was trained by tunepipe.<reserved_106>",
+        "It is 42.<|endoftext|>",
+    ]

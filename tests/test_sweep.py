@@ -7,9 +7,9 @@ import io
 import json
 
 import pytest
+from fake_stages import CATALOG, make_project, read_spec, worker_env
 from rich.console import Console
 
-from fake_stages import CATALOG, make_project, read_spec, worker_env
 from tunepipe.compiler.sweep import compile_sweep
 from tunepipe.errors import UserError
 from tunepipe.runner import print_summary, run_plan, sweep_rows
@@ -30,8 +30,11 @@ def test_points_come_from_the_matrix_exclude_and_include():
     points = sweep.points({"matrix": {"train.lr": [1, 2], "train.r": [8, 16]}, "exclude": [{"train.lr": 2, "train.r": 16}],
                            "include": [{"train.lr": 3, "train.r": 4}]})  # fmt: skip
     assert [(p.name, p.values) for p in points] == [
-        ("p1", {"train.lr": 1, "train.r": 8}), ("p2", {"train.lr": 1, "train.r": 16}),
-        ("p3", {"train.lr": 2, "train.r": 8}), ("p4", {"train.lr": 3, "train.r": 4})]
+        ("p1", {"train.lr": 1, "train.r": 8}),
+        ("p2", {"train.lr": 1, "train.r": 16}),
+        ("p3", {"train.lr": 2, "train.r": 8}),
+        ("p4", {"train.lr": 3, "train.r": 4}),
+    ]
     with pytest.raises(UserError, match="expected a mapping with matrix"):
         sweep.points({"matrx": {}})
     with pytest.raises(UserError, match="no points"):
@@ -42,7 +45,9 @@ def test_a_quickstart_sweep_validates_every_point_and_shares_its_upstream_steps(
     from conftest import EXAMPLES
 
     spec = tmp_path / "sweep.yaml"
-    text = (EXAMPLES / "quickstart.yaml").read_text().replace("models/tiny-llama", str(EXAMPLES / "models" / "tiny-llama"))
+    text = (
+        (EXAMPLES / "quickstart.yaml").read_text().replace("models/tiny-llama", str(EXAMPLES / "models" / "tiny-llama"))
+    )
     spec.write_text(text.replace("dataset_dir: data", f"dataset_dir: {EXAMPLES / 'data'}") + QUICKSTART_SWEEP)
     code, out, err = cli("validate", spec)
     assert code == 0 and "a sweep of 6 points" in out, err
@@ -51,7 +56,13 @@ def test_a_quickstart_sweep_validates_every_point_and_shares_its_upstream_steps(
     steps = json.loads(out)
     ids = [s["id"] for s in steps]
     # data/template/pretrain once; an sft and an infer per point
-    assert sorted(i for i in ids if "@" not in i) == ["data.pretrain", "data.sft", "template.pretrain", "template.sft", "train.pretrain"]
+    assert sorted(i for i in ids if "@" not in i) == [
+        "data.pretrain",
+        "data.sft",
+        "template.pretrain",
+        "template.sft",
+        "train.pretrain",
+    ]
     assert sorted(i for i in ids if i.startswith("train.sft@")) == [f"train.sft@p{n}" for n in range(1, 7)]
     resolved = load_spec(spec)
     p2 = sweep.points(resolved.sweep)[1]
@@ -83,8 +94,16 @@ def test_a_sweep_runs_shared_steps_once_and_ranks_its_points(tmp_path, monkeypat
         specs.append(point)
     points = sweep.points({"matrix": {"train.learning_rate": [1e-3, 2e-3, 3e-3]}})
     plan = compile_sweep(points, specs, root / "spec.json", catalog=CATALOG)
-    assert [s.id for s in plan.steps] == ["data", "template", "train@p1", "infer@p1", "train@p2", "infer@p2",
-                                          "train@p3", "infer@p3"]
+    assert [s.id for s in plan.steps] == [
+        "data",
+        "template",
+        "train@p1",
+        "infer@p1",
+        "train@p2",
+        "infer@p2",
+        "train@p3",
+        "infer@p3",
+    ]
     assert plan.step("train@p2").deps == ["template"] and plan.step("infer@p3").deps == ["train@p3"]
     console = Console(file=io.StringIO(), width=200)
     result = run_plan(plan, jobs=2, console=console)

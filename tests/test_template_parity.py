@@ -20,8 +20,10 @@ from tunepipe.runtime import template_registry  # noqa: E402
 
 # The families' chat templates, verbatim from their tokenizer_config.json (vicuna, baichuan,
 # baichuan2 and internlm ship none: theirs are written from the formats their own code builds).
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 QWEN25 = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0]['role'] == 'system' %}
@@ -162,74 +164,104 @@ QWEN3 = """{%- if tools %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
     {%- endif %}
 {%- endif %}"""
-LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-          "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-          "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-          "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-          "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + "
-          "'<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-          "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
-           "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-           "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
-GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-         "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-         "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-         "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
-PHI35 = ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-         "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
-         "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
-         "{% else %}{{ eos_token }}{% endif %}")
-DEEPSEEK = ("{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}"
-            "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
-            "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-            "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-DEEPSEEK3 = ("{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-             "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', is_first_sp=true) %}"
-             "{%- for message in messages %}{%- if message['role'] == 'system' %}{%- if ns.is_first_sp %}"
-             "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}{%- else %}"
-             "{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}{%- endif %}{%- endfor %}"
-             "{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}"
-             "{{'<｜User｜>' + message['content']}}{%- endif %}{%- if message['role'] == 'assistant' and 'tool_calls' not in message %}"
-             "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}"
-             "{%- else %}{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}{%- endfor -%}"
-             "{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}")
-YI = ("{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}{% endif %}"
-      "{% if system_message is defined %}{{ system_message }}{% endif %}{% for message in messages %}{% set content = message['content'] %}"
-      "{% if message['role'] == 'user' %}{{ '<|im_start|>user\\n' + content + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
-      "{% elif message['role'] == 'assistant' %}{{ content + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}")
-ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
-          "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
-          "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n"
-          "{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
-INTERNLM2 = ("{% if messages[0]['role'] == 'user' or messages[0]['role'] == 'system' %}{{ bos_token }}{% endif %}{% for message in messages %}"
-             "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% elif messages[-1]['role'] == 'assistant' %}{{ eos_token }}{% endif %}")
-CHATGLM3 = ("{% for message in messages %}{% if loop.first %}[gMASK]sop<|{{ message['role'] }}|>\n {{ message['content'] }}"
-            "{% else %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-CPM = ("{% for message in messages %}{% if message['role'] == 'user' %}{{'<用户>' + message['content'].strip() + '<AI>'}}"
-       "{% else %}{{message['content'].strip()}}{% endif %}{% endfor %}")
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+PHI35 = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% else %}{{ eos_token }}{% endif %}"
+)
+DEEPSEEK = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+DEEPSEEK3 = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', is_first_sp=true) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{%- if ns.is_first_sp %}"
+    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}{%- else %}"
+    "{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}"
+    "{{'<｜User｜>' + message['content']}}{%- endif %}{%- if message['role'] == 'assistant' and 'tool_calls' not in message %}"
+    "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}"
+    "{%- else %}{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}{%- endfor -%}"
+    "{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
+)
+YI = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}{% endif %}"
+    "{% if system_message is defined %}{{ system_message }}{% endif %}{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'user' %}{{ '<|im_start|>user\\n' + content + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ content + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+)
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+INTERNLM2 = (
+    "{% if messages[0]['role'] == 'user' or messages[0]['role'] == 'system' %}{{ bos_token }}{% endif %}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% elif messages[-1]['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+)
+CHATGLM3 = (
+    "{% for message in messages %}{% if loop.first %}[gMASK]sop<|{{ message['role'] }}|>\n {{ message['content'] }}"
+    "{% else %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CPM = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{'<用户>' + message['content'].strip() + '<AI>'}}"
+    "{% else %}{{message['content'].strip()}}{% endif %}{% endfor %}"
+)
 # FastChat's vicuna_v1.1 conversation: "SYSTEM USER: q ASSISTANT: a</s>USER: …"
-VICUNA = ("{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
-          "{% else %}{% set sys = \"A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the user's questions.\" %}{% set loop_messages = messages %}{% endif %}{{ sys + ' ' }}"
-          "{% for m in loop_messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
-          "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+VICUNA = (
+    "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    '{% else %}{% set sys = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, '
+    "detailed, and polite answers to the user's questions.\" %}{% set loop_messages = messages %}{% endif %}{{ sys + ' ' }}"
+    "{% for m in loop_messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 # Baichuan2's build_chat_input / fine-tune.py: <reserved_106>q<reserved_107>a … and eos closing the conversation.
-BAICHUAN2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<reserved_106>' + m['content'] }}"
-             "{% elif m['role'] == 'assistant' %}{{ '<reserved_107>' + m['content'] }}{% endif %}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<reserved_107>' }}{% else %}{{ eos_token }}{% endif %}")
+BAICHUAN2 = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<reserved_106>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<reserved_107>' + m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<reserved_107>' }}{% else %}{{ eos_token }}{% endif %}"
+)
 BAICHUAN = BAICHUAN2.replace("reserved_106", "reserved_102").replace("reserved_107", "reserved_103")
 # InternLM-chat v1's build_inputs: "<|User|>:q<eoh>\n<|Bot|>:a<eoa>\n" after bos.
-INTERNLM = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|System|>:' + m['content'] + '\n' }}"
-            "{% elif m['role'] == 'user' %}{{ '<|User|>:' + m['content'] + '<eoh>\n' }}{% else %}{{ '<|Bot|>:' + m['content'] + '<eoa>\n' }}"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|Bot|>:' }}{% endif %}")
+INTERNLM = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|System|>:' + m['content'] + '\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '<|User|>:' + m['content'] + '<eoh>\n' }}{% else %}{{ '<|Bot|>:' + m['content'] + '<eoa>\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|Bot|>:' }}{% endif %}"
+)
 
 IM = ["<|im_start|>", "<|im_end|>"]
 # template name: (chat_template, special tokens, bos, eos, has system prompts, sentencepiece-style pre-tokenizer)
@@ -238,23 +270,63 @@ FAMILIES = {
     "qwen": (QWEN25, IM + ["<|endoftext|>"], None, "<|im_end|>", True, False),
     "qwen3": (QWEN3, IM + ["<|endoftext|>"], None, "<|im_end|>", True, False),
     "llama2": (LLAMA2, ["<s>", "</s>"], "<s>", "</s>", True, True),
-    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               "<|begin_of_text|>", "<|eot_id|>", True, False),
+    "llama3": (
+        LLAMA3,
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        True,
+        False,
+    ),
     "mistral": (MISTRAL, ["<s>", "</s>"], "<s>", "</s>", False, True),
     "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", False, True),
-    "phi3": (PHI35, ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<s>", "<|endoftext|>", True, False),
-    "deepseek": (DEEPSEEK, ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"], "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True, False),
-    "deepseek3": (DEEPSEEK3, ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
-                  "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True, False),
+    "phi3": (
+        PHI35,
+        ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "<s>",
+        "<|endoftext|>",
+        True,
+        False,
+    ),
+    "deepseek": (
+        DEEPSEEK,
+        ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        True,
+        False,
+    ),
+    "deepseek3": (
+        DEEPSEEK3,
+        ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        True,
+        False,
+    ),
     "yi": (YI, IM + ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|>", "<|im_end|>", True, False),
     "zephyr": (ZEPHYR, ["<s>", "</s>"], "<s>", "</s>", True, False),
     "internlm2": (INTERNLM2, IM + ["<s>", "</s>"], "<s>", "</s>", True, False),
-    "chatglm3": (CHATGLM3, ["[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"], None, "</s>", True, False),
+    "chatglm3": (
+        CHATGLM3,
+        ["[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"],
+        None,
+        "</s>",
+        True,
+        False,
+    ),
     "cpm": (CPM, ["<s>", "</s>", "<用户>", "<AI>"], "<s>", "</s>", True, False),
     "vicuna": (VICUNA, ["<s>", "</s>"], "<s>", "</s>", True, True),
     "baichuan": (BAICHUAN, ["<s>", "</s>", "<reserved_102>", "<reserved_103>"], "<s>", "</s>", False, False),
     "baichuan2": (BAICHUAN2, ["<s>", "</s>", "<reserved_106>", "<reserved_107>"], "<s>", "</s>", False, False),
-    "internlm": (INTERNLM, ["<s>", "</s>", "<eoh>", "<eoa>", "<|User|>", "<|Bot|>", "<|System|>"], "<s>", "</s>", True, False),
+    "internlm": (
+        INTERNLM,
+        ["<s>", "</s>", "<eoh>", "<eoa>", "<|User|>", "<|Bot|>", "<|System|>"],
+        "<s>",
+        "</s>",
+        True,
+        False,
+    ),
 }
 FAMILY_IS_SP = {f[0]: f[5] for f in FAMILIES.values()}
 # Families whose chat template ends a conversation without an eos that their own fine-tuning code
@@ -297,8 +369,10 @@ def base_tokenizers():
     byte = Tokenizer(models.BPE())
     byte.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     byte.decoder = decoders.ByteLevel()
-    byte.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                          show_progress=False))
+    byte.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     sp = Tokenizer(models.BPE(byte_fallback=False, unk_token="<unk>"))
     sp.normalizer = normalizers.Sequence([normalizers.Replace(" ", "▁")])
     sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
@@ -349,11 +423,20 @@ def test_registry_has_at_least_20_templates_and_every_family_is_checked():
     assert len(names) >= 20
     assert names == set(FAMILIES) | set(GENERIC)
     for name in names:
-        assert (template_registry.get(name)["mirrors"] is not None) == (name in FAMILIES) or name in ("baichuan", "baichuan2", "internlm")
+        assert (template_registry.get(name)["mirrors"] is not None) == (name in FAMILIES) or name in (
+            "baichuan",
+            "baichuan2",
+            "internlm",
+        )
 
 
-CASES = [(name, turns, system) for name in FAMILIES for turns in (1, 3) for system in (False, True)
-         if FAMILIES[name][4] or not system]
+CASES = [
+    (name, turns, system)
+    for name in FAMILIES
+    for turns in (1, 3)
+    for system in (False, True)
+    if FAMILIES[name][4] or not system
+]
 
 
 @pytest.mark.parametrize("name,turns,system", CASES, ids=[f"{n}-{t}turn{'-sys' if s else ''}" for n, t, s in CASES])
@@ -381,8 +464,9 @@ def test_input_ids_equal_apply_chat_template(base_tokenizers, name, turns, syste
     # every other token is masked, and the generation prompt is the reference's
     assert int((encoded.labels != ct.IGNORE).sum()) == sum(len(r) for r in runs)
     prompt = messages[:-1]
-    assert ct.encode_prompt(tokenizer, ct.resolve({"template": name}, tokenizer, None)[1], prompt) == \
-        reference_ids(tokenizer, prompt, add_generation_prompt=True, **({"enable_thinking": False} if name == "qwen3" else {}))
+    assert ct.encode_prompt(tokenizer, ct.resolve({"template": name}, tokenizer, None)[1], prompt) == reference_ids(
+        tokenizer, prompt, add_generation_prompt=True, **({"enable_thinking": False} if name == "qwen3" else {})
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "qwen3"])
@@ -408,26 +492,44 @@ def test_qwen3_masks_the_empty_think_block(base_tokenizers):
     runs = [tokenizer.decode(r) for r in trained_runs(encoded)]
     assert runs == ["I was trained by tunepipe.<|im_end|>\n", "It is 42.\nThe answer is  forty-two.<|im_end|>\n"]
     assert "<think>\n\n</think>\n\n<|im_start|>" not in tokenizer.decode(encoded.input_ids)
-    assert tokenizer.decode(encoded.input_ids).endswith("assistant\n<think>\n\n</think>\n\nIt is 42.\nThe answer is  forty-two.<|im_end|>\n")
+    assert tokenizer.decode(encoded.input_ids).endswith(
+        "assistant\n<think>\n\n</think>\n\nIt is 42.\nThe answer is  forty-two.<|im_end|>\n"
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen", "qwen3"])
 def test_tool_calls_equal_apply_chat_template(base_tokenizers, name):
     tokenizer = family_tokenizer(base_tokenizers, name)
-    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
-                                                "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "Add two numbers",
+                "parameters": {"type": "object", "properties": {"a": {"type": "number"}}},
+            },
+        }
+    ]
     call = {"name": "add", "arguments": {"a": 12, "b": 30}}
-    ours = [{"role": "user", "content": "What is 12 plus 30?"},
-            {"role": "function", "content": json.dumps(call)},
-            {"role": "tool", "content": "42"},
-            {"role": "assistant", "content": "It is 42."}]
-    theirs = [ours[0], {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
-              ours[2], ours[3]]
+    ours = [
+        {"role": "user", "content": "What is 12 plus 30?"},
+        {"role": "function", "content": json.dumps(call)},
+        {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": "It is 42."},
+    ]
+    theirs = [
+        ours[0],
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+        ours[2],
+        ours[3],
+    ]
     encoded = tunepipe_encode(tokenizer, name, ours, tools=json.dumps(tools))
     assert encoded.input_ids.tolist() == reference_ids(tokenizer, theirs, tools=tools)
     runs = [tokenizer.decode(r) for r in trained_runs(encoded)]
-    assert runs == ['<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 30}}\n</tool_call><|im_end|>\n',
-                    "It is 42.<|im_end|>\n"]
+    assert runs == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 30}}\n</tool_call><|im_end|>\n',
+        "It is 42.<|im_end|>\n",
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES) + GENERIC)
@@ -437,9 +539,12 @@ def test_generated_jinja_reproduces_the_template(base_tokenizers, name):
     renderer, _ = ct.resolve({"template": name}, tokenizer, None)
     for messages in (conversation(3, False), conversation(2, True)):
         trained_text = "".join(t for t, _ in renderer.segments(messages))
-        assert tokenizer.apply_chat_template(messages, tokenize=False, chat_template=renderer.to_jinja()) == trained_text
-        assert tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
-                                             chat_template=renderer.to_jinja()) == renderer.prompt(messages[:-1])
+        assert (
+            tokenizer.apply_chat_template(messages, tokenize=False, chat_template=renderer.to_jinja()) == trained_text
+        )
+        assert tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True, chat_template=renderer.to_jinja()
+        ) == renderer.prompt(messages[:-1])
 
 
 def test_truncation_keeps_whole_tokens_and_balance(base_tokenizers):
@@ -454,9 +559,9 @@ def test_truncation_keeps_whole_tokens_and_balance(base_tokenizers):
     it = iter(zip(ids, labels))
     assert all(any(pair == (i, l) for pair in it) for i, l in zip(cut.input_ids.tolist(), cut.labels.tolist()))
     assert (cut.labels != ct.IGNORE).sum() > 0 and (cut.labels == ct.IGNORE).sum() > 0
-    assert ct.infer_seqlen(100, 10, 40) == (30, 10)   # short answer kept whole
-    assert ct.infer_seqlen(10, 100, 40) == (10, 30)   # short prompt kept whole
-    assert ct.infer_seqlen(60, 40, 50) == (30, 20)    # both cut in proportion
+    assert ct.infer_seqlen(100, 10, 40) == (30, 10)  # short answer kept whole
+    assert ct.infer_seqlen(10, 100, 40) == (10, 30)  # short prompt kept whole
+    assert ct.infer_seqlen(60, 40, 50) == (30, 20)  # both cut in proportion
 
 
 def test_labels_are_int32_and_masked_with_minus_100(base_tokenizers):

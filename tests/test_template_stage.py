@@ -33,10 +33,19 @@ def data_dirs(tmp_path_factory) -> dict[str, Path]:
     dirs = {}
     for name, datasets, stage in (("sft", ["identity", "tiny_chat"], "sft"), ("pt", ["tiny_corpus"], "pt")):
         out = tmp_path_factory.mktemp(f"data-{name}")
-        ctx = StepContext(id="data", kind="data", key="k",
-                          params={**step_defaults("data"), "dataset": datasets, "val_size": 0.1, "stage": stage},
-                          inputs={}, files={"dataset_dir": EXAMPLES / "data"}, seed=42, spec_dir=EXAMPLES, out=out,
-                          work=out / "work", log=logging.getLogger("test"))
+        ctx = StepContext(
+            id="data",
+            kind="data",
+            key="k",
+            params={**step_defaults("data"), "dataset": datasets, "val_size": 0.1, "stage": stage},
+            inputs={},
+            files={"dataset_dir": EXAMPLES / "data"},
+            seed=42,
+            spec_dir=EXAMPLES,
+            out=out,
+            work=out / "work",
+            log=logging.getLogger("test"),
+        )
         data.run(ctx)
         dirs[name] = out
     return dirs
@@ -53,9 +62,19 @@ def run_template(tmp_path: Path, data_dir: Path, files: dict | None = None, **pa
     out = tmp_path / f"tpl-{len(list(tmp_path.glob('tpl-*')))}"
     out.mkdir()
     params = {**step_defaults("template"), "template": "chatml", "cutoff_len": 128, "stage": "sft", **params}
-    ctx = StepContext(id="template", kind="template", key="k", params=params, inputs={"data": data_dir},
-                      files={"model": MODEL, **(files or {})}, seed=42, spec_dir=tmp_path, out=out, work=out / "work",
-                      log=logging.getLogger("test"))
+    ctx = StepContext(
+        id="template",
+        kind="template",
+        key="k",
+        params=params,
+        inputs={"data": data_dir},
+        files={"model": MODEL, **(files or {})},
+        seed=42,
+        spec_dir=tmp_path,
+        out=out,
+        work=out / "work",
+        log=logging.getLogger("test"),
+    )
     template.run(ctx)
     return out
 
@@ -75,8 +94,11 @@ def samples(arrays: dict[str, np.ndarray]) -> list[tuple[tuple, tuple]]:
 
 
 def digest(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and "work" not in p.parts}
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and "work" not in p.parts
+    }
 
 
 def test_artifact_layout_and_labels(tmp_path, data_dirs):
@@ -84,7 +106,11 @@ def test_artifact_layout_and_labels(tmp_path, data_dirs):
     stats = json.loads((out / "stats.json").read_text())
     train = load(out)
     assert set(train) == {"input_ids", "labels", "offsets"}
-    assert train["input_ids"].dtype == np.int32 and train["labels"].dtype == np.int32 and train["offsets"].dtype == np.int64
+    assert (
+        train["input_ids"].dtype == np.int32
+        and train["labels"].dtype == np.int32
+        and train["offsets"].dtype == np.int64
+    )
     assert stats["train"]["samples"] == 62 and stats["val"]["samples"] == 7
     assert train["offsets"][-1] == len(train["input_ids"]) == stats["train"]["tokens"]
     assert int((train["labels"] != -100).sum()) == stats["train"]["trained_tokens"]
@@ -94,9 +120,14 @@ def test_artifact_layout_and_labels(tmp_path, data_dirs):
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     ids, labels = samples(train)[0]
-    assert tok.decode(ids) == ("<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
-                               "I am TinyPipe, a tiny model trained by tunepipe.<|im_end|>\n")
-    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "I am TinyPipe, a tiny model trained by tunepipe.<|im_end|>\n"
+    assert tok.decode(ids) == (
+        "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
+        "I am TinyPipe, a tiny model trained by tunepipe.<|im_end|>\n"
+    )
+    assert (
+        tok.decode([i for i, l in zip(ids, labels) if l != -100])
+        == "I am TinyPipe, a tiny model trained by tunepipe.<|im_end|>\n"
+    )
     info = json.loads((out / "template.json").read_text())
     assert info["name"] == "chatml" and info["stop_words"] == ["<|im_end|>"] and info["eos_token"] == "<|endoftext|>"
     assert info["stop_token_ids"] == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
@@ -168,7 +199,10 @@ def test_default_system_and_completion(tmp_path, data_dirs):
     out = run_template(tmp_path, data_dirs["sft"], template_type="completion")
     ids, labels = samples(load(out))[0]
     assert tok.decode(ids) == "Who are you?I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
-    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+    assert (
+        tok.decode([i for i, l in zip(ids, labels) if l != -100])
+        == "I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+    )
 
 
 def test_template_files_yaml_and_jinja(tmp_path, data_dirs):
@@ -183,17 +217,24 @@ def test_template_files_yaml_and_jinja(tmp_path, data_dirs):
     assert json.loads((out / "template.json").read_text())["name"] == "mine"
 
     jinja = tmp_path / "mine.jinja"
-    jinja.write_text("{% for m in messages %}{% if m['role'] == 'user' %}<<{{ m['content'] }}>>{% else %}"
-                     "{{ m['content'] + eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{% endif %}")
+    jinja.write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}<<{{ m['content'] }}>>{% else %}"
+        "{{ m['content'] + eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{% endif %}"
+    )
     out = run_template(tmp_path, data_dirs["sft"], files={"template_file": jinja})
     ids, labels = samples(load(out))[0]
     assert tok.decode(ids) == "<<Who are you?>>I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
-    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+    assert (
+        tok.decode([i for i, l in zip(ids, labels) if l != -100])
+        == "I am TinyPipe, a tiny model trained by tunepipe.<|endoftext|>"
+    )
 
 
 def test_sandbox_stops_templates_reaching_python_internals(tmp_path, data_dirs):
     evil = tmp_path / "evil.jinja"
-    evil.write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    evil.write_text(
+        "{{ messages.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(UserError, match="evil.jinja: the template tried to reach Python internals"):
         run_template(tmp_path, data_dirs["sft"], files={"template_file": evil})
     broken = tmp_path / "broken.jinja"
@@ -238,9 +279,11 @@ def test_bad_template_files_are_user_errors_naming_file_and_slot(tmp_path, data_
     good = tmp_path / "good.yaml"
     good.write_text('user: "Q: {{content}}\\n"\nstop_words: ["</s>"]\nsystem_in_user: true\n')
     assert check_template_file(good) == []
-    code = ("import sys; from tunepipe.runtime.template_registry import check_template_file as c; "
-            f"assert c({str(broken)!r}) and not c({str(good)!r}); "
-            "assert not {'torch', 'transformers', 'numpy'} & set(sys.modules), sorted(sys.modules)")
+    code = (
+        "import sys; from tunepipe.runtime.template_registry import check_template_file as c; "
+        f"assert c({str(broken)!r}) and not c({str(good)!r}); "
+        "assert not {'torch', 'transformers', 'numpy'} & set(sys.modules), sorted(sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
 
 
@@ -249,7 +292,9 @@ def test_template_errors(tmp_path, data_dirs):
         run_template(tmp_path, data_dirs["sft"], template="chatgpt")
     assert "qwen" in " ".join(err.value.details)
     # llama3's stop word is not in tiny-llama's vocabulary: adding it needs a bigger embedding
-    with pytest.raises(UserError, match="grows to 1418 tokens .added <.eot_id.>. but the model's embedding holds 1417") as err:
+    with pytest.raises(
+        UserError, match="grows to 1418 tokens .added <.eot_id.>. but the model's embedding holds 1417"
+    ) as err:
         run_template(tmp_path, data_dirs["sft"], template="llama3")
     assert "resize_vocab" in " ".join(err.value.details)
     out = run_template(tmp_path, data_dirs["sft"], template="llama3", resize_vocab=True)
@@ -258,8 +303,10 @@ def test_template_errors(tmp_path, data_dirs):
 
 
 def test_registry_is_light_and_listed():
-    code = ("import sys; from tunepipe.runtime import template_registry as r; rows = r.list_templates(); "
-            "print(len(rows), 'torch' in sys.modules, 'transformers' in sys.modules, 'numpy' in sys.modules)")
+    code = (
+        "import sys; from tunepipe.runtime import template_registry as r; rows = r.list_templates(); "
+        "print(len(rows), 'torch' in sys.modules, 'transformers' in sys.modules, 'numpy' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) >= 21 and out[1:] == ["False", "False", "False"]
     rows = {r["name"]: r for r in template_registry.list_templates()}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_support import make_ctx, pretrained, tiny_model, tokenized, train_params  # noqa: F401
+from test_train_support import chain, make_ctx, pretrained, tiny_model, tokenized, train_params  # noqa: F401
 
 from tunepipe.errors import UserError
 from tunepipe.runtime.stages import train
@@ -77,15 +77,21 @@ def test_lora_target_unknown_module_is_a_user_error(tmp_path, pretrained, data):
 
 def test_freeze_trains_exactly_the_top_layers_and_the_head(tmp_path, pretrained, data):
     before = weights(pretrained)
-    out, metrics = run_train(tmp_path, pretrained, data, finetuning_type="freeze", freeze_trainable_layers=1, max_steps=3)
+    out, metrics = run_train(
+        tmp_path, pretrained, data, finetuning_type="freeze", freeze_trainable_layers=1, max_steps=3
+    )
     after = weights(out / "model")
     trained = changed(before, after)
     expected = {k for k in before if k.startswith("model.layers.1.") or k == "lm_head.weight"}
     assert trained == expected
     assert metrics["trainable_params"] == sum(before[k].numel() for k in expected)
 
-    out2, _ = run_train(tmp_path, pretrained, data, step_id="two", finetuning_type="freeze", freeze_trainable_layers=2, max_steps=3)
-    assert changed(before, weights(out2 / "model")) == {k for k in before if k.startswith("model.layers.") or k == "lm_head.weight"}
+    out2, _ = run_train(
+        tmp_path, pretrained, data, step_id="two", finetuning_type="freeze", freeze_trainable_layers=2, max_steps=3
+    )
+    assert changed(before, weights(out2 / "model")) == {
+        k for k in before if k.startswith("model.layers.") or k == "lm_head.weight"
+    }
 
     with pytest.raises(UserError, match="between 1 and 2"):
         run_train(tmp_path, pretrained, data, step_id="three", finetuning_type="freeze", freeze_trainable_layers=3)
@@ -139,7 +145,7 @@ def test_pretrain_from_scratch_then_sft_continues_it(tmp_path):
 
     from tunepipe.runtime.modeling import load_trained
 
-    merged, _ = load_trained(sft_out)
+    merged, _ = load_trained(sft_out, artifacts=chain(sft_out))
     pretrained_weights = weights(pt_out / "model")
     merged_weights = merged.state_dict()
     moved = {k for k, v in pretrained_weights.items() if not torch.equal(v, merged_weights[k])}
@@ -159,7 +165,9 @@ def test_from_scratch_lora_keeps_its_base(tmp_path, data):
     model, _ = load_trained(out)
     base = load_file(out / "base" / "model.safetensors")
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    assert not torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        model.state_dict()["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_continue_from_adapters(tmp_path, pretrained, data):
@@ -172,7 +180,9 @@ def test_continue_from_adapters(tmp_path, pretrained, data):
     out, _ = run_train(tmp_path, pretrained, data, step_id="c", lora_weight_path=str(a), learning_rate=0.0, max_steps=1)
     assert _same_adapter(out / "adapter", a)
 
-    out, _ = run_train(tmp_path, pretrained, data, step_id="d", adapter_name_or_path=[str(a), str(b)], learning_rate=0.0, max_steps=1)
+    out, _ = run_train(
+        tmp_path, pretrained, data, step_id="d", adapter_name_or_path=[str(a), str(b)], learning_rate=0.0, max_steps=1
+    )
     assert _same_adapter(out / "adapter", b) and not _same_adapter(out / "adapter", a)
     assert json.loads((out / "train.json").read_text())["base"]["merged_adapters"] == [str(a)]
 
@@ -180,11 +190,15 @@ def test_continue_from_adapters(tmp_path, pretrained, data):
     folder.mkdir()
     (folder / "1-first").symlink_to(a)
     (folder / "2-second").symlink_to(b)
-    out, _ = run_train(tmp_path, pretrained, data, step_id="e", adapter_folder="adapters", learning_rate=0.0, max_steps=1)
+    out, _ = run_train(
+        tmp_path, pretrained, data, step_id="e", adapter_folder="adapters", learning_rate=0.0, max_steps=1
+    )
     assert _same_adapter(out / "adapter", b)
     assert json.loads((out / "train.json").read_text())["base"]["merged_adapters"] == ["adapters/1-first"]  # as written
 
-    out, _ = run_train(tmp_path, pretrained, data, step_id="f", lora_weight_path=str(a), learning_rate=1e-2, max_steps=2)
+    out, _ = run_train(
+        tmp_path, pretrained, data, step_id="f", lora_weight_path=str(a), learning_rate=1e-2, max_steps=2
+    )
     assert not _same_adapter(out / "adapter", a)  # and with a learning rate it trains on
 
     with pytest.raises(UserError, match="adapter_config.json missing"):
@@ -207,7 +221,9 @@ def test_lora_on_a_local_model_gives_the_same_bytes_in_any_checkout(tmp_path, pr
             shutil.copytree(adapter / "adapter", root / "adapters" / name)
         params = dict(model_name_or_path="models/tiny", adapter_name_or_path=["adapters/first", "adapters/second"],
                       max_steps=2)  # fmt: skip
-        ctx = make_ctx(root, train_params(**params), data=data, model=(root / "models" / "tiny").resolve(), step_id="sft")
+        ctx = make_ctx(
+            root, train_params(**params), data=data, model=(root / "models" / "tiny").resolve(), step_id="sft"
+        )
         train.run(ctx)
         outs.append(ctx.out)
     one, two = outs
@@ -215,7 +231,9 @@ def test_lora_on_a_local_model_gives_the_same_bytes_in_any_checkout(tmp_path, pr
     assert info["base"]["kind"] == "model" and info["base"]["path"] == "models/tiny"
     assert info["base"]["merged_adapters"] == ["adapters/first"]
     assert (one / "train.json").read_bytes() == (two / "train.json").read_bytes()
-    assert (one / "adapter" / "adapter_config.json").read_bytes() == (two / "adapter" / "adapter_config.json").read_bytes()
+    assert (one / "adapter" / "adapter_config.json").read_bytes() == (
+        two / "adapter" / "adapter_config.json"
+    ).read_bytes()
 
     # The first checkout's model moves away: load_trained is told where the model and adapters are now.
     shutil.move(tmp_path / "one", tmp_path / "moved")

@@ -51,9 +51,19 @@ def test_training_flags_reach_training_arguments(tmp_path):
         no_cuda=True, fsdp="full_shard auto_wrap", tpu_metrics_debug=True,
     )  # fmt: skip
     assert (args.learning_rate, args.num_train_epochs, args.max_steps) == (3e-4, 2.5, 17)
-    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) == (3, 5, 4)
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) == (
+        3,
+        5,
+        4,
+    )
     assert args.lr_scheduler_type == "cosine_with_restarts"
-    assert (args.weight_decay, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (0.1, 0.8, 0.95, 1e-6, 0.5)
+    assert (args.weight_decay, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (
+        0.1,
+        0.8,
+        0.95,
+        1e-6,
+        0.5,
+    )
     assert (args.logging_steps, args.save_steps, args.save_total_limit) == (7, 9, 2)
     assert (args.eval_strategy, args.eval_steps, args.load_best_model_at_end) == ("steps", 3, True)
     assert (args.metric_for_best_model, args.greater_is_better) == ("eval_loss", True)
@@ -80,7 +90,9 @@ def test_gradient_checkpointing_flags(tmp_path):
     args = args_for(tmp_path, gradient_checkpointing=True, use_reentrant_gc=False)
     assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert args_for(tmp_path, gradient_checkpointing=True).activation_checkpointing_kwargs == {"use_reentrant": True}
-    assert not args_for(tmp_path, gradient_checkpointing=True, disable_gradient_checkpointing=True).activation_checkpointing
+    assert not args_for(
+        tmp_path, gradient_checkpointing=True, disable_gradient_checkpointing=True
+    ).activation_checkpointing
     assert not args_for(tmp_path).activation_checkpointing
 
 
@@ -175,7 +187,9 @@ def test_early_stopping_and_best_model(tmp_path, pretrained, data):
 
 
 def test_tensorboard_events_go_to_logging_dir_not_the_artifact(tmp_path, pretrained, data):
-    out, _ = run_train(tmp_path, pretrained, data, report_to="tensorboard", logging_dir="tb", max_steps=2, step_id="train.sft")
+    out, _ = run_train(
+        tmp_path, pretrained, data, report_to="tensorboard", logging_dir="tb", max_steps=2, step_id="train.sft"
+    )
     events = list((tmp_path / "tb" / "train.sft").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert not any("tfevents" in p.name for p in out.rglob("*"))
@@ -211,7 +225,9 @@ def test_rope_scaling_extends_the_context(tmp_path):
     llama3 = modeling.load_model(str(model_dir), train_params(rope_scaling="llama3"), tokenizer, max_length=100)
     assert llama3.config.rope_parameters["original_max_position_embeddings"] == 32
     scaled.save_pretrained(tmp_path / "saved")
-    rescaled = modeling.load_model(str(tmp_path / "saved"), train_params(rope_scaling="linear"), tokenizer, max_length=100)
+    rescaled = modeling.load_model(
+        str(tmp_path / "saved"), train_params(rope_scaling="linear"), tokenizer, max_length=100
+    )
     assert rescaled.config.rope_parameters["factor"] == 4.0  # a scaled model is not scaled twice
 
 
@@ -322,8 +338,14 @@ def test_weights_are_always_safetensors(tmp_path, pretrained, data):
     loads directly into place (low_cpu_mem_usage): both flags are accepted, the result is the same."""
     a, _ = run_train(tmp_path, pretrained, data, step_id="a", finetuning_type="full", save_safetensors=False,
                      low_cpu_mem_usage=False, max_steps=1)  # fmt: skip
-    b, _ = run_train(tmp_path, pretrained, data, step_id="b", finetuning_type="full", save_safetensors=True, max_steps=1)
-    assert sorted(p.name for p in (a / "model").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    b, _ = run_train(
+        tmp_path, pretrained, data, step_id="b", finetuning_type="full", save_safetensors=True, max_steps=1
+    )
+    assert sorted(p.name for p in (a / "model").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     assert (a / "model" / "model.safetensors").read_bytes() == (b / "model" / "model.safetensors").read_bytes()
 
 

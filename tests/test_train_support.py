@@ -5,7 +5,6 @@ Also the tests of the data plumbing (collate.py) that the training tests build o
 from __future__ import annotations
 
 import hashlib
-
 import json
 import logging
 import shutil
@@ -79,6 +78,13 @@ def tokenized(directory: Path, model_dir: Path = TINY, *, objective: str = "sft"
                       work=raw, log=logging.getLogger("template"))  # fmt: skip
     template.run(ctx)
     return directory
+
+
+def step_params(kind: str) -> dict:
+    """Every flag a `kind` step reads, with the catalog's defaults (what the compiler passes)."""
+    from tunepipe.spec.catalog import load_catalog
+
+    return {f.name: f.default for f in load_catalog().flags.values() if kind in f.used_by}
 
 
 def train_params(**overrides) -> dict:

@@ -24,15 +24,26 @@ def tiny_config(arch: str, *, tie: bool = False):
 
     vocab = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
     common = dict(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        tie_word_embeddings=tie, eos_token_id=vocab.eos_token_id, pad_token_id=vocab.pad_token_id,
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        eos_token_id=vocab.eos_token_id,
+        pad_token_id=vocab.pad_token_id,
         bos_token_id=None,
     )
     classes = {
-        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-        "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma": transformers.GemmaConfig,
+        "gemma2": transformers.Gemma2Config,
         "phi3": transformers.Phi3Config,
     }
     if arch not in classes:

@@ -33,8 +33,11 @@ def _from_plan(plan, backend: str) -> tuple[Path, dict[str, Path], Path | None]:
     step = steps[-1]
     if not store.has(step.key):
         raise UserError(f"{step.id} is not built yet: run `tunepipe run {plan.spec_path.name}` first")
-    chain = {plan.step(dep).key: store.fetch(plan.step(dep).key) for dep in step.inputs.values()
-             if store.has(plan.step(dep).key)}
+    chain = {
+        plan.step(dep).key: store.fetch(plan.step(dep).key)
+        for dep in step.inputs.values()
+        if store.has(plan.step(dep).key)
+    }
     return store.fetch(step.key), chain, step.files.get("model")
 
 

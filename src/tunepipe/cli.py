@@ -39,15 +39,21 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Declarative, cached pipelines for LLM fine-tuning: data → template → train → merge → quantize → export."""
+
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 WIDE = 110  # narrower terminals get one block per row instead of a table (names never split mid-word)
 SET_HELP = "Override a flag: section.key=value (section.N.key for one entry of a list section)."
-FLAG_EPILOG = ("Any catalog flag may follow the spec, in either spelling: --lora-rank 16, --lora_rank=16, "
-               "--no-use-cache, --fp16. `tunepipe flags` lists them.")
+FLAG_EPILOG = (
+    "Any catalog flag may follow the spec, in either spelling: --lora-rank 16, --lora_rank=16, "
+    "--no-use-cache, --fp16. `tunepipe flags` lists them."
+)
 # Every command that reads a spec takes it, --set and catalog-flag overrides the same way:
 SPEC_ARG = typer.Argument(..., help="The pipeline spec (YAML).")
 SETS_OPT = typer.Option([], "--set", help=SET_HELP)
@@ -136,7 +142,6 @@ def validate(
         typer.echo(f"{spec}: ok ({', '.join(stages) or 'no stages'}{swept})")
 
 
-
 @app.command()
 def schema(
     write: bool = typer.Option(False, "--write", help="Write the schema to schemas/tunepipe.schema.json."),
@@ -168,7 +173,9 @@ class PlanFormat(str, Enum):
     dot = "dot"
 
 
-def compile_spec(spec: Path, ctx: typer.Context, sets: list[str], executor: str | None = None, point: int | None = None):
+def compile_spec(
+    spec: Path, ctx: typer.Context, sets: list[str], executor: str | None = None, point: int | None = None
+):
     """The spec, validated with its overrides (warnings printed), compiled to a plan (a sweep's
     merged plan, or its point `point`)."""
     from .compiler.sweep import compile_resolved
@@ -186,7 +193,9 @@ def plan(
     fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="text tree, json, mermaid or dot."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Plan as if every step ran with this executor."),
     point: Optional[int] = typer.Option(None, "--point", min=1, help="One point of the spec's sweep (1-based)."),
-    remote: Optional[str] = typer.Option(None, "--remote", help="Also ask this remote cache (default: the spec's, $TUNEPIPE_REMOTE)."),
+    remote: Optional[str] = typer.Option(
+        None, "--remote", help="Also ask this remote cache (default: the spec's, $TUNEPIPE_REMOTE)."
+    ),
 ) -> None:
     """Show the DAG of steps, each cached, on the remote cache, or stale — and why, compared with tunepipe.lock."""
     from .compiler.render import render
@@ -215,9 +224,13 @@ def run(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Independent steps to run at once."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Run every step with this executor kind."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the steps' INFO log lines."),
-    detach: bool = typer.Option(False, "--detach", help="Queue every stale step on its batch system (slurm) and return."),
+    detach: bool = typer.Option(
+        False, "--detach", help="Queue every stale step on its batch system (slurm) and return."
+    ),
     point: Optional[int] = typer.Option(None, "--point", min=1, help="Only this point of the spec's sweep (1-based)."),
-    remote: Optional[str] = typer.Option(None, "--remote", help="A remote cache to pull from and push to (dir, s3://, fsspec URL)."),
+    remote: Optional[str] = typer.Option(
+        None, "--remote", help="A remote cache to pull from and push to (dir, s3://, fsspec URL)."
+    ),
     no_push: bool = typer.Option(False, "--no-push", help="Pull from the remote cache, push nothing."),
 ) -> None:
     """Build what is stale, reuse what is cached, write tunepipe.lock."""
@@ -225,17 +238,33 @@ def run(
 
     compiled = compile_spec(spec, ctx, sets, executor, point)  # the executor decides the world size, so the keys
     console = _console(stderr=True)
-    result = run_plan(compiled, dry_run=dry_run, frozen=frozen, force=force or None, until=until, only=only,
-                      keep_going=keep_going, jobs=jobs, console=console, verbose=verbose, detach=detach,
-                      remote=remote_url(compiled, remote), push="never" if no_push else compiled.push)
+    result = run_plan(
+        compiled,
+        dry_run=dry_run,
+        frozen=frozen,
+        force=force or None,
+        until=until,
+        only=only,
+        keep_going=keep_going,
+        jobs=jobs,
+        console=console,
+        verbose=verbose,
+        detach=detach,
+        remote=remote_url(compiled, remote),
+        push="never" if no_push else compiled.push,
+    )
     print_summary(result, console)
     if result.with_status("failed"):
         raise typer.Exit(1)
 
 
 @spec_command()
-def status(ctx: typer.Context, spec: Path = SPEC_ARG, sets: list[str] = SETS_OPT,
-           executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind.")) -> None:
+def status(
+    ctx: typer.Context,
+    spec: Path = SPEC_ARG,
+    sets: list[str] = SETS_OPT,
+    executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind."),
+) -> None:
     """Each step: cached, stale (and why), or its job's state (pending, running, failed …)."""
     from rich.table import Table
 
@@ -252,9 +281,14 @@ def status(ctx: typer.Context, spec: Path = SPEC_ARG, sets: list[str] = SETS_OPT
 
 
 @spec_command()
-def logs(ctx: typer.Context, spec: Path = SPEC_ARG, step: str = typer.Argument(..., help="A step id (or kind)."),
-         sets: list[str] = SETS_OPT, follow: bool = typer.Option(False, "--follow", "-f", help="Follow a running job."),
-         executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind.")) -> None:
+def logs(
+    ctx: typer.Context,
+    spec: Path = SPEC_ARG,
+    step: str = typer.Argument(..., help="A step id (or kind)."),
+    sets: list[str] = SETS_OPT,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Follow a running job."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind."),
+) -> None:
     """Print a step's log (its artifact's when cached, else its last run's); -f follows a running job."""
     from .jobs import follow_log
     from .store import open_store
@@ -264,10 +298,13 @@ def logs(ctx: typer.Context, spec: Path = SPEC_ARG, step: str = typer.Argument(.
 
 
 @spec_command()
-def cancel(ctx: typer.Context, spec: Path = SPEC_ARG,
-           steps: list[str] = typer.Argument(None, help="Step ids or kinds (default: every step)."),
-           sets: list[str] = SETS_OPT,
-           executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind.")) -> None:
+def cancel(
+    ctx: typer.Context,
+    spec: Path = SPEC_ARG,
+    steps: list[str] = typer.Argument(None, help="Step ids or kinds (default: every step)."),
+    sets: list[str] = SETS_OPT,
+    executor: Optional[str] = typer.Option(None, "--executor", help="As run with this executor kind."),
+) -> None:
     """Cancel the running or queued jobs of a spec's steps (local processes and SLURM jobs alike)."""
     from .jobs import cancel_steps
     from .store import open_store
@@ -287,7 +324,9 @@ def chat(
     ctx: typer.Context,
     target: Path = typer.Argument(..., help="A spec (its final model, from the cache) or an artifact directory."),
     sets: list[str] = SETS_OPT,
-    backend: ChatBackend = typer.Option(ChatBackend.hf, "--backend", "-b", help="hf (transformers) or llama-cpp (the GGUF export)."),
+    backend: ChatBackend = typer.Option(
+        ChatBackend.hf, "--backend", "-b", help="hf (transformers) or llama-cpp (the GGUF export)."
+    ),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
 ) -> None:
@@ -302,7 +341,9 @@ def chat(
 def import_(
     config: Path = typer.Argument(..., help="A LLaMA-Factory or axolotl training config (YAML)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the spec here (default: print it)."),
-    export: Optional[Path] = typer.Option(None, "--export", help="A LLaMA-Factory export config: adds merge (and quantize)."),
+    export: Optional[Path] = typer.Option(
+        None, "--export", help="A LLaMA-Factory export config: adds merge (and quantize)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite the spec and the files written beside it."),
 ) -> None:
     """Convert a LLaMA-Factory or axolotl config into a tunepipe spec; keys without an equivalent are listed in comments."""
@@ -332,18 +373,35 @@ def flags(
     if section is not None and section not in catalog.sections:
         raise UserError(f"unknown section {section!r}; sections: {', '.join(catalog.sections)}")
     needle = (query or "").lower().replace("-", "_")
-    rows = [f for f in catalog.flags.values()
-            if (section is None or f.section == section)
-            and (not needle or needle in f.name or any(needle in a for a in f.aliases)
-                 or needle in f.en.lower() or needle in f.zh.lower())]
+    rows = [
+        f
+        for f in catalog.flags.values()
+        if (section is None or f.section == section)
+        and (
+            not needle
+            or needle in f.name
+            or any(needle in a for a in f.aliases)
+            or needle in f.en.lower()
+            or needle in f.zh.lower()
+        )
+    ]
     if fmt == FlagsFormat.json:
         out = []
         for flag in rows:
             out.append({**asdict(flag), "accepts": describe_type(flag), "kebab": flag.kebab})
             if flag.negatable:
-                out.append({"name": flag.negation, "section": flag.section, "type": "bool", "negates": flag.name,
-                            "affects": flag.affects, "origin": flag.origin,
-                            "en": f"Same as {flag.name}: false.", "zh": f"等效于 --{flag.name} false"})
+                out.append(
+                    {
+                        "name": flag.negation,
+                        "section": flag.section,
+                        "type": "bool",
+                        "negates": flag.name,
+                        "affects": flag.affects,
+                        "origin": flag.origin,
+                        "en": f"Same as {flag.name}: false.",
+                        "zh": f"等效于 --{flag.name} false",
+                    }
+                )
         typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
         return
     from rich.table import Table
@@ -355,8 +413,15 @@ def flags(
         console.print(Text(f"{len(rows)} flags", style="bold"))
         for flag in rows:
             default = repr(flag.default) if flag.default is not None else "—"
-            facts = " · ".join([flag.section, describe_type(flag), f"default {default}"] + (["key"] if flag.affects == "artifact" else []))
-            console.print(Text.assemble((flag.name, "bold"), f"  ({facts})" + (f"  also no_{flag.name}" if flag.negatable else "")))
+            facts = " · ".join(
+                [flag.section, describe_type(flag), f"default {default}"]
+                + (["key"] if flag.affects == "artifact" else [])
+            )
+            console.print(
+                Text.assemble(
+                    (flag.name, "bold"), f"  ({facts})" + (f"  also no_{flag.name}" if flag.negatable else "")
+                )
+            )
             console.print(Text(f"    {flag.en}\n    {flag.zh}"))
         return
     table = Table(show_lines=False, title=f"{len(rows)} flags")
@@ -364,8 +429,14 @@ def flags(
         table.add_column(column, overflow="fold", no_wrap=column == "flag")
     for flag in rows:
         name = flag.name + (f"\n(no_{flag.name})" if flag.negatable else "")
-        table.add_row(name, flag.section, describe_type(flag), repr(flag.default) if flag.default is not None else "—",
-                      "key" if flag.affects == "artifact" else "", f"{flag.en}\n[dim]{flag.zh}[/]")
+        table.add_row(
+            name,
+            flag.section,
+            describe_type(flag),
+            repr(flag.default) if flag.default is not None else "—",
+            "key" if flag.affects == "artifact" else "",
+            f"{flag.en}\n[dim]{flag.zh}[/]",
+        )
     console.print(table)
 
 
@@ -390,8 +461,13 @@ def templates() -> None:
     for column in ("name", "mirrors", "stop words", "default system", "description"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        cells = (row["name"], row["mirrors"] or "", ", ".join(row["stop_words"]),
-                 (row["default_system"] or "")[:60], row["description"])
+        cells = (
+            row["name"],
+            row["mirrors"] or "",
+            ", ".join(row["stop_words"]),
+            (row["default_system"] or "")[:60],
+            row["description"],
+        )
         table.add_row(*map(Text, cells))  # Text: template strings like [/INST] are not rich markup
     console.print(table)
 
@@ -424,20 +500,26 @@ def _store_and_plan(spec: Optional[Path], cache: Optional[Path], overrides: list
         return open_store(plan_.cache_dir), plan_
     root = cache.resolve() if cache else default_cache_dir(Path.cwd())
     if not root.is_dir():
-        _console(stderr=True).print(f"no cache at {root}: give the spec (tunepipe cache ls SPEC) or --cache DIR",
-                                    style="yellow", markup=False)
+        _console(stderr=True).print(
+            f"no cache at {root}: give the spec (tunepipe cache ls SPEC) or --cache DIR", style="yellow", markup=False
+        )
     return open_store(root), None
 
 
 SPEC_OPT = typer.Argument(None, help="Work on this spec's cache (and its step ids); default ./.tunepipe/cache.")
-CACHE_OPT = typer.Option(None, "--cache", help="The cache directory (default: the spec's, $TUNEPIPE_CACHE or ./.tunepipe/cache).")
+CACHE_OPT = typer.Option(
+    None, "--cache", help="The cache directory (default: the spec's, $TUNEPIPE_CACHE or ./.tunepipe/cache)."
+)
 
 
 @cache_app.command("ls")
-def cache_ls(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_OPT,
-             fmt: FlagsFormat = typer.Option(FlagsFormat.table, "--format", "-f"),
-             on_remote: bool = typer.Option(False, "--remote", help="List the remote cache instead."),
-             remote: Optional[str] = typer.Option(None, "--remote-url", help="The remote cache's URL.")) -> None:
+def cache_ls(
+    spec: Optional[Path] = SPEC_OPT,
+    cache: Optional[Path] = CACHE_OPT,
+    fmt: FlagsFormat = typer.Option(FlagsFormat.table, "--format", "-f"),
+    on_remote: bool = typer.Option(False, "--remote", help="List the remote cache instead."),
+    remote: Optional[str] = typer.Option(None, "--remote-url", help="The remote cache's URL."),
+) -> None:
     """List the artifacts in the store (or, with --remote, in the remote cache)."""
     from . import runner
 
@@ -454,12 +536,21 @@ def cache_ls(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_OPT,
     for column in ("key", "step", "kind", "files", "MB", "built", "wall s"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["key"][:12], str(row["id"]), str(row["kind"]), str(row["files"]), f"{row['bytes'] / 1e6:.2f}",
-                      str(row["created"] or ""), f"{row['wall_s']:.1f}" if row["wall_s"] is not None else "")
+        table.add_row(
+            row["key"][:12],
+            str(row["id"]),
+            str(row["kind"]),
+            str(row["files"]),
+            f"{row['bytes'] / 1e6:.2f}",
+            str(row["created"] or ""),
+            f"{row['wall_s']:.1f}" if row["wall_s"] is not None else "",
+        )
     _console().print(table)
 
 
-REMOTE_OPT = typer.Option(None, "--remote", help="The remote cache (default: the spec's cache.remote, $TUNEPIPE_REMOTE).")
+REMOTE_OPT = typer.Option(
+    None, "--remote", help="The remote cache (default: the spec's cache.remote, $TUNEPIPE_REMOTE)."
+)
 
 
 def _remote(plan_, url: Optional[str]):
@@ -473,7 +564,9 @@ def _remote(plan_, url: Optional[str]):
 
 
 @cache_app.command("push")
-def cache_push(spec: Path = typer.Argument(..., help="Push this spec's built steps."), remote: Optional[str] = REMOTE_OPT) -> None:
+def cache_push(
+    spec: Path = typer.Argument(..., help="Push this spec's built steps."), remote: Optional[str] = REMOTE_OPT
+) -> None:
     """Upload every built step of the spec's plan to the remote cache (files first, the manifest last)."""
     from .store.remote import RemoteReadOnly
 
@@ -491,7 +584,9 @@ def cache_push(spec: Path = typer.Argument(..., help="Push this spec's built ste
 
 
 @cache_app.command("pull")
-def cache_pull(spec: Path = typer.Argument(..., help="Pull this spec's steps."), remote: Optional[str] = REMOTE_OPT) -> None:
+def cache_pull(
+    spec: Path = typer.Argument(..., help="Pull this spec's steps."), remote: Optional[str] = REMOTE_OPT
+) -> None:
     """Download every step of the spec's plan that the remote cache has (each file verified as it streams)."""
     store, plan_ = _store_and_plan(spec, None)
     source = _remote(plan_, remote)
@@ -519,12 +614,14 @@ def cache_verify(spec: Optional[Path] = SPEC_OPT, cache: Optional[Path] = CACHE_
 
 
 @cache_app.command("gc", context_settings=OVERRIDES, epilog=FLAG_EPILOG)
-def cache_gc(ctx: typer.Context,
-             spec: Path = typer.Argument(..., help="Keep this spec's artifacts, remove the rest."),
-             keep_lock: bool = typer.Option(False, "--keep-lock", help="Also keep what tunepipe.lock names."),
-             cache: Optional[Path] = CACHE_OPT,
-             on_remote: bool = typer.Option(False, "--remote", help="Collect the remote cache instead."),
-             older_than: Optional[float] = typer.Option(None, "--older-than", help="--remote: only artifacts older than DAYS.")) -> None:
+def cache_gc(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., help="Keep this spec's artifacts, remove the rest."),
+    keep_lock: bool = typer.Option(False, "--keep-lock", help="Also keep what tunepipe.lock names."),
+    cache: Optional[Path] = CACHE_OPT,
+    on_remote: bool = typer.Option(False, "--remote", help="Collect the remote cache instead."),
+    older_than: Optional[float] = typer.Option(None, "--older-than", help="--remote: only artifacts older than DAYS."),
+) -> None:
     """Remove every artifact the spec's current plan (with any flag overrides) does not use."""
     from . import runner
 
@@ -542,9 +639,11 @@ def cache_gc(ctx: typer.Context,
 
 
 @cache_app.command("rm")
-def cache_rm(names: list[str] = typer.Argument(..., help="Step ids (with --spec), keys or key prefixes."),
-             spec: Optional[Path] = typer.Option(None, "--spec", "-s", help="Use this spec's cache (and step ids)."),
-             cache: Optional[Path] = CACHE_OPT) -> None:
+def cache_rm(
+    names: list[str] = typer.Argument(..., help="Step ids (with --spec), keys or key prefixes."),
+    spec: Optional[Path] = typer.Option(None, "--spec", "-s", help="Use this spec's cache (and step ids)."),
+    cache: Optional[Path] = CACHE_OPT,
+) -> None:
     """Remove artifacts from the store."""
     from . import runner
 
@@ -580,8 +679,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except StepFailed as exc:
         err = _console(stderr=True)
-        err.print(Text.assemble((f"step {exc.step_id} failed", "bold red"),
-                                f" (exit status {exc.returncode}); last lines of its log:"))
+        err.print(
+            Text.assemble(
+                (f"step {exc.step_id} failed", "bold red"), f" (exit status {exc.returncode}); last lines of its log:"
+            )
+        )
         err.print(exc.log_tail, markup=False)
         sys.exit(2 if exc.returncode == 2 else exc.exit_code)  # a stage's user error (bad input) stays exit 2
     except OSError as exc:  # the runner's own resource errors (a full disk writing STEP.json, …)
@@ -593,9 +695,13 @@ def main() -> None:
         _console(stderr=True).print(Text.assemble(("error: ", "bold red"), line))
         sys.exit(1)
     except KeyboardInterrupt:
-        _console(stderr=True).print(Text("interrupted: the running steps were stopped and nothing half-built was kept; "
-                                         "run the same command again to continue (finished steps stay cached)",
-                                         style="yellow"))
+        _console(stderr=True).print(
+            Text(
+                "interrupted: the running steps were stopped and nothing half-built was kept; "
+                "run the same command again to continue (finished steps stay cached)",
+                style="yellow",
+            )
+        )
         sys.exit(130)
     except _usage_errors() as exc:  # a missing argument, a bad option value, an unknown command: exit 2
         exc.show()

@@ -94,7 +94,11 @@ def follow_log(plan: Plan, store: LocalStore, step_id: str, follow: bool, write)
         if not follow:
             return
         state = job_state(store, step)
-        if store.has(step.key) or state is None or not state.startswith(("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")):
+        if (
+            store.has(step.key)
+            or state is None
+            or not state.startswith(("RUNNING", "PENDING", "CONFIGURING", "COMPLETING"))
+        ):
             return
         time.sleep(FOLLOW_POLL_S)
 

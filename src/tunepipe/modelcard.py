@@ -62,31 +62,53 @@ def render(plan, export_step, manifests: dict[str, dict[str, Any]], model_path: 
     """The card of one export step; `manifests` maps step ids to their artifacts' manifests."""
     fmt = export_step.params.get("format")
     kind = export_step.params.get("type")
-    lines = [f"# {plan.name} — {fmt} {kind}", "",
-             f"Built by tunepipe from `{plan.spec_path.name}`. Every file here is a copy of a cached artifact; "
-             "the keys below name exactly what produced it.", "", "## Steps", "", "| step | key |", "|---|---|"]
+    lines = [
+        f"# {plan.name} — {fmt} {kind}",
+        "",
+        f"Built by tunepipe from `{plan.spec_path.name}`. Every file here is a copy of a cached artifact; "
+        "the keys below name exactly what produced it.",
+        "",
+        "## Steps",
+        "",
+        "| step | key |",
+        "|---|---|",
+    ]
     lines += [f"| {step.id} | `{step.key[:16]}` |" for step in plan.steps if step.id in manifests]
     trains = [(sid, m.get("metrics", {})) for sid, m in manifests.items() if m.get("kind") == "train"]
     if trains:
         lines += ["", "## Training", "", "| step | method | train loss | eval loss | steps |", "|---|---|---|---|---|"]
         for sid, m in trains:
-            lines.append(f"| {sid} | {m.get('finetuning_type', '')} {m.get('stage', '')} | {_num(m.get('train_loss'))} "
-                         f"| {_num(m.get('eval_loss'))} | {m.get('steps', '')} |")
-    verify = next((m for sid, m in manifests.items() if m.get("kind") == "verify"
-                   and sid == "verify" + export_step.id[len("export"):]), None)
+            lines.append(
+                f"| {sid} | {m.get('finetuning_type', '')} {m.get('stage', '')} | {_num(m.get('train_loss'))} "
+                f"| {_num(m.get('eval_loss'))} | {m.get('steps', '')} |"
+            )
+    verify = next(
+        (
+            m
+            for sid, m in manifests.items()
+            if m.get("kind") == "verify" and sid == "verify" + export_step.id[len("export") :]
+        ),
+        None,
+    )
     lines += ["", "## Verification", ""]
     if verify is None:
         lines.append("Not verified (`verify: false`): nothing checks that these files compute what was trained.")
     else:
         metrics = verify.get("metrics", {})
-        lines.append(f"Checked in its own runtime against the merged model on {metrics.get('probes', '?')} probe prompts "
-                     "from the pipeline's data: **passed**.")
+        lines.append(
+            f"Checked in its own runtime against the merged model on {metrics.get('probes', '?')} probe prompts "
+            "from the pipeline's data: **passed**."
+        )
         lines += ["", "| figure | value | threshold |", "|---|---|---|"]
-        for name, threshold in (("max_rel_logit_error", "threshold_max_rel_logit_error"),
-                                ("greedy_agreement", "threshold_min_greedy_agreement"),
-                                ("chat_template_tokens_match", None)):
+        for name, threshold in (
+            ("max_rel_logit_error", "threshold_max_rel_logit_error"),
+            ("greedy_agreement", "threshold_min_greedy_agreement"),
+            ("chat_template_tokens_match", None),
+        ):
             if name in metrics:
-                lines.append(f"| {name} | {_num(metrics[name])} | {_num(metrics.get(threshold)) if threshold else ''} |")
+                lines.append(
+                    f"| {name} | {_num(metrics[name])} | {_num(metrics.get(threshold)) if threshold else ''} |"
+                )
     lines += ["", "## How to run", "", HOW_TO_RUN.get(fmt, "").format(name=plan.name)]
     if model_path is not None:
         lines.append(TRANSFORMERS.format(model=model_path))

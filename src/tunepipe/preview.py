@@ -26,8 +26,14 @@ def preview(spec: dict[str, Any], spec_dir: Path, n: int, console) -> None:
         console.print("nothing to preview: the spec has no data/template step")
         return
     plain = console.no_color or console.color_system is None
-    legend = Text.assemble(("trained", TRAINED), "  ", ("masked", MASKED), "  ", ("<special>", SPECIAL),
-                           "  ↵ newline" + ("   ⟦ ⟧ = trained" if plain else ""))
+    legend = Text.assemble(
+        ("trained", TRAINED),
+        "  ",
+        ("masked", MASKED),
+        "  ",
+        ("<special>", SPECIAL),
+        "  ↵ newline" + ("   ⟦ ⟧ = trained" if plain else ""),
+    )
     console.print(legend)
     for step in steps:
         data_step = plan.step(step.inputs["data"])
@@ -42,8 +48,12 @@ def _preview_step(step, data_step, plan, n: int, console, plain: bool) -> None:
 
     params = step.params
     with tempfile.TemporaryDirectory() as tmp:
-        train, _, _ = data.load(data_step.params, Path(data_step.files.get("dataset_dir") or plan.spec_dir),
-                                plan.seed if plan.seed is not None else 42, Path(tmp))
+        train, _, _ = data.load(
+            data_step.params,
+            Path(data_step.files.get("dataset_dir") or plan.spec_dir),
+            plan.seed if plan.seed is not None else 42,
+            Path(tmp),
+        )
     tokenizer, renderer, info, _ = template.prepare(params, step.files, plan.spec_dir)
     cutoff_len = int(params.get("cutoff_len") or 512)
     stage = params.get("stage") or "sft"
@@ -63,13 +73,17 @@ def _preview_step(step, data_step, plan, n: int, console, plain: bool) -> None:
     specials = set(tokenizer.all_special_ids)
     for i, (ids, labels, packed) in enumerate(rows, 1):
         trained = sum(label != ct.IGNORE for label in labels)
-        title = (f"{step.id} · template {name} · {unit.format(i=i)} · {len(ids)} tokens, {trained} trained, "
-                 f"{len(ids) - trained} masked" + (f" · {packed} samples" if stage != "pt" and packing else ""))
+        title = (
+            f"{step.id} · template {name} · {unit.format(i=i)} · {len(ids)} tokens, {trained} trained, "
+            f"{len(ids) - trained} masked" + (f" · {packed} samples" if stage != "pt" and packing else "")
+        )
         console.rule(Text(title), align="left")
         console.print(render_tokens(tokenizer, ids, labels, specials, plain))
     if stats["truncated"] or stats["dropped"]:
-        console.print(f"of the first {stats['samples']} samples: {stats['truncated']} truncated to cutoff_len "
-                      f"{cutoff_len}, {stats['dropped']} dropped (nothing left to train on)")
+        console.print(
+            f"of the first {stats['samples']} samples: {stats['truncated']} truncated to cutoff_len "
+            f"{cutoff_len}, {stats['dropped']} dropped (nothing left to train on)"
+        )
 
 
 def render_tokens(tokenizer, ids: list[int], labels: list[int], specials: set[int], plain: bool) -> Text:

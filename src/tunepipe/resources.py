@@ -16,7 +16,10 @@ ADVICE = {
     errno.ENOSPC: ("no space left on the device", "free space there, or point TUNEPIPE_CACHE at a larger disk"),
     errno.EDQUOT: ("disk quota exceeded", "free space there, or point TUNEPIPE_CACHE at a larger disk"),
     errno.EACCES: ("permission denied", "fix the permissions, or point TUNEPIPE_CACHE at a directory you may write"),
-    errno.EPERM: ("operation not permitted", "fix the permissions, or point TUNEPIPE_CACHE at a directory you may write"),
+    errno.EPERM: (
+        "operation not permitted",
+        "fix the permissions, or point TUNEPIPE_CACHE at a directory you may write",
+    ),
     errno.EROFS: ("read-only file system", "point TUNEPIPE_CACHE at a writable directory"),
     errno.ENOMEM: ("out of memory", "free memory, or lower batch sizes / cutoff_len"),
 }
@@ -34,8 +37,10 @@ def describe_os_error(exc: OSError) -> str | None:
 def describe_exit(returncode: int, cache_dir: Path) -> str | None:
     """Why a step's process ended as it did, when the exit status or the host says more than its log."""
     if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
-        return ("killed by SIGKILL — most often the kernel's out-of-memory killer (check `dmesg`); "
-                "lower per_device_train_batch_size / cutoff_len, or give the step more memory")
+        return (
+            "killed by SIGKILL — most often the kernel's out-of-memory killer (check `dmesg`); "
+            "lower per_device_train_batch_size / cutoff_len, or give the step more memory"
+        )
     try:
         free = shutil.disk_usage(next(p for p in [Path(cache_dir), *Path(cache_dir).parents] if p.exists())).free
     except (OSError, StopIteration):

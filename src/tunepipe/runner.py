@@ -18,8 +18,8 @@ cached run starts no process and never imports torch.
 from __future__ import annotations
 
 import difflib
-import re
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,12 +123,18 @@ def read_run_record(run_dir: Path) -> dict[str, Any] | None:
 def step_payload(plan: Plan, step: Step, store: LocalStore, log_path: Path, force: bool) -> dict[str, Any]:
     """The STEP.json a worker receives (docs/internals.md)."""
     return {
-        "id": step.id, "kind": step.kind, "key": step.key, "stage_version": step.stage_version,
+        "id": step.id,
+        "kind": step.kind,
+        "key": step.key,
+        "stage_version": step.stage_version,
         "params": step.params,
         "upstream": step.upstream,  # input artifacts by role: the worker fetches them when it starts
         "files": {role: str(path) for role, path in step.files.items()},
-        "seed": plan.seed, "spec_dir": str(plan.spec_dir), "cache_dir": str(store.root),
-        "log": str(log_path), "force": force,
+        "seed": plan.seed,
+        "spec_dir": str(plan.spec_dir),
+        "cache_dir": str(store.root),
+        "log": str(log_path),
+        "force": force,
     }
 
 
@@ -156,7 +162,9 @@ def run_plan(
         violations = frozen_violations(plan, lock)
         if violations:
             details = [f"{step_id}: {reason}" for step_id, reasons in violations.items() for reason in reasons]
-            raise FrozenPlanError(f"--frozen: {len(violations)} step(s) differ from {plan.lock_path.name}; nothing was run", details)
+            raise FrozenPlanError(
+                f"--frozen: {len(violations)} step(s) differ from {plan.lock_path.name}; nothing was run", details
+            )
     if only and until:
         raise UserError("use --only or --until, not both")
     if only:
@@ -173,18 +181,31 @@ def run_plan(
     for step_id in selected:
         for dep in plan.step(step_id).deps:
             if dep not in selected and not store.has(plan.step(dep).key):
-                raise UserError(f"{step_id} needs {dep}, which is not built: run without --only, or with --until {step_id}")
+                raise UserError(
+                    f"{step_id} needs {dep}, which is not built: run without --only, or with --until {step_id}"
+                )
 
-    runner = _Runner(plan, store, console, jobs=max(1, jobs), keep_going=keep_going,
-                     frozen_lock=lock if frozen else None, verbose=verbose, detach=detach)
+    runner = _Runner(
+        plan,
+        store,
+        console,
+        jobs=max(1, jobs),
+        keep_going=keep_going,
+        frozen_lock=lock if frozen else None,
+        verbose=verbose,
+        detach=detach,
+    )
     steps = [plan.step(step_id) for step_id in selected]
     runner.remote = open_remote_cache(remote, console)
     runner.push_policy = "never" if runner.remote is None else push
     runner.plan_pulls(steps, forced)
     to_build = [s for s in steps if (s.id in forced or not store.has(s.key)) and s.id not in runner.from_remote]
     if to_build and not dry_run and not store.writable():
-        raise UserError(f"the cache {store.location} is read-only, and {len(to_build)} step(s) need building: "
-                        f"{', '.join(s.id for s in to_build)}", ["point TUNEPIPE_CACHE at a writable directory to build them"])
+        raise UserError(
+            f"the cache {store.location} is read-only, and {len(to_build)} step(s) need building: "
+            f"{', '.join(s.id for s in to_build)}",
+            ["point TUNEPIPE_CACHE at a writable directory to build them"],
+        )
     check_preflight(to_build, plan)
     if dry_run:
         outcomes = runner.dry_run(steps, annotate(plan, store, lock), forced)
@@ -233,7 +254,9 @@ def check_preflight(steps: list[Step], plan: Plan) -> None:
 
     problems = []
     for step in steps:
-        problems += [f"{step.id}: {problem}" for problem in preflight(step.kind, step.params, step.executor, plan.spec_dir)]
+        problems += [
+            f"{step.id}: {problem}" for problem in preflight(step.kind, step.params, step.executor, plan.spec_dir)
+        ]
     if problems:
         raise UserError(f"preflight: {len(problems)} problem(s) on this host; nothing was run", problems)
 
@@ -244,7 +267,9 @@ def print_summary(result: RunResult, console: Console) -> None:
     for outcome in result.outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     parts = ", ".join(f"{n} {status}" for status, n in counts.items())
-    console.print(Text(f"\n{result.plan.name}: {len(result.outcomes)} steps ({parts}) in {result.wall_s:.2f}s", style="bold"))
+    console.print(
+        Text(f"\n{result.plan.name}: {len(result.outcomes)} steps ({parts}) in {result.wall_s:.2f}s", style="bold")
+    )
     store = open_store(result.plan.cache_dir)
     for outcome in result.outcomes:
         if stage(outcome.kind).summary not in ("model", "report") or outcome.status not in ("built", CACHED):
@@ -254,14 +279,20 @@ def print_summary(result: RunResult, console: Console) -> None:
             console.print(Text.assemble(f"  {outcome.id}: ", (_report(m), "bold")))
             continue
         found = [" ".join(str(m[k]) for k in ("finetuning_type", "stage", "format", "type") if m.get(k))]
-        found += [f"{m['method']} merge of {m.get('adapters', '?')} adapter(s)"] if outcome.kind == "merge" and "method" in m else []
+        found += (
+            [f"{m['method']} merge of {m.get('adapters', '?')} adapter(s)"]
+            if outcome.kind == "merge" and "method" in m
+            else []
+        )
         found += [f"train loss {_short(m['train_loss'])}"] if "train_loss" in m else []
         found += [f"eval loss {_short(m['eval_loss'])}"] if "eval_loss" in m else []
         found += [f"{m['steps']} steps"] if "steps" in m else []
         path = store.fetch(outcome.key)
         pictures = ", ".join(p.name for p in sorted(path.glob("*.png")))
         console.print(Text.assemble(f"  {outcome.id}: ", (" · ".join(f for f in found if f), "bold")))
-        console.print(Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True)
+        console.print(
+            Text(f"    {_relative(path)}/" + (f"  ({pictures})" if pictures else ""), style="dim"), soft_wrap=True
+        )
         deliver = result.plan.step(outcome.id).deliver
         if deliver is not None:
             console.print(Text.assemble("    copied to ", (f"{_relative(deliver)}/", "bold")), soft_wrap=True)
@@ -285,7 +316,9 @@ def print_summary(result: RunResult, console: Console) -> None:
     for outcome in result.outcomes:
         if outcome.answer is not None:
             prompt = result.plan.step(outcome.id).params.get("prompt")
-            console.print(Text.assemble(("\n> ", "dim"), (str(prompt), "bold"), "\n", (outcome.answer.strip(), "bold green")))
+            console.print(
+                Text.assemble(("\n> ", "dim"), (str(prompt), "bold"), "\n", (outcome.answer.strip(), "bold green"))
+            )
     if result.plan.points:
         print_sweep(result, store, console)
     if result.lock_written:
@@ -303,17 +336,24 @@ def sweep_rows(plan: Plan, store: LocalStore) -> list[dict[str, Any]]:
             manifest = store.manifest(step.key) if store.has(step.key) else None
             metrics = (manifest or {}).get("metrics", {})
             if step.kind == "train":
-                row.update(train_loss=metrics.get("train_loss"), eval_loss=metrics.get("eval_loss"),
-                           train=step_id, metric=step.params.get("metric_for_best_model") or "loss",
-                           greater=bool(step.params.get("greater_is_better")))
+                row.update(
+                    train_loss=metrics.get("train_loss"),
+                    eval_loss=metrics.get("eval_loss"),
+                    train=step_id,
+                    metric=step.params.get("metric_for_best_model") or "loss",
+                    greater=bool(step.params.get("greater_is_better")),
+                )
             elif step.kind == "verify" and metrics:
                 row[f"{own_id} agreement"] = metrics.get("greedy_agreement")
         rows.append(row)
 
     def score(row):
         name = row.get("metric", "loss")
-        value = row.get("eval_loss") if name in ("loss", "eval_loss") and row.get("eval_loss") is not None else (
-            row.get(name) if name not in ("loss", "eval_loss") else row.get("train_loss"))
+        value = (
+            row.get("eval_loss")
+            if name in ("loss", "eval_loss") and row.get("eval_loss") is not None
+            else (row.get(name) if name not in ("loss", "eval_loss") else row.get("train_loss"))
+        )
         if value is None:
             return (1, 0.0)
         return (0, -value if row.get("greater") else value)
@@ -330,8 +370,13 @@ def print_sweep(result: RunResult, store: LocalStore, console: Console) -> None:
     for column in ("point", "values", "train loss", "eval loss", *extra):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["point"], row["values"], _short(row.get("train_loss") or "—"), _short(row.get("eval_loss") or "—"),
-                      *(_short(row.get(k) if row.get(k) is not None else "—") for k in extra))
+        table.add_row(
+            row["point"],
+            row["values"],
+            _short(row.get("train_loss") or "—"),
+            _short(row.get("eval_loss") or "—"),
+            *(_short(row.get(k) if row.get(k) is not None else "—") for k in extra),
+        )
     console.print(table)
     picture = sweep_plot(result.plan, store, rows)
     if picture is not None:
@@ -355,8 +400,11 @@ def sweep_plot(plan: Plan, store: LocalStore, rows: list[dict[str, Any]]) -> Pat
     picture = plan.spec_dir / f"{plan.spec_path.stem}.sweep.png"
     newest = max(Path(p).stat().st_mtime for p in curves.values())
     if not picture.is_file() or picture.stat().st_mtime < newest:
-        subprocess.run([sys.executable, "-m", "tunepipe.runtime.plots", "sweep", str(picture), json.dumps(curves)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "tunepipe.runtime.plots", "sweep", str(picture), json.dumps(curves)],
+            check=True,
+            capture_output=True,
+        )
     return picture
 
 
@@ -365,10 +413,14 @@ def _report(m: dict[str, Any]) -> str:
     parts = ["passed" if m.get("passed") else "FAILED"]
     if "max_rel_logit_error" in m:
         limit = m.get("threshold_max_rel_logit_error")
-        parts.append(f"max rel logit error {m['max_rel_logit_error']:.2g}" + (f" (≤ {limit:.2g})" if limit is not None else ""))
+        parts.append(
+            f"max rel logit error {m['max_rel_logit_error']:.2g}" + (f" (≤ {limit:.2g})" if limit is not None else "")
+        )
     if "greedy_agreement" in m:
         limit = m.get("threshold_min_greedy_agreement")
-        parts.append(f"greedy agreement {m['greedy_agreement']:.3f}" + (f" (≥ {limit:.2f})" if limit is not None else ""))
+        parts.append(
+            f"greedy agreement {m['greedy_agreement']:.3f}" + (f" (≥ {limit:.2f})" if limit is not None else "")
+        )
     if "chat_template_tokens_match" in m:
         parts.append("chat template tokens " + ("match" if m["chat_template_tokens_match"] else "DIFFER"))
     return " · ".join(parts)
@@ -386,8 +438,18 @@ def _short(value: Any) -> str:
 
 
 class _Runner:
-    def __init__(self, plan: Plan, store: LocalStore, console: Console, *, jobs: int, keep_going: bool,
-                 frozen_lock: dict | None, verbose: bool = False, detach: bool = False):
+    def __init__(
+        self,
+        plan: Plan,
+        store: LocalStore,
+        console: Console,
+        *,
+        jobs: int,
+        keep_going: bool,
+        frozen_lock: dict | None,
+        verbose: bool = False,
+        detach: bool = False,
+    ):
         self.plan, self.store, self.console = plan, store, console
         self.remote, self.push_policy, self.repair = None, "never", set()
         self.from_remote, self.left_remote, self.built = set(), set(), []
@@ -415,8 +477,16 @@ class _Runner:
         for step in steps:
             if step.id in forced or statuses[step.id].state != CACHED:
                 commands[step.id] = str(self.prepare(step))
-                outcomes.append(StepOutcome(step.id, step.kind, step.key, "would-build", command=commands[step.id],
-                                            reason="forced" if step.id in forced else statuses[step.id].reason))
+                outcomes.append(
+                    StepOutcome(
+                        step.id,
+                        step.kind,
+                        step.key,
+                        "would-build",
+                        command=commands[step.id],
+                        reason="forced" if step.id in forced else statuses[step.id].reason,
+                    )
+                )
             else:
                 outcomes.append(StepOutcome(step.id, step.kind, step.key, CACHED))
         self.console.print(Text(render_text(self.plan, statuses, commands)), soft_wrap=True)
@@ -538,8 +608,13 @@ class _Runner:
         needed: set[str] = set()  # steps whose bytes must be here: built here, delivered, or read by such a step
         for step in reversed(steps):
             dependents = [s for s in steps if step.id in s.deps]
-            if (step.id not in there or not dependents or step.deliver is not None
-                    or stage(step.kind).summary == "answer" or any(d.id in needed and d.id not in there for d in dependents)):
+            if (
+                step.id not in there
+                or not dependents
+                or step.deliver is not None
+                or stage(step.kind).summary == "answer"
+                or any(d.id in needed and d.id not in there for d in dependents)
+            ):
                 needed.add(step.id)
         self.from_remote = there
         self.left_remote = {i for i in there if i not in needed and i in selected}
@@ -548,7 +623,9 @@ class _Runner:
         """Download `step` from the remote (every file checked while it streams); False to build it here."""
         if step.id in self.left_remote:
             self.finish(step, REMOTE, metrics=(self.remote.manifest(step.key) or {}).get("metrics", {}))
-            self.console.print(Text.assemble(("• ", "green"), f"{step.id} ", ("on the remote (not needed here)", "dim")))
+            self.console.print(
+                Text.assemble(("• ", "green"), f"{step.id} ", ("on the remote (not needed here)", "dim"))
+            )
             return False  # finished: advance() must not mark it done again
         try:
             moved = self.remote.pull(step.key, self.store)
@@ -587,8 +664,9 @@ class _Runner:
         if self.remote is None or not self.store.has(step.key):
             return
         try:
-            moved = self.remote.push(step.key, self.store.fetch(step.key), self.store.manifest(step.key),
-                                     replace=step.key in self.repair)
+            moved = self.remote.push(
+                step.key, self.store.fetch(step.key), self.store.manifest(step.key), replace=step.key in self.repair
+            )
         except RemoteReadOnly:
             self.warn(f"the remote {self.remote.location} is read-only: nothing is pushed (cache pull works)")
             self.push_policy, self.built = "never", []
@@ -625,11 +703,20 @@ class _Runner:
             return
         why = describe_exit(returncode, self.store.root)
         failure = StepFailed(job.step.id, returncode, self.log_tail(job) + (f"\n{why}" if why else ""))
-        self.finish(job.step, "failed", wall_s=wall_s, command=job.command,
-                    reason=f"exit status {returncode}" + (f": {why}" if why else ""),
-                    returncode=returncode, log=str(job.launch_log) if job.launch_log else None)
-        self.console.print(Text(f"✗ {job.step.id} failed with exit status {returncode}" + (f": {why}" if why else ""),
-                                style="bold red"))
+        self.finish(
+            job.step,
+            "failed",
+            wall_s=wall_s,
+            command=job.command,
+            reason=f"exit status {returncode}" + (f": {why}" if why else ""),
+            returncode=returncode,
+            log=str(job.launch_log) if job.launch_log else None,
+        )
+        self.console.print(
+            Text(
+                f"✗ {job.step.id} failed with exit status {returncode}" + (f": {why}" if why else ""), style="bold red"
+            )
+        )
         self.failures.append(failure)
         if not self.keep_going:
             raise failure
@@ -662,14 +749,20 @@ class _Runner:
         if self.progress is None:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                     console=self.console, transient=True)
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.progress.start()
         self.started_count += 1
         counter = f"[{self.started_count}/{self.to_build}]"
         task = self.progress.add_task(f"{counter} {step.id} [dim]{step.key[:12]}[/dim]", total=None)
-        return _Running(step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch), launch.log_path,
-                        counter)
+        return _Running(
+            step, self.executor(step), handle, key_lock, task, time.monotonic(), str(launch), launch.log_path, counter
+        )
 
     def reattach(self, step: Step, executor: Executor, launch) -> Any:
         """The live job of this step's run record, if its executor can re-attach (batch systems)."""
@@ -685,11 +778,15 @@ class _Runner:
         job.partial = "" if final else lines.pop()
         for line in lines:
             if (line or not final) and (self.verbose or not CHATTER.match(line)):
-                self.console.print(Text.assemble((f"{job.step.id} │ ", "dim"), line.rsplit("\r", 1)[-1]), soft_wrap=True)
+                self.console.print(
+                    Text.assemble((f"{job.step.id} │ ", "dim"), line.rsplit("\r", 1)[-1]), soft_wrap=True
+                )
         # A progress bar redraws one line with \r (tqdm: loss, tokens/s): show its latest state live.
         live = job.partial.rsplit("\r", 1)[-1].strip()
         if live and self.progress is not None:
-            self.progress.update(job.task, description=Text.assemble(f"{job.counter} {job.step.id} ", (live[-100:], "cyan")))
+            self.progress.update(
+                job.task, description=Text.assemble(f"{job.counter} {job.step.id} ", (live[-100:], "cyan"))
+            )
 
     def log_tail(self, job: _Running) -> str:
         text, _ = job.executor.logs(job.handle, 0)
@@ -706,9 +803,11 @@ class _Runner:
             locked = self.frozen_lock["steps"][step.id].get("outputs", {}).get("digest")
             if locked != output_digest(manifest)["digest"]:
                 # Stages write no timings into artifacts: the same key must give the same bytes.
-                raise FrozenPlanError(f"--frozen: {step.id}: its output differs from {self.plan.lock_path.name} "
-                                      f"(same key {step.key[:12]}, other bytes)",
-                                      [f"locked digest {str(locked)[:12]}, built {output_digest(manifest)['digest'][:12]}"])
+                raise FrozenPlanError(
+                    f"--frozen: {step.id}: its output differs from {self.plan.lock_path.name} "
+                    f"(same key {step.key[:12]}, other bytes)",
+                    [f"locked digest {str(locked)[:12]}, built {output_digest(manifest)['digest'][:12]}"],
+                )
         self.finish(step, status, wall_s=wall_s, metrics=manifest.get("metrics", {}), answer=answer, command=command)
         if status == PULLED:
             return  # pull() printed what it moved
@@ -723,8 +822,15 @@ class _Runner:
 def cache_ls(store: LocalStore) -> list[dict[str, Any]]:
     """One row per committed artifact: key, step id and kind it was built as, bytes, files, created, wall_s."""
     return [
-        {"key": e.key, "id": e.manifest.get("id"), "kind": e.manifest.get("kind"), "bytes": e.size,
-         "files": len(e.manifest.get("files", {})), "created": e.manifest.get("created"), "wall_s": e.manifest.get("wall_s")}
+        {
+            "key": e.key,
+            "id": e.manifest.get("id"),
+            "kind": e.manifest.get("kind"),
+            "bytes": e.size,
+            "files": len(e.manifest.get("files", {})),
+            "created": e.manifest.get("created"),
+            "wall_s": e.manifest.get("wall_s"),
+        }
         for e in store.ls()
     ]
 
@@ -769,7 +875,9 @@ def cache_rm(store: LocalStore, names: list[str], plan: Plan | None = None) -> l
             prefix = name.lower()
             if len(prefix) < MIN_KEY_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
                 what = "a step id of the plan, or " if plan is not None else ""
-                raise UserError(f"{name!r}: name {what}a key or a key prefix of at least {MIN_KEY_PREFIX} hex characters; nothing was removed")
+                raise UserError(
+                    f"{name!r}: name {what}a key or a key prefix of at least {MIN_KEY_PREFIX} hex characters; nothing was removed"
+                )
             matches = [k for k in keys if k.startswith(prefix)]
         if len(matches) > 1:
             raise UserError(f"{name!r} matches {len(matches)} artifacts: give more of the key; nothing was removed")

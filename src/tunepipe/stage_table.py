@@ -67,7 +67,14 @@ STAGES: dict[str, Stage] = {
         Stage("merge", "merge", 1, TRAIN_PACKAGES + (("safetensors", "safetensors"),), summary="model"),
         Stage("quantize", "quantize", 1, TRAIN_PACKAGES, check="quantize_problems", summary="model"),
         Stage("export", "export", {f: 1 for f in EXPORT_FORMATS}, check="export_problems", summary="model"),
-        Stage("verify", "export", {f: 1 for f in EXPORT_FORMATS}, TRAIN_PACKAGES, check="export_problems", summary="report"),
+        Stage(
+            "verify",
+            "export",
+            {f: 1 for f in EXPORT_FORMATS},
+            TRAIN_PACKAGES,
+            check="export_problems",
+            summary="report",
+        ),
         Stage("infer", "infer", 1, TRAIN_PACKAGES, check="infer_problems", summary="answer"),
     )
 }

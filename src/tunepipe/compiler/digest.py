@@ -77,8 +77,10 @@ class DigestMemo:
             except (OSError, RuntimeError) as e:  # RuntimeError: Path.resolve on a symlink loop
                 filename = getattr(e, "filename", None)
                 also = f" ({filename})" if filename and str(filename) != str(file) else ""
-                raise UserError(f"cannot read input {file}: {getattr(e, 'strerror', None) or e}{also}",
-                                ["a dangling symlink, a symlink loop or an unreadable file; fix or remove it"]) from None
+                raise UserError(
+                    f"cannot read input {file}: {getattr(e, 'strerror', None) or e}{also}",
+                    ["a dangling symlink, a symlink loop or an unreadable file; fix or remove it"],
+                ) from None
         return dict(sorted(digests.items()))
 
     def save(self) -> None:

@@ -45,8 +45,12 @@ def read_lock_file(path: Path) -> dict[str, Any] | None:
         raise UserError(f"{path}: not a valid lock file ({e}); delete it to start afresh") from None
     if isinstance(lock, dict) and isinstance(lock.get("steps"), dict) and "specs" not in lock:
         return {"version": lock.get("version"), "specs": {None: lock}}  # version 1: one spec's steps
-    if not isinstance(lock, dict) or not isinstance(lock.get("specs"), dict) or not all(
-        isinstance(section, dict) and isinstance(section.get("steps"), dict) for section in lock["specs"].values()
+    if (
+        not isinstance(lock, dict)
+        or not isinstance(lock.get("specs"), dict)
+        or not all(
+            isinstance(section, dict) and isinstance(section.get("steps"), dict) for section in lock["specs"].values()
+        )
     ):
         raise UserError(f"{path}: not a valid lock file (no specs with steps); delete it to start afresh")
     return lock

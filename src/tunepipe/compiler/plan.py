@@ -108,8 +108,14 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def compile_plan(spec: dict[str, Any], spec_path: Path, *, catalog=None, cache_dir: Path | None = None,
-                 executor_override: str | None = None) -> Plan:
+def compile_plan(
+    spec: dict[str, Any],
+    spec_path: Path,
+    *,
+    catalog=None,
+    cache_dir: Path | None = None,
+    executor_override: str | None = None,
+) -> Plan:
     """Compile a resolved spec (docs/internals.md) into a Plan. Pure Python; reads input files to digest them.
 
     `executor_override` (`run --executor`) replaces every step's executor kind, before the keys are
@@ -123,15 +129,23 @@ def compile_plan(spec: dict[str, Any], spec_path: Path, *, catalog=None, cache_d
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(spec_path.parent)
     memo = DigestMemo(cache_dir / MEMO_NAME)
     cache = spec.get("cache") or {}
-    plan = Plan(name=spec.get("name") or spec_path.stem, spec_path=spec_path, cache_dir=cache_dir, seed=spec.get("seed"),
-                remote=cache.get("remote"), push=cache.get("push") or "on-success")
+    plan = Plan(
+        name=spec.get("name") or spec_path.stem,
+        spec_path=spec_path,
+        cache_dir=cache_dir,
+        seed=spec.get("seed"),
+        remote=cache.get("remote"),
+        push=cache.get("push") or "on-success",
+    )
     _Compiler(spec, plan, catalog, memo, executor_override).build()
     memo.save()
     return plan
 
 
 class _Compiler:
-    def __init__(self, spec: dict[str, Any], plan: Plan, catalog, memo: DigestMemo, executor_override: str | None = None):
+    def __init__(
+        self, spec: dict[str, Any], plan: Plan, catalog, memo: DigestMemo, executor_override: str | None = None
+    ):
         self.spec = spec
         self.executor_override = executor_override
         self.plan = plan
@@ -162,7 +176,11 @@ class _Compiler:
 
         model_step = train_steps[-1] if train_steps else None
         merge = spec.get("merge")
-        if merge is None and (spec.get("quantize") or spec.get("export")) and last_train.get("finetuning_type") == "lora":
+        if (
+            merge is None
+            and (spec.get("quantize") or spec.get("export"))
+            and last_train.get("finetuning_type") == "lora"
+        ):
             merge = {}  # exporting a LoRA adapter means exporting it merged: an implicit merge step
         if merge is not None:
             inputs = self.model_inputs("train", model_step) if model_step else {}
@@ -198,7 +216,7 @@ class _Compiler:
             verify_inputs = {"export": export_step.id, **self.model_inputs("reference", source)}
             if probes is not None:
                 verify_inputs["probes"] = probes.id  # the pipeline's own tokenized data
-            self.add("verify", "verify" + step_id[len("export"):], verify_sections, verify_inputs, entry)
+            self.add("verify", "verify" + step_id[len("export") :], verify_sections, verify_inputs, entry)
 
         if spec.get("infer") is not None:
             inputs = self.model_inputs("model", self.require(model_step, "infer"))
@@ -237,7 +255,9 @@ class _Compiler:
             suffix = "" if len(first_reader) == 1 else f".{name}"
             sections = {"data": self.data_config(entry), "train": entry}
             data = self.add("data", "data" + suffix, sections, {}, self.spec.get("data"))
-            template_steps[signature] = self.add("template", "template" + suffix, sections, {"data": data.id}, self.spec.get("template"))
+            template_steps[signature] = self.add(
+                "template", "template" + suffix, sections, {"data": data.id}, self.spec.get("template")
+            )
         return [template_steps[signature] for signature in signatures]
 
     # -- one step ------------------------------------------------------------------------------
@@ -288,7 +308,13 @@ class _Compiler:
         upstream = {role: self.plan.step(dep).key for role, dep in inputs.items()}
         version = stage(kind).version_for(params)
         key_upstream = {role: key for role, key in upstream.items() if not role.startswith(CHAIN)}
-        material = {"kind": kind, "stage_version": version, "params": key_params, "upstream": key_upstream, "inputs": digests}
+        material = {
+            "kind": kind,
+            "stage_version": version,
+            "params": key_params,
+            "upstream": key_upstream,
+            "inputs": digests,
+        }
         step = Step(
             id=step_id,
             kind=kind,
@@ -317,7 +343,9 @@ class _Compiler:
                 if flag.name in PATH_OR_HUB_ID and is_hub_id(spec_dir, str(item)):
                     digests[item_role] = {"hub": str(item)}  # a hub id: its name (and revision param) is the input
                     continue
-                raise UserError(f"{flag.section}.{flag.name}: {item}: no such file or directory (needed by step {kind})")
+                raise UserError(
+                    f"{flag.section}.{flag.name}: {item}: no such file or directory (needed by step {kind})"
+                )
             path = path.resolve()
             files[item_role] = path
             if path.is_file():

@@ -11,7 +11,9 @@ from .status import CACHED, REMOTE, STALE, StepStatus
 FORMATS = ("text", "json", "mermaid", "dot")
 
 
-def render(plan: Plan, statuses: dict[str, StepStatus], fmt: str = "text", commands: dict[str, str] | None = None) -> str:
+def render(
+    plan: Plan, statuses: dict[str, StepStatus], fmt: str = "text", commands: dict[str, str] | None = None
+) -> str:
     """Ends with a newline. `commands` ({step id: command line}, from a dry run) are shown with each step."""
     renderers = {"text": render_text, "json": render_json, "mermaid": render_mermaid, "dot": render_dot}
     if fmt not in renderers:
@@ -107,7 +109,9 @@ def render_dot(plan: Plan, statuses: dict[str, StepStatus], commands: dict[str, 
     for step in plan.steps:
         status = statuses[step.id]
         label = f"{step.id}\n{status.state}" + (f"\n{status.reason}" if status.state != CACHED else "")
-        lines.append(f"    {json.dumps(step.id)} [label={json.dumps(label)}, fillcolor={json.dumps(colours[status.state])}];")
+        lines.append(
+            f"    {json.dumps(step.id)} [label={json.dumps(label)}, fillcolor={json.dumps(colours[status.state])}];"
+        )
     for step in plan.steps:
         for dep in step.deps:
             lines.append(f"    {json.dumps(dep)} -> {json.dumps(step.id)};")

@@ -24,8 +24,9 @@ class StepStatus:
         return "; ".join(self.reasons)
 
 
-def annotate(plan: Plan, store: ArtifactStore | None = None, lock: dict[str, Any] | None = None,
-             remote=None) -> dict[str, StepStatus]:
+def annotate(
+    plan: Plan, store: ArtifactStore | None = None, lock: dict[str, Any] | None = None, remote=None
+) -> dict[str, StepStatus]:
     """{step id: StepStatus}, in plan order. `lock` defaults to the plan's section of tunepipe.lock.
     With a remote cache, a step that only it holds (and whose inputs are there or here) is `remote`."""
     store = store or open_store(plan.cache_dir)
@@ -102,8 +103,11 @@ def _input_changes(role: str, old: dict[str, str] | None, new: dict[str, str] | 
     changed = [n for n in names if n in old and n in new and old[n] != new[n]]
     added = [n for n in names if n not in old]
     removed = [n for n in names if n not in new]
-    parts = [f"{_few(changed)} changed" if changed else "", f"{_few(added)} added" if added else "",
-             f"{_few(removed)} removed" if removed else ""]
+    parts = [
+        f"{_few(changed)} changed" if changed else "",
+        f"{_few(added)} added" if added else "",
+        f"{_few(removed)} removed" if removed else "",
+    ]
     return [f"input {role}: " + ", ".join(p for p in parts if p)]
 
 

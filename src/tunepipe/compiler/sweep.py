@@ -19,8 +19,14 @@ def compile_sweep(points: list, specs: list[dict], spec_path: Path, **kwargs) ->
     plans = [compile_plan(data, spec_path, **kwargs) for data in specs]
     everywhere = set.intersection(*({step.key for step in plan.steps} for plan in plans))
     first = plans[0]
-    merged = Plan(name=first.name, spec_path=first.spec_path, cache_dir=first.cache_dir, seed=first.seed,
-                  remote=first.remote, push=first.push)
+    merged = Plan(
+        name=first.name,
+        spec_path=first.spec_path,
+        cache_dir=first.cache_dir,
+        seed=first.seed,
+        remote=first.remote,
+        push=first.push,
+    )
     by_key: dict[str, Step] = {}
     for point, plan in zip(points, plans):
         ids: dict[str, str] = {}
@@ -28,8 +34,11 @@ def compile_sweep(points: list, specs: list[dict], spec_path: Path, **kwargs) ->
             if step.key not in by_key:
                 new_id = step.id if step.key in everywhere else f"{step.id}@{point.name}"
                 by_key[step.key] = dataclasses.replace(
-                    step, id=new_id, deps=[ids[d] for d in step.deps],
-                    inputs={role: ids[dep] for role, dep in step.inputs.items()})
+                    step,
+                    id=new_id,
+                    deps=[ids[d] for d in step.deps],
+                    inputs={role: ids[dep] for role, dep in step.inputs.items()},
+                )
                 merged.steps.append(by_key[step.key])
             ids[step.id] = by_key[step.key].id
         merged.points.append((point, ids))

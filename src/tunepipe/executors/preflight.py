@@ -36,7 +36,9 @@ PACKAGES = {
 FA2 = ("flash_attn", "flash-attn")
 
 
-def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_dir: str | Path | None = None) -> list[str]:
+def preflight(
+    step_kind: str, params: dict, executor: dict | None = None, spec_dir: str | Path | None = None
+) -> list[str]:
     """Problems that stop `step_kind` with these params from running on this host, [] if none.
 
     `params` are the step's (every flag it reads, defaults filled in, as the compiler passes them).
@@ -57,12 +59,20 @@ def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_d
         return problems + [f"this version of tunepipe has no {step_kind} stage yet; remove the {section} section"]
     absent = [pip for module, pip in entry.packages if not _installed(module)]
     if absent:
-        problems.append(f"{', '.join(absent)} not installed: the {step_kind} step needs "
-                        f"{', '.join(pip for _, pip in entry.packages)} (pip install 'tunepipe[train]')")
+        problems.append(
+            f"{', '.join(absent)} not installed: the {step_kind} step needs "
+            f"{', '.join(pip for _, pip in entry.packages)} (pip install 'tunepipe[train]')"
+        )
     if entry.check:
         problems += CHECKS[entry.check](params, executor, spec_dir)
-    if params.get("model_name_or_path") and spec_dir is not None and is_hub_id(Path(spec_dir), str(params["model_name_or_path"])):
-        problems += hub_problems(str(params["model_name_or_path"]), params.get("model_revision"), params.get("cache_dir"))
+    if (
+        params.get("model_name_or_path")
+        and spec_dir is not None
+        and is_hub_id(Path(spec_dir), str(params["model_name_or_path"]))
+    ):
+        problems += hub_problems(
+            str(params["model_name_or_path"]), params.get("model_revision"), params.get("cache_dir")
+        )
     if executor.get("kind") == "torchrun" and not _installed("torch"):
         problems.append("executor torchrun: torch is not installed (it provides torchrun): pip install torch")
     return problems
@@ -70,19 +80,22 @@ def preflight(step_kind: str, params: dict, executor: dict | None = None, spec_d
 
 INFER_BACKENDS = {
     "vllm": "vllm needs a CUDA build (pip install vllm on a machine with an NVIDIA GPU) and is not integrated in "
-            "tunepipe's infer stage; use infer_backend: hf or llama-cpp",
+    "tunepipe's infer stage; use infer_backend: hf or llama-cpp",
     "ctransformers": "ctransformers is unmaintained (no release since 2023) and runs none of the current "
-                     "architectures; use infer_backend: llama-cpp with a GGUF export",
+    "architectures; use infer_backend: llama-cpp with a GGUF export",
     "mlc": "the mlc backend needs mlc_llm (not on PyPI: its wheels live on MLC's own index) and is not integrated; "
-           "use infer_backend: hf or llama-cpp",
+    "use infer_backend: hf or llama-cpp",
 }
 
 
 def infer_problems(params: dict, executor: dict, spec_dir) -> list[str]:
     backend = params["infer_backend"]
     if backend == "llama-cpp":
-        return [] if _installed("llama_cpp") else ["infer_backend llama-cpp: llama-cpp-python is not installed "
-                                                   "(pip install llama-cpp-python)"]
+        return (
+            []
+            if _installed("llama_cpp")
+            else ["infer_backend llama-cpp: llama-cpp-python is not installed (pip install llama-cpp-python)"]
+        )
     return [f"infer_backend {backend}: {INFER_BACKENDS[backend]}"] if backend in INFER_BACKENDS else []
 
 
@@ -90,14 +103,20 @@ def export_problems(params: dict, executor: dict, spec_dir) -> list[str]:
     """The packages an export format (and its verify runtime) needs."""
     fmt = params.get("format")
     absent = [pip for module, pip in FORMAT_PACKAGES.get(fmt, ()) if not _installed(module)]
-    return [f"export format {fmt}: {', '.join(absent)} not installed (pip install {' '.join(absent)})"] if absent else []
+    return (
+        [f"export format {fmt}: {', '.join(absent)} not installed (pip install {' '.join(absent)})"] if absent else []
+    )
 
 
 def quantize_problems(params: dict, executor: dict, spec_dir) -> list[str]:
     """The package a quantize method needs."""
     method = params.get("method")
     absent = [pip for module, pip in METHOD_PACKAGES.get(method, ()) if not _installed(module)]
-    return [f"quantize method {method}: {', '.join(absent)} not installed (pip install {' '.join(absent)})"] if absent else []
+    return (
+        [f"quantize method {method}: {', '.join(absent)} not installed (pip install {' '.join(absent)})"]
+        if absent
+        else []
+    )
 
 
 def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
@@ -152,7 +171,9 @@ def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
         return problems
     device = probe_devices(executor.get("python") or sys.executable)
     if "error" in device:
-        return problems + [f"cannot probe the devices with {executor.get('python') or sys.executable}: {device['error']}"]
+        return problems + [
+            f"cannot probe the devices with {executor.get('python') or sys.executable}: {device['error']}"
+        ]
     cuda = device["cuda"] and not params.get("no_cuda")
     where = "no_cuda is set" if device["cuda"] and params.get("no_cuda") else "no CUDA GPU in this environment"
     for flag in needs_gpu:
@@ -161,7 +182,9 @@ def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
     if params.get("bf16") and cuda and not device["bf16"]:
         problems.append(f"bf16 requested but the GPU ({device['name']}) has no bfloat16 support; use fp16")
     if params.get("tf32") and not (cuda and (device["capability"] or [0])[0] >= 8):
-        problems.append(f"tf32 requested but TensorFloat-32 needs an NVIDIA Ampere-or-newer GPU ({where if not cuda else device['name']}); remove tf32")
+        problems.append(
+            f"tf32 requested but TensorFloat-32 needs an NVIDIA Ampere-or-newer GPU ({where if not cuda else device['name']}); remove tf32"
+        )
     if str(params["device_map"]).startswith("cuda") and not cuda:
         problems.append(f"device_map {params['device_map']}: {where}")
     if gpus_wanted and cuda and device["count"] < int(executor["nproc_per_node"]):
@@ -173,7 +196,7 @@ def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
 HUB_PROBE_S = 3.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hub_problems(model: str, revision: str | None, cache_dir: str | None) -> list[str]:
     """A hub model that is neither in the local cache nor reachable fails here, at once, instead of
     after a minute of retries inside a step. Light: huggingface_hub's cache lookup, one TCP connect."""
@@ -184,30 +207,40 @@ def hub_problems(model: str, revision: str | None, cache_dir: str | None) -> lis
     cached = try_to_load_from_cache(model, "config.json", cache_dir=cache_dir, revision=revision or None)
     if isinstance(cached, str):
         return []
-    fix = (f"download it (huggingface-cli download {model}) on a machine with access, or point "
-           "model_name_or_path at a local directory")
+    fix = (
+        f"download it (huggingface-cli download {model}) on a machine with access, or point "
+        "model_name_or_path at a local directory"
+    )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return [f"model_name_or_path {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}"]
-    from urllib.parse import urlsplit
     import socket
+    from urllib.parse import urlsplit
 
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
     except OSError as exc:
-        return [f"model_name_or_path {model}: not in the local Hugging Face cache, and the hub "
-                f"({endpoint.hostname}) is unreachable from here ({exc.strerror or exc}); {fix}"]
+        return [
+            f"model_name_or_path {model}: not in the local Hugging Face cache, and the hub "
+            f"({endpoint.hostname}) is unreachable from here ({exc.strerror or exc}); {fix}"
+        ]
     return []
 
 
-CHECKS = {"train_problems": train_problems, "infer_problems": infer_problems,
-          "export_problems": export_problems, "quantize_problems": quantize_problems}
+CHECKS = {
+    "train_problems": train_problems,
+    "infer_problems": infer_problems,
+    "export_problems": export_problems,
+    "quantize_problems": quantize_problems,
+}
 
 
 def _overridden(kind: str) -> bool:
     """Whether $TUNEPIPE_STAGE_MODULES (runtime/worker.py; tests) names a stand-in module for `kind`."""
-    overrides = dict(item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item)
+    overrides = dict(
+        item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item
+    )
     return bool(overrides.get(kind) or overrides.get("*"))
 
 
@@ -228,7 +261,7 @@ PROBE = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe_devices(python: str) -> dict:
     """CUDA availability, count, bf16 and compute capability, as the step's interpreter sees them."""
     try:

@@ -95,7 +95,9 @@ class JobState:
 
     @property
     def finished(self) -> bool:
-        return self.state in FINAL_STATES or self.state == LOST or (self.state in REQUEUED_BY_SLURM and not self.in_queue)
+        return (
+            self.state in FINAL_STATES or self.state == LOST or (self.state in REQUEUED_BY_SLURM and not self.in_queue)
+        )
 
 
 class SlurmJob(str):
@@ -207,8 +209,11 @@ def sbatch_script(step_id: str, kind: str, key: str, options: dict, step_json: P
     lines += [f"#SBATCH {d}" for d in directives(step_id, key, options, log_path, distributed)]
     lines += [f"# tunepipe step {step_id} (key {key}), written by tunepipe's slurm executor"]
     exit_file = shlex.quote(str(exit_path(log_path)))
-    lines += [f"exit_file={exit_file}", 'rm -f "$exit_file"',
-              'echo "tunepipe: job $SLURM_JOB_ID on $(hostname), run $((${SLURM_RESTART_COUNT:-0} + 1))"']
+    lines += [
+        f"exit_file={exit_file}",
+        'rm -f "$exit_file"',
+        'echo "tunepipe: job $SLURM_JOB_ID on $(hostname), run $((${SLURM_RESTART_COUNT:-0} + 1))"',
+    ]
     lines += _as_list(options.get("setup"))
     lines += ["export PYTHONUNBUFFERED=1"]
     if distributed:
@@ -241,8 +246,7 @@ _WAIT_LINES = [
 
 
 def _trap_lines(options: dict, distributed: bool) -> list[str]:
-    lines = ["step_pid=", "warned=0",
-             "trap 'echo \"tunepipe: got SIGTERM; waiting for the step to stop\"' TERM"]
+    lines = ["step_pid=", "warned=0", "trap 'echo \"tunepipe: got SIGTERM; waiting for the step to stop\"' TERM"]
     if not options.get("signal"):
         return lines
     # srun takes SIGTERM as "kill the step"; `scancel --signal` reaches the step's own processes
@@ -262,9 +266,11 @@ def _trap_lines(options: dict, distributed: bool) -> list[str]:
 
 def directives(step_id: str, key: str, options: dict, log_path: Path, distributed: bool) -> list[str]:
     """The #SBATCH options, each literal (validated: nothing for SLURM to expand)."""
-    out = [f"--job-name=tunepipe-{step_id}-{key[:8]}",
-           f"--output={_literal('the log path', str(log_path)).replace('%', '%%')}",  # sbatch expands %j etc. in --output
-           "--open-mode=append"]  # a requeued job appends to its log
+    out = [
+        f"--job-name=tunepipe-{step_id}-{key[:8]}",
+        f"--output={_literal('the log path', str(log_path)).replace('%', '%%')}",  # sbatch expands %j etc. in --output
+        "--open-mode=append",
+    ]  # a requeued job appends to its log
     if distributed:
         out += [f"--nodes={_count(options, 'nnodes')}", "--ntasks-per-node=1"]
     else:
@@ -315,8 +321,13 @@ def sbatch_argv(script: Path, dependencies: list[str] | None = None) -> list[str
 
 
 def squeue_argv(job_ids: Iterable[str]) -> list[str]:
-    return ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
-            "--Format=JobID:|,State:|,exit_code:|,Reason:|"]
+    return [
+        "squeue",
+        "--noheader",
+        "--states=all",
+        f"--jobs={','.join(job_ids)}",
+        "--Format=JobID:|,State:|,exit_code:|,Reason:|",
+    ]
 
 
 def parse_squeue(text: str) -> dict[str, tuple[str, str, int | None]]:
@@ -327,7 +338,11 @@ def parse_squeue(text: str) -> dict[str, tuple[str, str, int | None]]:
             continue
         job_id, state, raw_exit, reason = line.split("|", 3)
         raw = raw_exit.strip()
-        rows[job_id.strip()] = (state.strip(), reason.rstrip("|").strip(), wait_status(int(raw)) if raw.isdigit() else None)
+        rows[job_id.strip()] = (
+            state.strip(),
+            reason.rstrip("|").strip(),
+            wait_status(int(raw)) if raw.isdigit() else None,
+        )
     return rows
 
 
@@ -395,9 +410,15 @@ def signal_name(value: str) -> str:
     match = re.fullmatch(r"(?:B:)?(?:SIG)?([A-Z0-9]+)(@\d+)?", str(value).strip().upper())
     name = match.group(1) if match else ""
     if name.isdigit():
-        name = signals.Signals(int(name)).name.removeprefix("SIG") if int(name) in signals.Signals._value2member_map_ else ""
+        name = (
+            signals.Signals(int(name)).name.removeprefix("SIG")
+            if int(name) in signals.Signals._value2member_map_
+            else ""
+        )
     if not name or f"SIG{name}" not in signals.Signals.__members__ or name in ("KILL", "STOP"):
-        raise UserError(f"executor.signal: {value!r} is not SIGNAL[@SECONDS] (e.g. USR1@120: SIGUSR1 120 s before the time limit)")
+        raise UserError(
+            f"executor.signal: {value!r} is not SIGNAL[@SECONDS] (e.g. USR1@120: SIGUSR1 120 s before the time limit)"
+        )
     return name
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class SlotRenderer:
     slots: dict[str, Any]  # every key of template_registry.SLOTS, bos/eos already substituted
 
     @classmethod
-    def build(cls, entry: dict[str, Any], bos: str, eos: str, default_system: str | None) -> "SlotRenderer":
+    def build(cls, entry: dict[str, Any], bos: str, eos: str, default_system: str | None) -> SlotRenderer:
         slots = {k: entry.get(k, v) for k, v in template_registry.SLOTS.items()}
         for key, value in slots.items():
             if isinstance(value, str):
@@ -100,7 +101,7 @@ class SlotRenderer:
             (answer, after_answer), (text, trained) = out[i - 1], out[i]
             word = next((w for w in words if text.startswith(w)), None) if after_answer and not trained else None
             if word is not None:
-                out[i - 1], out[i] = (answer + word, True), (text[len(word):], False)
+                out[i - 1], out[i] = (answer + word, True), (text[len(word) :], False)
         return out
 
     def prompt(self, messages: list[dict], tools: str | None = None) -> str:
@@ -118,25 +119,49 @@ class SlotRenderer:
         asst_before, _, asst_after = s["assistant"].partition("{{content}}")
         content = "message['content'] | trim" if s["strip_content"] else "message['content']"
         system = "messages[0]['content'] | trim" if s["strip_content"] else "messages[0]['content']"
-        standalone = "" if s["system_in_user"] else (
-            "{%- if ns.system %}{{ " + q(sys_before) + " + ns.system + " + q(sys_after) + " }}{% endif %}")
-        fold = ("{%- if loop.first and ns.system %}{% set content = " + q(sys_before) + " + ns.system + "
-                + q(sys_after) + " + content %}{% endif %}") if s["system_in_user"] else ""
+        standalone = (
+            ""
+            if s["system_in_user"]
+            else ("{%- if ns.system %}{{ " + q(sys_before) + " + ns.system + " + q(sys_after) + " }}{% endif %}")
+        )
+        fold = (
+            (
+                "{%- if loop.first and ns.system %}{% set content = "
+                + q(sys_before)
+                + " + ns.system + "
+                + q(sys_after)
+                + " + content %}{% endif %}"
+            )
+            if s["system_in_user"]
+            else ""
+        )
         return (
             "{%- set ns = namespace(system=" + q(s["default_system"]) + ") %}"
             "{%- if messages and messages[0]['role'] == 'system' %}"
             "{%- set ns.system = " + system + " %}{%- set loop_messages = messages[1:] %}"
             "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
-            "{{- " + q(s["prefix"]) + " }}" + standalone +
-            "{%- for message in loop_messages %}{%- set content = " + content + " %}"
-            "{%- if message['role'] == 'user' %}" + fold +
-            "{{- " + q(user_before) + " + content + " + q(user_after) + " }}"
+            "{{- "
+            + q(s["prefix"])
+            + " }}"
+            + standalone
+            + "{%- for message in loop_messages %}{%- set content = "
+            + content
+            + " %}"
+            "{%- if message['role'] == 'user' %}"
+            + fold
+            + "{{- "
+            + q(user_before)
+            + " + content + "
+            + q(user_after)
+            + " }}"
             "{%- elif message['role'] == 'assistant' %}{{- " + q(s["assistant_header"]) + " }}"
             "{%- if loop.last %}{{- " + q(s["last_assistant_prefix"]) + " }}{% endif %}"
             "{{- " + q(asst_before) + " + content + " + q(asst_after) + " }}"
             "{%- if loop.last %}{{- " + q(s["suffix"]) + " }}{% endif %}"
             "{%- endif %}{%- endfor %}"
-            "{%- if add_generation_prompt %}{{- " + q(s["assistant_header"] + s["last_assistant_prefix"]) + " }}{% endif %}"
+            "{%- if add_generation_prompt %}{{- "
+            + q(s["assistant_header"] + s["last_assistant_prefix"])
+            + " }}{% endif %}"
         )
 
 
@@ -149,8 +174,9 @@ def render_tools(slot: str, tools: str | None) -> str:
     except ValueError:
         return slot.replace("{{tools}}", "\n" + tools)
     items = parsed if isinstance(parsed, list) else [parsed]
-    wrapped = [t if isinstance(t, dict) and t.get("type") == "function" else {"type": "function", "function": t}
-               for t in items]
+    wrapped = [
+        t if isinstance(t, dict) and t.get("type") == "function" else {"type": "function", "function": t} for t in items
+    ]
     return slot.replace("{{tools}}", "".join("\n" + json.dumps(t, ensure_ascii=False) for t in wrapped))
 
 
@@ -209,9 +235,16 @@ def hf_messages(messages: list[dict]) -> list[dict]:
     for m in messages:
         if m["role"] == "function":
             calls = [json.loads(c) for c in tool_calls(m["content"]) if c.startswith("{")]
-            out.append({"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
-                for c in calls]})
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+                        for c in calls
+                    ],
+                }
+            )
         else:
             out.append(dict(m))
     return out
@@ -234,9 +267,11 @@ class JinjaRenderer:
                 continue
             head = self._render(messages[:i], tools, True)
             if not full.startswith(head) or len(head) < cursor:
-                raise UserError(f"{self.where}: cannot locate answer {i} — rendering the conversation up to it "
-                                "is not a prefix of the whole conversation",
-                                ["use a registry template (tunepipe templates) or a YAML template_file"])
+                raise UserError(
+                    f"{self.where}: cannot locate answer {i} — rendering the conversation up to it "
+                    "is not a prefix of the whole conversation",
+                    ["use a registry template (tunepipe templates) or a YAML template_file"],
+                )
             start, end = len(head), self._answer_end(full, messages, i, tools, len(head))
             out += [(full[cursor:start], False), (full[start:end], True)]
             cursor = end
@@ -255,8 +290,8 @@ class JinjaRenderer:
         k = full.find(content, start) if content else -1
         if k < 0 or k + len(content) <= start + common:
             return start + common
-        closing = upto[upto.rfind(content) + len(content):]
-        return k + len(content) + _common_prefix(full[k + len(content):], closing)
+        closing = upto[upto.rfind(content) + len(content) :]
+        return k + len(content) + _common_prefix(full[k + len(content) :], closing)
 
     def prompt(self, messages: list[dict], tools: str | None = None) -> str:
         return self._render(messages, tools, True)
@@ -282,8 +317,10 @@ def _common_prefix(a: str, b: str) -> int:
 
 def tokenizer_jinja(tokenizer) -> JinjaRenderer:
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
-        raise UserError(f"template: auto needs a tokenizer with a chat_template; {tokenizer.name_or_path} has none",
-                        ["set template: to one of `tunepipe templates`, or give a template_file"])
+        raise UserError(
+            f"template: auto needs a tokenizer with a chat_template; {tokenizer.name_or_path} has none",
+            ["set template: to one of `tunepipe templates`, or give a template_file"],
+        )
 
     where = f"chat_template of {tokenizer.name_or_path}"
 
@@ -292,8 +329,10 @@ def tokenizer_jinja(tokenizer) -> JinjaRenderer:
         try:
             return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # noqa: BLE001 - the template's code failed on this conversation
-            raise UserError(f"{where}: template error: {type(e).__name__}: {e}",
-                            ["set template: to one of `tunepipe templates`, or give a template_file"]) from None
+            raise UserError(
+                f"{where}: template error: {type(e).__name__}: {e}",
+                ["set template: to one of `tunepipe templates`, or give a template_file"],
+            ) from None
 
     return JinjaRenderer(render, where)
 
@@ -303,9 +342,16 @@ def file_jinja(source: str, where: str, tokenizer) -> JinjaRenderer:
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
 
     def render(messages, tools, gen):
-        return run_jinja(template, where, messages=messages, tools=tools, add_generation_prompt=gen,
-                         bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
-                         **{k: v for k, v in specials.items() if k not in ("bos_token", "eos_token")})
+        return run_jinja(
+            template,
+            where,
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=gen,
+            bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "",
+            **{k: v for k, v in specials.items() if k not in ("bos_token", "eos_token")},
+        )
 
     return JinjaRenderer(render, where)
 
@@ -338,9 +384,13 @@ def resolve(params: dict[str, Any], tokenizer, template_file: Path | None) -> tu
     else:
         entry = template_registry.get(name)
         if entry is None:
-            raise UserError(f"unknown template {name!r}",
-                            ["known templates: " + ", ".join(template_registry.template_names()),
-                             "or give a template_file (Jinja chat template or YAML slots)"])
+            raise UserError(
+                f"unknown template {name!r}",
+                [
+                    "known templates: " + ", ".join(template_registry.template_names()),
+                    "or give a template_file (Jinja chat template or YAML slots)",
+                ],
+            )
         renderer = SlotRenderer.build(entry, bos, eos, default_system)
         info.update(name=name, source="registry", slots=renderer.slots)
     if isinstance(renderer, SlotRenderer):
@@ -358,7 +408,9 @@ def renderer_from_json(info: dict[str, Any], tokenizer):
     return file_jinja(info["chat_template"], info.get("name", "template_file"), tokenizer)
 
 
-def encode_prompt(tokenizer, template_json: dict[str, Any], messages: list[dict], tools: str | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer, template_json: dict[str, Any], messages: list[dict], tools: str | None = None
+) -> list[int]:
     """Token ids of the generation prompt for `messages` (ending with a user turn), as trained."""
     text = renderer_from_json(template_json, tokenizer).prompt(messages, tools)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -368,7 +420,7 @@ def encode_prompt(tokenizer, template_json: dict[str, Any], messages: list[dict]
 @dataclass
 class Encoded:
     input_ids: np.ndarray  # int32
-    labels: np.ndarray     # int32, IGNORE where masked
+    labels: np.ndarray  # int32, IGNORE where masked
     truncated: bool
 
 
@@ -431,13 +483,15 @@ def _segment_counts(encoding, segments: Segments) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, batch_size: int = 1024) -> list[Encoded]:
+def encode(
+    tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, batch_size: int = 1024
+) -> list[Encoded]:
     """Conversations → ids and labels; one tokenizer call per batch of whole conversations, and the
     labels of a batch computed in one pass over its tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     out = []
     for b in range(0, len(records), batch_size):
-        batch = records[b: b + batch_size]
+        batch = records[b : b + batch_size]
         segments = [renderer.segments(r["messages"], r.get("tools")) for r in batch]
         if backend is None:
             out += [_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]
@@ -451,9 +505,9 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
         start, seg = 0, 0
         for segs, n in zip(segments, lengths):
             if n > cutoff_len:
-                out.append(_assemble(ids[start: start + n], np.array(counts[seg: seg + len(segs)]), segs, cutoff_len))
+                out.append(_assemble(ids[start : start + n], np.array(counts[seg : seg + len(segs)]), segs, cutoff_len))
             else:
-                out.append(Encoded(ids[start: start + n], labels[start: start + n], False))
+                out.append(Encoded(ids[start : start + n], labels[start : start + n], False))
             start, seg = start + n, seg + len(segs)
     return out
 
@@ -469,6 +523,6 @@ def encode_texts(tokenizer, texts: list[str], batch_size: int = 1024) -> list[np
     """Plain texts (stage pt) → ids, batched."""
     out = []
     for b in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[b: b + batch_size], add_special_tokens=False)["input_ids"]
+        enc = tokenizer(texts[b : b + batch_size], add_special_tokens=False)["input_ids"]
         out += [np.array(e, dtype=np.int32) for e in enc]
     return out

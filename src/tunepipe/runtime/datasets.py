@@ -28,28 +28,52 @@ FORMATS = ("alpaca", "sharegpt", "openai")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # LLaMA-Factory's defaults; `openai` formatting changes the tag defaults to OpenAI's message schema.
 DEFAULT_COLUMNS = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": None,
-               "system": None, "tools": None},
+    "alpaca": {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "history": None,
+        "system": None,
+        "tools": None,
+    },
     "sharegpt": {"messages": "conversations", "system": None, "tools": None},
     "openai": {"messages": "messages", "system": None, "tools": None},
 }
 DEFAULT_TAGS = {
-    "sharegpt": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"},
-    "openai": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-               "observation_tag": "tool", "function_tag": "function", "system_tag": "system"},
+    "sharegpt": {
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+        "observation_tag": "observation",
+        "function_tag": "function_call",
+        "system_tag": "system",
+    },
+    "openai": {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "observation_tag": "tool",
+        "function_tag": "function",
+        "system_tag": "system",
+    },
 }
 # The seed's column flags and the registry column each one overrides.
-COLUMN_FLAGS = {"prompt_column": "prompt", "query_column": "query", "response_column": "response",
-                "history_column": "history"}
+COLUMN_FLAGS = {
+    "prompt_column": "prompt",
+    "query_column": "query",
+    "response_column": "response",
+    "history_column": "history",
+}
 
 
 @dataclass
 class DatasetAttr:
     name: str
     formatting: str = "alpaca"
-    path: Path | None = None          # local file or directory
-    hub: str | None = None            # hf_hub_url
+    path: Path | None = None  # local file or directory
+    hub: str | None = None  # hf_hub_url
     subset: str | None = None
     split: str = "train"
     num_samples: int | None = None
@@ -75,8 +99,10 @@ def inside(dataset_dir: Path, file_name: str, what: str) -> Path:
     root = dataset_dir.resolve()
     path = (root / file_name).resolve()
     if path != root and root not in path.parents:
-        raise UserError(f"{what}: {file_name!r} resolves to {path}, outside dataset_dir {root}",
-                        ["dataset files must live inside dataset_dir; move the file there or change dataset_dir"])
+        raise UserError(
+            f"{what}: {file_name!r} resolves to {path}, outside dataset_dir {root}",
+            ["dataset files must live inside dataset_dir; move the file there or change dataset_dir"],
+        )
     return path
 
 
@@ -88,8 +114,11 @@ def resolve(name: str, dataset_dir: Path, info: dict[str, Any], params: dict[str
             known = ", ".join(sorted(info)) or "none"
             raise UserError(
                 f"unknown dataset {name!r}: not in {dataset_dir / 'dataset_info.json'} and no such file in {dataset_dir}",
-                [f"datasets in dataset_info.json: {known}",
-                 "add an entry to dataset_info.json, or name a json/jsonl/csv/parquet file inside dataset_dir"])
+                [
+                    f"datasets in dataset_info.json: {known}",
+                    "add an entry to dataset_info.json, or name a json/jsonl/csv/parquet file inside dataset_dir",
+                ],
+            )
         attr = DatasetAttr(name=name, path=path, formatting=_sniff_format(path))
     else:
         attr = _from_entry(name, entry, dataset_dir)
@@ -112,9 +141,15 @@ def _from_entry(name: str, entry: Any, dataset_dir: Path) -> DatasetAttr:
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
         raise UserError(f"{where}: formatting {formatting!r} is not one of {', '.join(FORMATS)}")
-    attr = DatasetAttr(name=name, formatting=formatting, split=entry.get("split") or "train",
-                       subset=entry.get("subset"), num_samples=entry.get("num_samples"),
-                       columns=dict(entry.get("columns") or {}), tags=dict(entry.get("tags") or {}))
+    attr = DatasetAttr(
+        name=name,
+        formatting=formatting,
+        split=entry.get("split") or "train",
+        subset=entry.get("subset"),
+        num_samples=entry.get("num_samples"),
+        columns=dict(entry.get("columns") or {}),
+        tags=dict(entry.get("tags") or {}),
+    )
     if entry.get("file_name"):
         attr.path = inside(dataset_dir, entry["file_name"], where)
         if not attr.path.exists():
@@ -123,8 +158,9 @@ def _from_entry(name: str, entry: Any, dataset_dir: Path) -> DatasetAttr:
         attr.hub = entry["hf_hub_url"]
     else:
         other = [k for k in entry if k.endswith("_url")]
-        raise UserError(f"{where}: needs file_name or hf_hub_url"
-                        + (f" ({', '.join(other)} is not supported)" if other else ""))
+        raise UserError(
+            f"{where}: needs file_name or hf_hub_url" + (f" ({', '.join(other)} is not supported)" if other else "")
+        )
     return attr
 
 
@@ -266,8 +302,10 @@ def _column(row: dict[str, Any], attr: DatasetAttr, key: str, required: bool = F
     if column not in row:
         if required:
             flag = f" or set data.{key}_column" if f"{key}_column" in COLUMN_FLAGS else ""
-            raise UserError(f"dataset {attr.name!r}: column {column!r} ({key}) is missing; it has {', '.join(sorted(row))}",
-                            [f"map the right column in dataset_info.json (\"columns\": {{\"{key}\": ...}}){flag}"])
+            raise UserError(
+                f"dataset {attr.name!r}: column {column!r} ({key}) is missing; it has {', '.join(sorted(row))}",
+                [f'map the right column in dataset_info.json ("columns": {{"{key}": ...}}){flag}'],
+            )
         return None
     return row[column]
 
@@ -295,8 +333,10 @@ def _from_alpaca(row: dict[str, Any], attr: DatasetAttr, stage: str) -> dict[str
     query = _text(_column(row, attr, "query"))
     response = _column(row, attr, "response", required=stage != "pt")
     if isinstance(response, list):
-        raise UserError(f"dataset {attr.name!r}: response column holds a list (preference data?); "
-                        "tunepipe's sft data needs one response per example")
+        raise UserError(
+            f"dataset {attr.name!r}: response column holds a list (preference data?); "
+            "tunepipe's sft data needs one response per example"
+        )
     messages = []
     system = _text(_column(row, attr, "system"))
     if system:
@@ -318,8 +358,13 @@ def _from_sharegpt(row: dict[str, Any], attr: DatasetAttr) -> dict[str, Any] | N
     turns = _column(row, attr, "messages", required=True)
     if not isinstance(turns, list):
         return None
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
-             tags["function_tag"]: "function", tags["system_tag"]: "system"}
+    roles = {
+        tags["user_tag"]: "user",
+        tags["assistant_tag"]: "assistant",
+        tags["observation_tag"]: "tool",
+        tags["function_tag"]: "function",
+        tags["system_tag"]: "system",
+    }
     messages = []
     system = _text(_column(row, attr, "system"))
     if system:

@@ -51,7 +51,12 @@ class HFChat:
         import torch
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer, self.template, self.use_cache = model.to(self.device).eval(), tokenizer, template, use_cache
+        self.model, self.tokenizer, self.template, self.use_cache = (
+            model.to(self.device).eval(),
+            tokenizer,
+            template,
+            use_cache,
+        )
         self.stop_ids = stop_token_ids(tokenizer, template)
         self.stop_strings = [w for w in (template or {}).get("stop_words", []) if len(tokenizer.tokenize(w)) > 1]
 
@@ -71,7 +76,7 @@ class HFChat:
                 use_cache=self.use_cache,
                 **({"stop_strings": self.stop_strings, "tokenizer": tokenizer} if self.stop_strings else {}),
             )
-        new_ids = output[0, len(prompt_ids):].tolist()
+        new_ids = output[0, len(prompt_ids) :].tolist()
         stopped = bool(new_ids) and new_ids[-1] in self.stop_ids
         text = tokenizer.decode(new_ids[:-1] if stopped else new_ids, skip_special_tokens=True)
         for word in self.stop_strings:  # a multi-token stop word ends the text but is not part of the answer
@@ -94,6 +99,7 @@ class LlamaCppChat:
     def answer(self, messages: list[dict[str, str]], max_new_tokens: int) -> Answer:
         # The GGUF's embedded chat template renders the conversation (llama-cpp-python's Jinja formatter).
         result: dict[str, Any] = self.llm.create_chat_completion(
-            messages=messages, max_tokens=max_new_tokens, temperature=0.0, top_k=1, stop=self.stop or None, seed=0)
+            messages=messages, max_tokens=max_new_tokens, temperature=0.0, top_k=1, stop=self.stop or None, seed=0
+        )
         choice = result["choices"][0]
         return Answer(choice["message"]["content"] or "", stopped=choice.get("finish_reason") == "stop")

@@ -147,7 +147,11 @@ def resolve_chain(
         flags = {**info.get("model_flags", {}), **flags}
         spec = info["base"]
         # An `own` base was saved after the listed adapters were merged into it: they are in base/.
-        merged = [] if spec["kind"] == "own" else [_listed_adapter(v, spec_dir, key) for v in spec.get("merged_adapters", [])]
+        merged = (
+            []
+            if spec["kind"] == "own"
+            else [_listed_adapter(v, spec_dir, key) for v in spec.get("merged_adapters", [])]
+        )
         own = Adapter(artifact / "adapter", {"artifact": key, "path": "adapter"})
         links.insert(0, Link(key, artifact / "tokenizer", (*merged, own)))
         if spec["kind"] == "artifact":
@@ -223,7 +227,9 @@ def merge_streaming(chain: Chain, out: Path, *, shard_size: int, log=None) -> di
     for link in chain.links:
         size = len(AutoTokenizer.from_pretrained(link.tokenizer))
         if size > rows:
-            raise StreamingUnsupported(f"the vocabulary grows ({link.key}'s tokenizer has {size} tokens, the embeddings {rows} rows)")
+            raise StreamingUnsupported(
+                f"the vocabulary grows ({link.key}'s tokenizer has {size} tokens, the embeddings {rows} rows)"
+            )
     dtype = modeling.load_dtype(chain.flags)
     dtype = None if dtype == "auto" else dtype
     if chain.flags.get("use_cache") is not None:
@@ -270,7 +276,11 @@ def merge_lora(
 
     shards = _layout(sorted(tensors), lambda n: _nbytes(tensors[n][2], dtypes[n]), shard_size)
     out.mkdir(parents=True, exist_ok=True)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for file_name, shard in zip(names, shards):
         write_safetensors(out / file_name, [(n, dtypes[n], tensors[n][2]) for n in shard], compute)
         if log is not None:
@@ -357,7 +367,9 @@ def _check_fp32_modules(config, tensors: dict, dtypes: dict) -> None:
     try:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
-        raise StreamingUnsupported(f"{config.model_type} is not a transformers causal LM; its dtype rules are unknown") from None
+        raise StreamingUnsupported(
+            f"{config.model_type} is not a transformers causal LM; its dtype rules are unknown"
+        ) from None
     if getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None):
         raise StreamingUnsupported(f"{cls.__name__} keeps some modules in float32 when cast to 16 bits")
 
@@ -472,7 +484,9 @@ def write_safetensors(
         for name, dtype, shape in entries:
             tensor = compute(name)
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise AssertionError(f"{name}: computed {tensor.dtype} {list(tensor.shape)}, header says {dtype} {list(shape)}")
+                raise AssertionError(
+                    f"{name}: computed {tensor.dtype} {list(tensor.shape)}, header says {dtype} {list(shape)}"
+                )
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 

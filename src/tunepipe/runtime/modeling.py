@@ -36,7 +36,9 @@ def model_flags(params: dict | None) -> dict:
     they change. The defaults are the catalog's; nothing here repeats them."""
     from tunepipe.spec.catalog import load_catalog
 
-    defaults = {f.name: f.default for f in load_catalog().flags.values() if f.section == "model" and "train" in f.used_by}
+    defaults = {
+        f.name: f.default for f in load_catalog().flags.values() if f.section == "model" and "train" in f.used_by
+    }
     return {**defaults, **(params or {})}
 
 
@@ -311,7 +313,9 @@ def load_trained(
     """
     artifact = Path(artifact)
     info = json.loads((artifact / "train.json").read_text()) if (artifact / "train.json").is_file() else {}
-    tokenizer_dir = artifact / "tokenizer" if (artifact / "tokenizer").is_dir() else artifact / "model"  # merge: one HF dir
+    tokenizer_dir = (
+        artifact / "tokenizer" if (artifact / "tokenizer").is_dir() else artifact / "model"
+    )  # merge: one HF dir
     tokenizer = load_tokenizer(tokenizer_dir, params or {})
     if (artifact / "model").is_dir():
         model = load_model(str(artifact / "model"), params or {}, tokenizer, **model_kwargs)
@@ -322,10 +326,13 @@ def load_trained(
     flags = {**info.get("model_flags", {}), **(params or {})}
     if base["kind"] == "artifact":
         if base["key"] not in (artifacts or {}):
-            raise UserError(f"{artifact.name[:12]} is built on artifact {base['key'][:12]}, which this step did not "
-                            "declare as an input (a compiler bug: the train chain must be declared)")
-        model, _ = load_trained(artifacts[base["key"]], flags, model_dir=model_dir, spec_dir=spec_dir,
-                                artifacts=artifacts, **model_kwargs)
+            raise UserError(
+                f"{artifact.name[:12]} is built on artifact {base['key'][:12]}, which this step did not "
+                "declare as an input (a compiler bug: the train chain must be declared)"
+            )
+        model, _ = load_trained(
+            artifacts[base["key"]], flags, model_dir=model_dir, spec_dir=spec_dir, artifacts=artifacts, **model_kwargs
+        )
         apply_model_flags(model, flags, tokenizer)
     else:
         if base["kind"] == "own":
@@ -355,4 +362,3 @@ def merge_adapter(model, path: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, path).merge_and_unload()
-

@@ -137,9 +137,13 @@ def plot_lora_matrix(peft_model, png: Path, summary: Path) -> dict:
             if not np.isnan(value):
                 ratio = 10**value
                 label = "dead" if ratio < DEAD else f"{ratio:.1e}" + (" !" if ratio > EXPLODING else "")
-                top.text(j, i, label, ha="center", va="center", fontsize=8, color="w" if value < (low + high) / 2 else "k")
+                top.text(
+                    j, i, label, ha="center", va="center", fontsize=8, color="w" if value < (low + high) / 2 else "k"
+                )
     fig.colorbar(image, ax=top, label="log10 ‖ΔW‖/‖W‖")
-    top.set_title(f"LoRA update size ‖scale·B·A‖/‖W‖ — {len(dead)} dead (<{DEAD:g}), {len(exploding)} exploding (>{EXPLODING:g})")
+    top.set_title(
+        f"LoRA update size ‖scale·B·A‖/‖W‖ — {len(dead)} dead (<{DEAD:g}), {len(exploding)} exploding (>{EXPLODING:g})"
+    )
 
     for k, kind in enumerate(kinds):
         best = max((r for r in rows if r["kind"] == kind), key=lambda r: r["ratio"])

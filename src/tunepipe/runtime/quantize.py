@@ -42,11 +42,17 @@ from tunepipe.errors import UserError
 REQUIRES = {"bnb": ("bitsandbytes", "bitsandbytes"), "hqq": ("hqq", "hqq"), "gptq": ("gptqmodel", "gptqmodel")}
 BITS = {"bnb": (4, 8), "hqq": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "mlc": (4,)}
 UNAVAILABLE = {
-    "awq": ("quantize method awq cannot run on this stack (CPU, torch 2.13, transformers 5.x)",
-            ["AutoAWQ is archived and needs CUDA; llmcompressor's AWQModifier pins transformers<=5.17",
-             "use method: hqq (calibration-free, 2/3/4/8 bits) or bnb (4/8 bits)"]),
-    "cpm": ("quantize method cpm is not a quantization this pipeline can produce",
-            ["no maintained library quantizes 'cpm'; use bnb, hqq or mlc"]),
+    "awq": (
+        "quantize method awq cannot run on this stack (CPU, torch 2.13, transformers 5.x)",
+        [
+            "AutoAWQ is archived and needs CUDA; llmcompressor's AWQModifier pins transformers<=5.17",
+            "use method: hqq (calibration-free, 2/3/4/8 bits) or bnb (4/8 bits)",
+        ],
+    ),
+    "cpm": (
+        "quantize method cpm is not a quantization this pipeline can produce",
+        ["no maintained library quantizes 'cpm'; use bnb, hqq or mlc"],
+    ),
 }
 MLC_GROUP_SIZE = 32  # the group size of mlc-llm's `q4f16_1` / `q4f32_1`
 
@@ -59,11 +65,15 @@ def check(method: str, bits: int) -> None:
     if method not in BITS:
         raise UserError(f"unknown quantize method {method!r}", [f"one of {', '.join(sorted(BITS))}"])
     if bits not in BITS[method]:
-        raise UserError(f"quantize method {method} does not quantize to {bits} bits",
-                        [f"{method} bits: one of {', '.join(map(str, BITS[method]))}"])
+        raise UserError(
+            f"quantize method {method} does not quantize to {bits} bits",
+            [f"{method} bits: one of {', '.join(map(str, BITS[method]))}"],
+        )
     if method in REQUIRES and importlib.util.find_spec(REQUIRES[method][0]) is None:
-        raise UserError(f"quantize method {method}: the {REQUIRES[method][1]} package is not installed",
-                        [f"pip install {REQUIRES[method][1]}"])
+        raise UserError(
+            f"quantize method {method}: the {REQUIRES[method][1]} package is not installed",
+            [f"pip install {REQUIRES[method][1]}"],
+        )
 
 
 def versions(method: str) -> dict[str, str]:
@@ -79,8 +89,16 @@ def _dtype_of(model_dir: Path):
     return getattr(torch, name)
 
 
-def quantize(method: str, model_dir: Path, out: Path, *, bits: int, group_size: int, log: logging.Logger,
-             calibration: list[list[int]] | None = None) -> dict:
+def quantize(
+    method: str,
+    model_dir: Path,
+    out: Path,
+    *,
+    bits: int,
+    group_size: int,
+    log: logging.Logger,
+    calibration: list[list[int]] | None = None,
+) -> dict:
     """Quantize the HF model in `model_dir` into `out` (an HF directory, no tokenizer); returns what was done.
     `group_size` is HQQ's and GPTQ's (mlc-llm's is fixed at 32; bitsandbytes' nf4 blocks are its own 64);
     `calibration` (token id sequences) is GPTQ's and required by it."""
@@ -88,7 +106,12 @@ def quantize(method: str, model_dir: Path, out: Path, *, bits: int, group_size: 
     if method == "gptq" and not calibration:
         raise UserError("quantize method gptq needs calibration samples (token sequences of the pipeline's data)")
     out.mkdir(parents=True, exist_ok=True)
-    quantizers = {"bnb": _bnb, "hqq": _hqq, "mlc": _mlc, "gptq": lambda *a, **k: _gptq(*a, **k, calibration=calibration)}
+    quantizers = {
+        "bnb": _bnb,
+        "hqq": _hqq,
+        "mlc": _mlc,
+        "gptq": lambda *a, **k: _gptq(*a, **k, calibration=calibration),
+    }
     info = quantizers[method](model_dir, out, bits=bits, group_size=group_size)
     log.info("quantized %d modules with %s to %d bits", len(info["modules"]), method, bits)
     return {"method": method, "bits": bits, "versions": versions(method), **info}
@@ -107,13 +130,18 @@ def _bnb(model_dir: Path, out: Path, *, bits: int, group_size: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     dtype = _dtype_of(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_bnb_config(bits, dtype),
-                                                 device_map="cpu", dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=_bnb_config(bits, dtype), device_map="cpu", dtype=dtype
+    )
     kind = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     modules = sorted(name for name, module in model.named_modules() if isinstance(module, kind))
     model.save_pretrained(out)
-    return {"format": "transformers-bitsandbytes", "quant_type": "int8" if bits == 8 else "nf4",
-            "dtype": str(dtype).removeprefix("torch."), "modules": modules}
+    return {
+        "format": "transformers-bitsandbytes",
+        "quant_type": "int8" if bits == 8 else "nf4",
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": modules,
+    }
 
 
 def _hqq(model_dir: Path, out: Path, *, bits: int, group_size: int) -> dict:
@@ -126,8 +154,12 @@ def _hqq(model_dir: Path, out: Path, *, bits: int, group_size: int) -> dict:
     config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
     AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=dtype, device="cpu")
     modules = sorted(name for name, module in model.named_modules() if isinstance(module, HQQLinear))
-    model.config.quantization_config = {"quant_method": "hqq", "nbits": bits, "group_size": group_size,
-                                        "loader": "hqq.models.hf.base.AutoHQQHFModel.from_quantized"}
+    model.config.quantization_config = {
+        "quant_method": "hqq",
+        "nbits": bits,
+        "group_size": group_size,
+        "loader": "hqq.models.hf.base.AutoHQQHFModel.from_quantized",
+    }
     AutoHQQHFModel.save_quantized(model, str(out))
     return {"format": "hqq", "group_size": group_size, "dtype": str(dtype).removeprefix("torch."), "modules": modules}
 
@@ -152,12 +184,21 @@ def _mlc(model_dir: Path, out: Path, *, bits: int, group_size: int) -> dict:
             w_hat = dequantize_group(q_weight, q_scale, bits=bits, group_size=MLC_GROUP_SIZE, k=array.shape[-1])
             param.copy_(torch.from_numpy(np.ascontiguousarray(w_hat).astype("float32")).to(dtype))
             modules.append(name.removesuffix(".weight"))
-    model.config.quantization_config = {"quant_method": "mlc_fake_quant", "bits": bits,
-                                        "group_size": MLC_GROUP_SIZE, "scale_dtype": numpy_dtype}
+    model.config.quantization_config = {
+        "quant_method": "mlc_fake_quant",
+        "bits": bits,
+        "group_size": MLC_GROUP_SIZE,
+        "scale_dtype": numpy_dtype,
+    }
     model.save_pretrained(out)
-    return {"format": "mlc-fake-quant", "group_size": MLC_GROUP_SIZE, "scale_dtype": numpy_dtype,
-            "dtype": str(dtype).removeprefix("torch."), "modules": sorted(modules),
-            "note": "weights are mlc-llm's group-quantized values, dequantized: the model computes what MLC q4 computes"}
+    return {
+        "format": "mlc-fake-quant",
+        "group_size": MLC_GROUP_SIZE,
+        "scale_dtype": numpy_dtype,
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": sorted(modules),
+        "note": "weights are mlc-llm's group-quantized values, dequantized: the model computes what MLC q4 computes",
+    }
 
 
 def _import_gptqmodel():
@@ -182,8 +223,13 @@ def _gptq(model_dir: Path, out: Path, *, bits: int, group_size: int, calibration
     (out / "quant_log.csv").unlink(missing_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         (out / name).unlink(missing_ok=True)  # gptqmodel saves its tokenizer copy; the caller copies the merged one
-    return {"format": "gptq", "group_size": group_size, "calibration_samples": len(calibration),
-            "calibration_tokens": sum(map(len, calibration)), "modules": modules}
+    return {
+        "format": "gptq",
+        "group_size": group_size,
+        "calibration_samples": len(calibration),
+        "calibration_tokens": sum(map(len, calibration)),
+        "modules": modules,
+    }
 
 
 def load(method: str, model_dir: Path):
@@ -201,10 +247,15 @@ def load(method: str, model_dir: Path):
 
 CONVERSATIONS = (  # fixed probe conversations: the quantize step has no data input
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a concise assistant."},
-     {"role": "user", "content": "Write one sentence about rivers."}],
-    [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "1, 2, 3, 4, 5."},
-     {"role": "user", "content": "Now backwards."}],
+    [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Write one sentence about rivers."},
+    ],
+    [
+        {"role": "user", "content": "Count to five."},
+        {"role": "assistant", "content": "1, 2, 3, 4, 5."},
+        {"role": "user", "content": "Now backwards."},
+    ],
 )
 
 
@@ -238,5 +289,10 @@ def compare(reference, model, prompts: list[list[int]], *, greedy_steps: int) ->
             diff = float((want - got).abs().max())
             absolute = max(absolute, diff)
             rel = max(rel, diff / float(want.abs().max()))
-    return {"greedy_agreement": agree / positions, "max_rel_logit_error": rel, "max_abs_logit_error": absolute,
-            "probes": len(prompts), "positions": positions}
+    return {
+        "greedy_agreement": agree / positions,
+        "max_rel_logit_error": rel,
+        "max_abs_logit_error": absolute,
+        "probes": len(prompts),
+        "positions": positions,
+    }

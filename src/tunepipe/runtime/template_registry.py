@@ -13,10 +13,20 @@ import yaml
 
 # Every slot a template may define, and its default.
 SLOTS: dict[str, Any] = {
-    "prefix": "", "system": "{{content}}", "system_in_user": False, "user": "{{content}}",
-    "assistant_header": "", "last_assistant_prefix": "", "assistant": "{{content}}", "suffix": "",
-    "tools": "You have access to the following tools:{{tools}}", "tool_call": "{{content}}",
-    "function": None, "observation": None, "default_system": "", "stop_words": [],
+    "prefix": "",
+    "system": "{{content}}",
+    "system_in_user": False,
+    "user": "{{content}}",
+    "assistant_header": "",
+    "last_assistant_prefix": "",
+    "assistant": "{{content}}",
+    "suffix": "",
+    "tools": "You have access to the following tools:{{tools}}",
+    "tool_call": "{{content}}",
+    "function": None,
+    "observation": None,
+    "default_system": "",
+    "stop_words": [],
     "strip_content": False,
 }
 META = ("description", "mirrors")
@@ -41,8 +51,12 @@ def get(name: str) -> dict[str, Any] | None:
     entry = _registry().get(name)
     if entry is None:
         return None
-    return {"name": name, **SLOTS, **{k: v for k, v in entry.items() if k not in META},
-            **{k: entry.get(k) for k in META}}
+    return {
+        "name": name,
+        **SLOTS,
+        **{k: v for k, v in entry.items() if k not in META},
+        **{k: entry.get(k) for k in META},
+    }
 
 
 def unknown_keys(entry: dict[str, Any]) -> list[str]:
@@ -51,12 +65,26 @@ def unknown_keys(entry: dict[str, Any]) -> list[str]:
 
 def list_templates() -> list[dict[str, Any]]:
     """One row per template for `tunepipe templates`: name, description, mirrors, default system, stop words."""
-    rows = [{"name": AUTO, "description": "the tokenizer's own chat_template (apply_chat_template)",
-             "mirrors": None, "default_system": "", "stop_words": []}]
+    rows = [
+        {
+            "name": AUTO,
+            "description": "the tokenizer's own chat_template (apply_chat_template)",
+            "mirrors": None,
+            "default_system": "",
+            "stop_words": [],
+        }
+    ]
     for name in sorted(_registry()):
         t = get(name)
-        rows.append({"name": name, "description": t["description"] or "", "mirrors": t["mirrors"],
-                     "default_system": t["default_system"], "stop_words": list(t["stop_words"])})
+        rows.append(
+            {
+                "name": name,
+                "description": t["description"] or "",
+                "mirrors": t["mirrors"],
+                "default_system": t["default_system"],
+                "stop_words": list(t["stop_words"]),
+            }
+        )
     return rows
 
 
@@ -135,9 +163,13 @@ def check_template_file(path) -> list[str]:
 # A sample conversation rendered at validation: a template that breaks the sandbox on this breaks it
 # on any data. Other errors (raise_exception on a role it does not take, ...) depend on the data, and
 # the template stage reports them with the sample that caused them.
-SAMPLE_MESSAGES = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"},
-                   {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Who are you?"},
-                   {"role": "assistant", "content": "An assistant."}]
+SAMPLE_MESSAGES = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": "An assistant."},
+]
 
 
 def jinja_problems(source: str, where: str) -> list[str]:
@@ -151,8 +183,14 @@ def jinja_problems(source: str, where: str) -> list[str]:
         return [f"{where}:{e.lineno}: Jinja syntax error: {e.message}"]
     for messages, generation_prompt in ((SAMPLE_MESSAGES, False), (SAMPLE_MESSAGES[:-1], True)):
         try:
-            render(template, messages=messages, tools=None, add_generation_prompt=generation_prompt,
-                   bos_token="<s>", eos_token="</s>")
+            render(
+                template,
+                messages=messages,
+                tools=None,
+                add_generation_prompt=generation_prompt,
+                bos_token="<s>",
+                eos_token="</s>",
+            )
         except Exception as e:  # noqa: BLE001 - only sandbox violations are the template's fault on any data
             violation = sandbox_violation(e, where)
             if violation is not None:
@@ -169,8 +207,10 @@ MAX_RANGE = 10_000  # items in one range()
 MAX_LENGTH = 10_000_000  # characters of the output, and of any string or list the template builds
 MAX_INT_BITS = 4096  # size of an integer the template computes (10**1233 or so)
 MAX_RENDER_SECONDS = 2.0  # wall time of one render
-LIMITS = (f"the sandbox allows ranges of {MAX_RANGE} items, strings and lists of {MAX_LENGTH} characters, "
-          f"integers of {MAX_INT_BITS} bits and {MAX_RENDER_SECONDS:g} s per rendered conversation")
+LIMITS = (
+    f"the sandbox allows ranges of {MAX_RANGE} items, strings and lists of {MAX_LENGTH} characters, "
+    f"integers of {MAX_INT_BITS} bits and {MAX_RENDER_SECONDS:g} s per rendered conversation"
+)
 
 
 class TemplateLimitError(Exception):
@@ -188,7 +228,8 @@ def sandbox_env():
 
     env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
     env.filters = {name: _limited(env, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["range"] = _range
@@ -226,8 +267,10 @@ def sandbox_violation(error: Exception, where: str):
     if isinstance(error, RecursionError):
         return UserError(f"{where}: template error: it recursed too deeply (a macro that calls itself without end?)")
     if isinstance(error, SecurityError):
-        return UserError(f"{where}: the template tried to reach Python internals, which the sandbox forbids ({error})",
-                         ["a chat template may only use the messages, tools and special tokens it is given"])
+        return UserError(
+            f"{where}: the template tried to reach Python internals, which the sandbox forbids ({error})",
+            ["a chat template may only use the messages, tools and special tokens it is given"],
+        )
     return None
 
 
@@ -327,8 +370,9 @@ def _sandbox_class():
 
         def visit_Concat(self, node):
             self.generic_visit(node)
-            return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), "_tunepipe_concat", [], [], None, None,
-                                lineno=node.lineno)
+            return nodes.Filter(
+                nodes.List(node.nodes, lineno=node.lineno), "_tunepipe_concat", [], [], None, None, lineno=node.lineno
+            )
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"+", "*", "**", "%"})

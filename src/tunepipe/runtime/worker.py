@@ -32,20 +32,35 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UserError
-from .context import StepContext
 from ..resources import describe_os_error
 from ..store import STEP_LOG, open_store
+from .context import StepContext
 
 # peft calls a transformers API that transformers 5 deprecates; the warning says nothing to a user.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # Recorded in the manifest when the stage imported them (the worker never imports them itself).
-LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors",
-             "numpy", "deepspeed", "gguf", "onnx", "onnxruntime", "onnxscript")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "deepspeed",
+    "gguf",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+)
 
 
 def stage_module(kind: str):
-    overrides = dict(item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item)
+    overrides = dict(
+        item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item
+    )
     return importlib.import_module(overrides.get(kind) or overrides.get("*") or f"tunepipe.runtime.stages.{kind}")
 
 
@@ -60,7 +75,9 @@ def library_versions() -> dict[str, str]:
 
 def peak_rss_bytes() -> int:
     # ru_maxrss is in KiB on Linux (bytes on macOS; this is a report, not a limit).
-    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return 1024 * max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -113,11 +130,19 @@ def run_step(step: dict[str, Any]) -> None:
     try:
         work = store.scratch.work_dir(key)
         ctx = StepContext(
-            id=step["id"], kind=step["kind"], key=key, params=step["params"], inputs=inputs,
+            id=step["id"],
+            kind=step["kind"],
+            key=key,
+            params=step["params"],
+            inputs=inputs,
             artifacts={step["upstream"][role]: path for role, path in inputs.items()},
             upstream=dict(step["upstream"]),
             files={role: Path(p) for role, p in step["files"].items()},
-            seed=step.get("seed"), spec_dir=Path(step["spec_dir"]), out=out, work=work, log=log,
+            seed=step.get("seed"),
+            spec_dir=Path(step["spec_dir"]),
+            out=out,
+            work=work,
+            log=log,
         )
         started = time.time()
         metrics = stage_module(step["kind"]).run(ctx) or {}
@@ -129,9 +154,15 @@ def run_step(step: dict[str, Any]) -> None:
         if step.get("log") and Path(step["log"]).is_file():
             shutil.copyfile(step["log"], out / STEP_LOG)
         manifest = {
-            "id": step["id"], "kind": step["kind"], "stage_version": step.get("stage_version"),
-            "params": step["params"], "upstream": step.get("upstream", {}), "metrics": metrics,
-            "versions": library_versions(), "wall_s": round(wall_s, 3), "peak_rss_bytes": peak_rss_bytes(),
+            "id": step["id"],
+            "kind": step["kind"],
+            "stage_version": step.get("stage_version"),
+            "params": step["params"],
+            "upstream": step.get("upstream", {}),
+            "metrics": metrics,
+            "versions": library_versions(),
+            "wall_s": round(wall_s, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         store.commit(out, key, manifest, replace=bool(step.get("force")))
@@ -162,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {step['id']}: {line}", file=sys.stderr)
         return 1
     except MemoryError:
-        print(f"error: {step['id']}: out of memory — lower per_device_train_batch_size / cutoff_len, or free memory",
-              file=sys.stderr)
+        print(
+            f"error: {step['id']}: out of memory — lower per_device_train_batch_size / cutoff_len, or free memory",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -6,11 +6,10 @@ import difflib
 import os
 import pickle
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
 
 # Sections whose presence in a spec adds a stage to the pipeline; the others only configure.
 STAGE_SECTIONS = ("data", "template", "train", "merge", "quantize", "export", "infer")
@@ -89,7 +88,7 @@ def _as_tuple(value: Any) -> tuple | None:
     return tuple(value) if value is not None else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_catalog() -> Catalog:
     """The catalog, parsed once per edit of flags.yaml.
 

@@ -34,12 +34,13 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from io import StringIO
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import UserError
 from .catalog import TOP_LEVEL, load_catalog
@@ -105,8 +106,10 @@ def read_config(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}",
-                        ["fix the YAML, then run tunepipe import again"]) from None
+        raise UserError(
+            f"{where}: YAML syntax error: {exc.problem or exc.context}",
+            ["fix the YAML, then run tunepipe import again"],
+        ) from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(doc, dict):
@@ -121,18 +124,25 @@ def detect(doc: dict[str, Any], path: Path) -> str:
     if isinstance(doc.get("model"), dict) and "version" in doc:
         raise UserError(f"{path}: this is a tunepipe spec already: run tunepipe validate {path}")
     if isinstance(doc.get("model"), str) and any(k in doc for k in ("peft_config", "train_dataset", "model_class")):
-        raise UserError(f"{path}: a LLaMA-Factory v1 config (model:, peft_config:, train_dataset:): tunepipe "
-                        "imports the flat configs of llamafactory-cli train and export only")
+        raise UserError(
+            f"{path}: a LLaMA-Factory v1 config (model:, peft_config:, train_dataset:): tunepipe "
+            "imports the flat configs of llamafactory-cli train and export only"
+        )
     axolotl_datasets = isinstance(doc.get("datasets"), list) and any(
-        isinstance(d, dict) and "path" in d for d in doc["datasets"])
+        isinstance(d, dict) and "path" in d for d in doc["datasets"]
+    )
     if "base_model" in doc or axolotl_datasets:
         return AXOLOTL
     if "model_name_or_path" in doc and any(k in doc for k in LLAMA_FACTORY_MARKS):
         return LLAMA_FACTORY
-    raise UserError(f"{path}: not a config tunepipe can import (LLaMA-Factory or axolotl)", [
-        "looked for LLaMA-Factory's model_name_or_path with one of " + ", ".join(LLAMA_FACTORY_MARKS),
-        "and for axolotl's base_model, or datasets: [{path, type}]",
-        "found: " + (", ".join(map(str, list(doc)[:12])) or "no keys")])
+    raise UserError(
+        f"{path}: not a config tunepipe can import (LLaMA-Factory or axolotl)",
+        [
+            "looked for LLaMA-Factory's model_name_or_path with one of " + ", ".join(LLAMA_FACTORY_MARKS),
+            "and for axolotl's base_model, or datasets: [{path, type}]",
+            "found: " + (", ".join(map(str, list(doc)[:12])) or "no keys"),
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------ values
@@ -241,8 +251,12 @@ class Importer:
             self.keep(key, raw, self.rules["kept_out"].get(key, "no tunepipe equivalent"))
             return
         if found.section not in IMPORTED_SECTIONS:
-            self.keep(key, raw, f"a tunepipe {found.section} flag: importing a training config adds no "
-                                f"{found.section} stage; add the {found.section}: section to use it")
+            self.keep(
+                key,
+                raw,
+                f"a tunepipe {found.section} flag: importing a training config adds no "
+                f"{found.section} stage; add the {found.section}: section to use it",
+            )
             return
         values = entry.get("values") or {}
         if isinstance(value, (str, int, float, bool)) and value in values:
@@ -286,8 +300,10 @@ class Importer:
         return self.from_run_dir(value), False
 
     def not_found(self, key: str, value: str) -> str:
-        note = (f"{value} not found from {self.run_dir} or beside {self.source.name}: {self.name} resolves "
-                f"it from the directory it runs in; fix the path")
+        note = (
+            f"{value} not found from {self.run_dir} or beside {self.source.name}: {self.name} resolves "
+            f"it from the directory it runs in; fix the path"
+        )
         self.notes.append(f"{key}: {note}")
         return note
 
@@ -310,8 +326,9 @@ class Importer:
                 continue
             if any(self.values.get(k) != v for k, v in (default.get("when") or {}).items()):
                 continue
-            if any(k not in self.values for k in default.get("when_set") or []) or \
-                    any(k in self.values for k in default.get("unless") or []):
+            if any(k not in self.values for k in default.get("when_set") or []) or any(
+                k in self.values for k in default.get("unless") or []
+            ):
                 continue
             if "transform" in default:
                 value = DEFAULT_TRANSFORMS[default["transform"]](self, default.get("arg"))
@@ -319,8 +336,11 @@ class Importer:
                 value = default["value"]
             if value == flag.default:
                 continue
-            self.set(flag.name, value,
-                     note=f"not in the config: {default['note']} (tunepipe's default is {show(flag.default)})")
+            self.set(
+                flag.name,
+                value,
+                note=f"not in the config: {default['note']} (tunepipe's default is {show(flag.default)})",
+            )
 
     def section_present(self, section: str) -> bool:
         if section == "train" and self.train_out:
@@ -331,8 +351,13 @@ class Importer:
     def reject(self, section: str, flag: str, message: str) -> bool:
         """Move out a flag tunepipe's validation rejects; False for flags that must stay (KEPT_ON_ERROR)."""
         known = self.catalog.flags.get(flag)
-        if flag not in self.values or known is None or known.section != section or flag in KEPT_ON_ERROR \
-                or (known.type == "path" and isinstance(self.values[flag], str)):
+        if (
+            flag not in self.values
+            or known is None
+            or known.section != section
+            or flag in KEPT_ON_ERROR
+            or (known.type == "path" and isinstance(self.values[flag], str))
+        ):
             return False
         del self.values[flag]
         self.comments.pop(flag, None)
@@ -370,17 +395,21 @@ class Importer:
         return doc
 
     def header(self) -> list[str]:
-        lines = [f"Imported by `tunepipe import` from {self.source.name} ({self.name}).",
-                 f"`# {self.name} KEY` comments say where a value came from and what differs; keys kept out "
-                 "of the spec are listed at the end."]
+        lines = [
+            f"Imported by `tunepipe import` from {self.source.name} ({self.name}).",
+            f"`# {self.name} KEY` comments say where a value came from and what differs; keys kept out "
+            "of the spec are listed at the end.",
+        ]
         if self.train_out:
             lines.append(f"No train section: {self.train_out}.")
         return lines + [f"Check: {note}" for note in self.notes]
 
     def kept_lines(self) -> list[str]:
-        groups = [("lost", f"{self.name} keys with no tunepipe equivalent (kept out of the spec):"),
-                  ("train", f"Kept out with the train section ({self.train_out}):"),
-                  ("same", "Kept out, no effect: tunepipe behaves the same without them:")]
+        groups = [
+            ("lost", f"{self.name} keys with no tunepipe equivalent (kept out of the spec):"),
+            ("train", f"Kept out with the train section ({self.train_out}):"),
+            ("same", "Kept out, no effect: tunepipe behaves the same without them:"),
+        ]
         lines = []
         for kind, title in groups:
             items = [k for k in self.kept if k.kind == kind]
@@ -431,8 +460,12 @@ def output_path(imp: Importer, key: str, value: Any, entry: dict) -> None:
 def dataset_dir(imp: Importer, key: str, value: Any, entry: dict) -> None:
     """LLaMA-Factory's folder of dataset_info.json, referenced where it is."""
     if value == "ONLINE" or str(value).startswith("REMOTE:"):
-        imp.keep(key, value, "LLaMA-Factory reads these datasets (or their dataset_info.json) from the hub; "
-                             "tunepipe reads a local dataset_info.json: download it and set data.dataset_dir")
+        imp.keep(
+            key,
+            value,
+            "LLaMA-Factory reads these datasets (or their dataset_info.json) from the hub; "
+            "tunepipe reads a local dataset_info.json: download it and set data.dataset_dir",
+        )
         imp.notes.append(f"{key}: {value}: set data.dataset_dir to a folder with the datasets' dataset_info.json")
         return
     found = imp.locate(value, lambda p: (p / DATASET_INFO).is_file()) or imp.locate(value, Path.is_dir)
@@ -488,8 +521,13 @@ def jinja_template(imp: Importer, key: str, value: Any, entry: dict) -> None:
         imp.set("template_file", imp.relative(found), key, value)
     else:
         imp.files[JINJA_FILE] = value
-        imp.set("template_file", JINJA_FILE, key, "<inline Jinja>",
-                f"the inline template is written to {JINJA_FILE} beside the spec")
+        imp.set(
+            "template_file",
+            JINJA_FILE,
+            key,
+            "<inline Jinja>",
+            f"the inline template is written to {JINJA_FILE} beside the spec",
+        )
     replace_template(imp, f"{key} renders instead (template_file)")
 
 
@@ -563,8 +601,12 @@ def evals_per_epoch(imp: Importer, key: str, value: Any, entry: dict) -> None:
     if value == 1 and "evaluation_strategy" not in imp.values:
         imp.set("evaluation_strategy", "epoch", key, value)
         return
-    imp.keep(key, value, "tunepipe evaluates once per epoch (evaluation_strategy: epoch) or every eval_steps "
-                         "steps: set evaluation_strategy: steps and eval_steps to the steps per epoch / N")
+    imp.keep(
+        key,
+        value,
+        "tunepipe evaluates once per epoch (evaluation_strategy: epoch) or every eval_steps "
+        "steps: set evaluation_strategy: steps and eval_steps to the steps per epoch / N",
+    )
 
 
 def use_reentrant(imp: Importer, key: str, value: Any, entry: dict) -> None:
@@ -594,10 +636,20 @@ def fsdp_config(imp: Importer, key: str, value: Any, entry: dict) -> None:
 
 
 TRANSFORMS: dict[str, Callable[[Importer, str, Any, dict], None]] = {
-    "input_path": input_path, "output_path": output_path, "dataset_dir": dataset_dir, "template": template,
-    "jinja_template": jinja_template, "switch": switch, "adapter": adapter, "quantized_load": quantized_load,
-    "lora_target": lora_target, "eval_steps": eval_steps, "evals_per_epoch": evals_per_epoch,
-    "use_reentrant": use_reentrant, "fsdp": fsdp, "fsdp_config": fsdp_config,
+    "input_path": input_path,
+    "output_path": output_path,
+    "dataset_dir": dataset_dir,
+    "template": template,
+    "jinja_template": jinja_template,
+    "switch": switch,
+    "adapter": adapter,
+    "quantized_load": quantized_load,
+    "lora_target": lora_target,
+    "eval_steps": eval_steps,
+    "evals_per_epoch": evals_per_epoch,
+    "use_reentrant": use_reentrant,
+    "fsdp": fsdp,
+    "fsdp_config": fsdp_config,
 }
 DEFAULT_TRANSFORMS: dict[str, Callable[[Importer, Any], Any]] = {
     "twice_lora_rank": lambda imp, _: 2 * imp.effective("lora_rank"),
@@ -613,11 +665,15 @@ def from_llama_factory(imp: Importer, doc: dict[str, Any]) -> None:
     elif doc.get("do_train") is not True:
         imp.train_out = "do_train is not true: LLaMA-Factory does not train with this config"
     elif stage not in imp.catalog.flags["stage"].choices:
-        imp.train_out = f"LLaMA-Factory stage {stage} has no tunepipe equivalent (tunepipe trains " \
-                        f"{' and '.join(imp.catalog.flags['stage'].choices)})"
+        imp.train_out = (
+            f"LLaMA-Factory stage {stage} has no tunepipe equivalent (tunepipe trains "
+            f"{' and '.join(imp.catalog.flags['stage'].choices)})"
+        )
     elif doc.get("finetuning_type", "lora") not in methods(imp):
-        imp.train_out = f"LLaMA-Factory finetuning_type {doc['finetuning_type']} has no tunepipe equivalent " \
-                        f"(tunepipe trains {', '.join(methods(imp))})"
+        imp.train_out = (
+            f"LLaMA-Factory finetuning_type {doc['finetuning_type']} has no tunepipe equivalent "
+            f"(tunepipe trains {', '.join(methods(imp))})"
+        )
     for key, value in doc.items():
         imp.carry(key, value)
     if "dataset" in imp.values and "dataset_dir" not in doc:
@@ -647,16 +703,26 @@ def add_export(imp: Importer, export: Path) -> None:
             imp.unset.append(label)
         elif key == "adapter_name_or_path":
             same = lora and isinstance(value, str) and imp.from_run_dir(value) == trained
-            imp.keep(label, value, "the merge step merges the adapter this spec's train step trains"
-                     + ("" if same else f", not this one (the training config writes {show(trained)})"),
-                     "same" if same else "lost")
+            imp.keep(
+                label,
+                value,
+                "the merge step merges the adapter this spec's train step trains"
+                + ("" if same else f", not this one (the training config writes {show(trained)})"),
+                "same" if same else "lost",
+            )
         elif key == "model_name_or_path":
             base = imp.path_value(value, hub=True)[0] == imp.values.get(key)
             ours = trains and isinstance(value, str) and imp.from_run_dir(value) == trained
-            imp.keep(label, value, "the base model, as in the training config" if base else
-                     "the model this spec's train step trains" if ours else
-                     f"differs from the training config's {key}: {show(imp.values.get(key))}",
-                     "same" if base or ours else "lost")
+            imp.keep(
+                label,
+                value,
+                "the base model, as in the training config"
+                if base
+                else "the model this spec's train step trains"
+                if ours
+                else f"differs from the training config's {key}: {show(imp.values.get(key))}",
+                "same" if base or ours else "lost",
+            )
         elif key == "export_size" and lora:
             imp.set("max_shard_size", f"{value}GB", label, value, "LLaMA-Factory's export_size is in GB")
         elif key == "export_quantization_bit" and quantizes_ours:
@@ -666,16 +732,24 @@ def add_export(imp: Importer, export: Path) -> None:
             imp.keep(label, value, f"it quantizes {show(model)}, not a model this spec trains")
         elif key in ("template",) or key in imp.values:
             same = imp.values.get(key) in (value, template_name(imp, str(value))[0] if key == "template" else value)
-            imp.keep(label, value, "as in the training config" if same else
-                     f"differs from the training config's {key}: {show(imp.values.get(key))}", "same" if same else "lost")
+            imp.keep(
+                label,
+                value,
+                "as in the training config"
+                if same
+                else f"differs from the training config's {key}: {show(imp.values.get(key))}",
+                "same" if same else "lost",
+            )
         else:
             same = imp.rules["no_effect"].get(key, object()) == value
             imp.keep(label, value, imp.rules["kept_out"].get(key, "no tunepipe equivalent"), "same" if same else "lost")
     if lora:
         imp.merge = f"from {name}: merge the trained LoRA adapter into the base model"
     elif "adapter_name_or_path" in doc:
-        imp.notes.append(f"{name}: no merge section: tunepipe merges the LoRA adapter its own train step "
-                         "trains, and this spec trains none")
+        imp.notes.append(
+            f"{name}: no merge section: tunepipe merges the LoRA adapter its own train step "
+            "trains, and this spec trains none"
+        )
 
 
 # ------------------------------------------------------------------------------------ axolotl
@@ -690,8 +764,11 @@ def from_axolotl(imp: Importer, doc: dict[str, Any]) -> None:
             continue
         imp.carry(key, value)
     if doc.get("test_datasets") is not None:
-        imp.keep("test_datasets", doc["test_datasets"],
-                 "tunepipe evaluates on a validation split of the training data (data.val_size)")
+        imp.keep(
+            "test_datasets",
+            doc["test_datasets"],
+            "tunepipe evaluates on a validation split of the training data (data.val_size)",
+        )
     datasets = [(f"datasets[{i}]", d, False) for i, d in enumerate(doc.get("datasets") or [])]
     pretraining = doc.get("pretraining_dataset") or []
     pretraining = pretraining if isinstance(pretraining, list) else [pretraining]
@@ -725,13 +802,24 @@ def add_axolotl_datasets(imp: Importer, datasets: list[tuple[str, Any, bool]]) -
     text = [d for d in converted if d.kind == "text"]
     if text and len(text) < len(converted):
         for d in text:
-            imp.keep(d.label, d.source, "a plain-text dataset among chat/instruction ones: tunepipe trains it with "
-                                        "stage: pt, in a train entry of its own")
+            imp.keep(
+                d.label,
+                d.source,
+                "a plain-text dataset among chat/instruction ones: tunepipe trains it with "
+                "stage: pt, in a train entry of its own",
+            )
         converted = [d for d in converted if d.kind != "text"]
-    if converted and all(d.kind == "alpaca" for d in converted) and "template" in imp.values \
-            and not any(k.startswith("datasets[") for k, _ in imp.origins.get("template", [])):
-        replace_template(imp, "axolotl renders alpaca datasets with its alpaca prompt; chat_template only "
-                              "serves chat_template datasets (and the saved tokenizer)")
+    if (
+        converted
+        and all(d.kind == "alpaca" for d in converted)
+        and "template" in imp.values
+        and not any(k.startswith("datasets[") for k, _ in imp.origins.get("template", []))
+    ):
+        replace_template(
+            imp,
+            "axolotl renders alpaca datasets with its alpaca prompt; chat_template only "
+            "serves chat_template datasets (and the saved tokenizer)",
+        )
     for d in converted:
         name = unique(d.name, imp.dataset_info)
         imp.dataset_info[name] = d.entry
@@ -757,9 +845,19 @@ def axolotl_dataset(imp: Importer, label: str, ds: dict, pretrain: bool):
     hint = None
     if isinstance(kind_name, dict):  # a user-defined alpaca-like prompt: its field names
         kind, fields = "alpaca", kind_name
-        entry = {"formatting": "alpaca", "columns": {c: fields[f] for c, f in (
-            ("prompt", "field_instruction"), ("query", "field_input"), ("response", "field_output"),
-            ("system", "field_system")) if fields.get(f)}}
+        entry = {
+            "formatting": "alpaca",
+            "columns": {
+                c: fields[f]
+                for c, f in (
+                    ("prompt", "field_instruction"),
+                    ("query", "field_input"),
+                    ("response", "field_output"),
+                    ("system", "field_system"),
+                )
+                if fields.get(f)
+            },
+        }
         for name, value in fields.items():
             if not name.startswith("field_") and value is not None:
                 imp.keep(f"{label}.type.{name}", value, "tunepipe's template renders the prompt (template:)")
@@ -767,8 +865,12 @@ def axolotl_dataset(imp: Importer, label: str, ds: dict, pretrain: bool):
         base = re.split(r"[:.]", str(kind_name))[0] if kind_name else "alpaca"
         kind = kinds.get(kind_name) or kinds.get(base)
         if kind is None:
-            imp.keep(label, ds, f"axolotl dataset type {kind_name} has no tunepipe equivalent "
-                                "(imported types: " + ", ".join(kinds) + ")")
+            imp.keep(
+                label,
+                ds,
+                f"axolotl dataset type {kind_name} has no tunepipe equivalent "
+                "(imported types: " + ", ".join(kinds) + ")",
+            )
             return None
         entry, used_fields, hint = dataset_format(imp, label, kind, ds, kind_name)
         used |= used_fields
@@ -809,21 +911,37 @@ def dataset_format(imp: Importer, label: str, kind: str, ds: dict, type_name: st
     # axolotl takes human or user, gpt or assistant; a dataset_info.json tag names one: ShareGPT's when
     # the messages have ShareGPT's keys (from/value), else OpenAI's.
     user, assistant = ("human", "gpt") if role_tag == "from" else ("user", "assistant")
-    tags = {"role_tag": role_tag, "content_tag": props.get("content") or ds.get("message_field_content") or "content",
-            "user_tag": user, "assistant_tag": assistant, "system_tag": "system", "observation_tag": "tool"}
+    tags = {
+        "role_tag": role_tag,
+        "content_tag": props.get("content") or ds.get("message_field_content") or "content",
+        "user_tag": user,
+        "assistant_tag": assistant,
+        "system_tag": "system",
+        "observation_tag": "tool",
+    }
     if not ds.get("roles"):
         other = "user/assistant" if user == "human" else "human/gpt"
-        imp.notes.append(f"{label}: roles read as {user}/{assistant}; axolotl also reads {other}, and tunepipe "
-                         f"drops rows that use those (map them with the entry's tags in {DATASET_INFO})")
-    used = {"field_messages", "message_property_mappings", "message_field_role", "message_field_content",
-            "chat_template"}
+        imp.notes.append(
+            f"{label}: roles read as {user}/{assistant}; axolotl also reads {other}, and tunepipe "
+            f"drops rows that use those (map them with the entry's tags in {DATASET_INFO})"
+        )
+    used = {
+        "field_messages",
+        "message_property_mappings",
+        "message_field_role",
+        "message_field_content",
+        "chat_template",
+    }
     for role, names in (ds.get("roles") or {}).items():
         names = [names] if isinstance(names, str) else list(names)
         if f"{role}_tag" in tags and names:
             tags[f"{role}_tag"] = names[0]
             if len(names) > 1:
-                imp.keep(f"{label}.roles.{role}", names[1:],
-                         f"a role has one name in dataset_info.json tags: {names[0]} is used")
+                imp.keep(
+                    f"{label}.roles.{role}",
+                    names[1:],
+                    f"a role has one name in dataset_info.json tags: {names[0]} is used",
+                )
     used.add("roles")
     columns = {"messages": ds.get("field_messages") or "messages"}
     if ds.get("field_tools"):
@@ -847,17 +965,21 @@ def dataset_location(imp: Importer, label: str, ds: dict) -> tuple[dict, set[str
         target = found / files if isinstance(files, str) and found.is_dir() else found
         rel = imp.relative(target)
         if rel.startswith(".."):
-            imp.notes.append(f"{label}: {target} lies outside the spec's folder; tunepipe reads dataset files "
-                             "inside dataset_dir only: write the spec beside the data (-o DIR/spec.yaml)")
+            imp.notes.append(
+                f"{label}: {target} lies outside the spec's folder; tunepipe reads dataset files "
+                "inside dataset_dir only: write the spec beside the data (-o DIR/spec.yaml)"
+            )
         location["file_name"] = rel
     else:
         location["hf_hub_url"] = path
     if files is not None and not (found is not None and isinstance(files, str) and found.is_dir()):
-        imp.keep(f"{label}.data_files", files,
-                 "dataset_info.json names one file or folder (file_name) or a hub dataset")
+        imp.keep(
+            f"{label}.data_files", files, "dataset_info.json names one file or folder (file_name) or a hub dataset"
+        )
     if ds.get("ds_type") is not None:
-        imp.keep(f"{label}.ds_type", ds["ds_type"], "tunepipe reads json, jsonl, csv and parquet by their suffix",
-                 "same")
+        imp.keep(
+            f"{label}.ds_type", ds["ds_type"], "tunepipe reads json, jsonl, csv and parquet by their suffix", "same"
+        )
     return location, used
 
 
@@ -869,8 +991,9 @@ def unique(name: str, taken: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ the API
-def import_config(path: Path, *, spec_dir: Path | None = None, run_dir: Path | None = None,
-                  export: Path | None = None) -> ImportResult:
+def import_config(
+    path: Path, *, spec_dir: Path | None = None, run_dir: Path | None = None, export: Path | None = None
+) -> ImportResult:
     """Convert a LLaMA-Factory or axolotl config into tunepipe spec text (see the module docstring)."""
     path = Path(path)
     doc = read_config(path)
@@ -881,8 +1004,10 @@ def import_config(path: Path, *, spec_dir: Path | None = None, run_dir: Path | N
         if export is not None:
             add_export(imp, Path(export))
         elif "export_dir" in doc:
-            imp.notes.append(f"an export config: import it together with its training config "
-                             f"(tunepipe import TRAIN.yaml --export {path.name}) to get a merge section")
+            imp.notes.append(
+                f"an export config: import it together with its training config "
+                f"(tunepipe import TRAIN.yaml --export {path.name}) to get a merge section"
+            )
     else:
         if export is not None:
             raise UserError("--export takes a LLaMA-Factory export config (axolotl merges with `axolotl merge-lora`)")
@@ -896,8 +1021,15 @@ def import_config(path: Path, *, spec_dir: Path | None = None, run_dir: Path | N
             del imp.values[flag]
     imp.apply_defaults()
     settle(imp)
-    return ImportResult(tool=imp.name, source=path, text=imp.text(), dataset_info=imp.dataset_info,
-                        files=imp.files, kept_out=imp.kept, notes=imp.notes)
+    return ImportResult(
+        tool=imp.name,
+        source=path,
+        text=imp.text(),
+        dataset_info=imp.dataset_info,
+        files=imp.files,
+        kept_out=imp.kept,
+        notes=imp.notes,
+    )
 
 
 def warmup_steps_win(imp: Importer) -> None:
@@ -905,8 +1037,12 @@ def warmup_steps_win(imp: Importer) -> None:
     in tunepipe warmup_ratio wins: keep the steps."""
     if (imp.values.get("warmup_steps") or 0) > 0 and imp.values.get("warmup_ratio"):
         for key, raw in imp.origins.pop("warmup_ratio", []):
-            imp.keep(key, raw, f"the transformers Trainer ignores it when warmup_steps is set "
-                               f"({imp.values['warmup_steps']}); tunepipe would let it win")
+            imp.keep(
+                key,
+                raw,
+                f"the transformers Trainer ignores it when warmup_steps is set "
+                f"({imp.values['warmup_steps']}); tunepipe would let it win",
+            )
         del imp.values["warmup_ratio"]
         imp.comments.pop("warmup_ratio", None)
 
@@ -934,8 +1070,7 @@ def settle(imp: Importer) -> None:
                     return
 
 
-def import_command(config: Path, output: Path | None = None, *, force: bool = False,
-                   export: Path | None = None) -> int:
+def import_command(config: Path, output: Path | None = None, *, force: bool = False, export: Path | None = None) -> int:
     """`tunepipe import CONFIG [-o SPEC] [--export EXPORT] [--force]`: print the spec (or write it to
     SPEC), write dataset_info.json (axolotl) and any template file beside it, then validate it there.
     Refuses to overwrite a file without force. Returns 0 when the spec validates, 2 when it does not
@@ -952,7 +1087,11 @@ def import_command(config: Path, output: Path | None = None, *, force: bool = Fa
         sys.stdout.write(result.text)
     err = sys.stderr
     kept = sum(k.kind != "same" for k in result.kept_out)
-    lost = f"{kept} key{'s' if kept != 1 else ''} kept out (listed at the end of the spec)" if kept else "every key carried over"
+    lost = (
+        f"{kept} key{'s' if kept != 1 else ''} kept out (listed at the end of the spec)"
+        if kept
+        else "every key carried over"
+    )
     print(f"imported {config} ({result.tool})" + (f" into {output}" if output else "") + f"; {lost}", file=err)
     for target in writes:
         if target != (Path(output).resolve() if output else None):
@@ -988,8 +1127,15 @@ def planned_writes(result: ImportResult, spec_dir: Path, output: Path | None, fo
     for name, text in result.files.items():
         writes[spec_dir / name] = text
     spec_path = output.resolve() if output is not None else None
-    problems = [] if force else [f"{p} exists" for p, text in writes.items() if p.exists() and (
-        p == spec_path or p.read_text(encoding="utf-8") != text)]
+    problems = (
+        []
+        if force
+        else [
+            f"{p} exists"
+            for p, text in writes.items()
+            if p.exists() and (p == spec_path or p.read_text(encoding="utf-8") != text)
+        ]
+    )
     if result.dataset_info:
         info_path = spec_dir / DATASET_INFO
         try:

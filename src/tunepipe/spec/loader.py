@@ -148,13 +148,22 @@ class BoundedComposer(Composer):
             node = super().compose_node(parent, index)
             size = self.expanded.get(id(node))
             if size is None:  # its anchor is still being composed: the alias is inside it
-                raise AliasExpansionError(None, None, f"alias *{event.anchor} is inside its own anchor "
-                                          f"&{event.anchor}, so it would expand forever", event.start_mark)
+                raise AliasExpansionError(
+                    None,
+                    None,
+                    f"alias *{event.anchor} is inside its own anchor &{event.anchor}, so it would expand forever",
+                    event.start_mark,
+                )
             self.composed += size
             self.aliased += size
             if self.aliased > MAX_ALIAS_NODES:
-                raise AliasExpansionError(None, None, f"YAML aliases expand to more than {MAX_ALIAS_NODES} nodes; "
-                                          "write the values out or use fewer nested aliases", event.start_mark)
+                raise AliasExpansionError(
+                    None,
+                    None,
+                    f"YAML aliases expand to more than {MAX_ALIAS_NODES} nodes; "
+                    "write the values out or use fewer nested aliases",
+                    event.start_mark,
+                )
             return node
         before = self.composed
         node = super().compose_node(parent, index)
@@ -278,7 +287,9 @@ class _Loader:
             self.flag_value(out, prefix, key, value, key_where, section)
         return out
 
-    def flag_value(self, out: dict, prefix: tuple, key: Any, value: Any, where: Location, section: str = TOP_LEVEL) -> None:
+    def flag_value(
+        self, out: dict, prefix: tuple, key: Any, value: Any, where: Location, section: str = TOP_LEVEL
+    ) -> None:
         if not isinstance(key, str):
             self.error(where, prefix, f"keys must be strings, got {_kind(key)} {key!r}")
             return
@@ -304,20 +315,26 @@ class _Loader:
             if out[name] != value:
                 self.error(where, (*prefix, key), f"contradicts an earlier {name} / no_{name} in the same mapping")
             else:
-                self.error(where, (*prefix, key), f"{name} is given twice (as {key!r} and an earlier spelling)", "warning")
+                self.error(
+                    where, (*prefix, key), f"{name} is given twice (as {key!r} and an earlier spelling)", "warning"
+                )
             return
         out[name] = value
         self.explicit.add(path)
         self.locations[path] = where
 
-    def unknown(self, where: Location, path: tuple, key: str, section: str | None, extra: list[str] | None = None) -> None:
+    def unknown(
+        self, where: Location, path: tuple, key: str, section: str | None, extra: list[str] | None = None
+    ) -> None:
         """An unknown key: suggest the closest flag of this section, else of any section (saying which).
 
         `section=None` (a CLI flag without a section) searches the whole catalog."""
         snake = key.replace("-", "_")
         elsewhere = self.catalog.flags.get(snake)
         if elsewhere is not None:  # a real flag in the wrong place (handled in flag_value for known names)
-            self.error(where, path, f"unknown key (it is a {elsewhere.section} flag: put it under {elsewhere.section}:)")
+            self.error(
+                where, path, f"unknown key (it is a {elsewhere.section} flag: put it under {elsewhere.section}:)"
+            )
             return
         hint = None
         if section is not None:
@@ -352,6 +369,7 @@ def _kind(value: Any) -> str:
 
 # -- overrides -----------------------------------------------------------------------------------
 
+
 def _parse_scalar(text: str) -> Any:
     try:
         value = bounded_yaml("safe").load(text)
@@ -366,7 +384,13 @@ def apply_overrides(loader: _Loader, raw: dict[str, Any], overrides: list[Overri
         where = Location(ov.label)
         resolved = catalog.resolve_name(ov.key)
         if resolved is None:
-            path = (ov.key,) if not ov.section else (ov.section, ov.key) if ov.index is None else (ov.section, ov.index, ov.key)
+            path = (
+                (ov.key,)
+                if not ov.section
+                else (ov.section, ov.key)
+                if ov.index is None
+                else (ov.section, ov.index, ov.key)
+            )
             if ov.index is not None:
                 loader.indexed.add(ov.section)  # named train[1], as the file's entries are
             loader.unknown(where, path, ov.key, ov.section)
@@ -410,8 +434,12 @@ def _override_targets(loader: _Loader, raw: dict, section: str, ov: Override, wh
         return [(raw[TOP_LEVEL], (TOP_LEVEL,))]
     if section not in raw:
         if section in STAGE_SECTIONS:
-            loader.error(where, (section, ov.key), f"the spec has no {section} section; add one to the spec "
-                         "(an override changes flags, it does not add a stage)")
+            loader.error(
+                where,
+                (section, ov.key),
+                f"the spec has no {section} section; add one to the spec "
+                "(an override changes flags, it does not add a stage)",
+            )
             return []
         raw[section] = {}
     value = raw[section]
@@ -426,6 +454,7 @@ def _override_targets(loader: _Loader, raw: dict, section: str, ov: Override, wh
 
 
 # -- validation ----------------------------------------------------------------------------------
+
 
 def _validate_entry(loader: _Loader, section: str, entry: dict, prefix: tuple, fill_defaults: bool = True) -> dict:
     catalog = loader.catalog
@@ -496,7 +525,9 @@ def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
         problem = exc.problem or exc.context or "invalid YAML"
         loader.error(where, (), f"YAML syntax error: {problem}")
     except YAMLError as exc:
-        loader.error(Location(source), (), f"YAML error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        loader.error(
+            Location(source), (), f"YAML error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        )
     except RecursionError:
         loader.error(Location(source), (), "the YAML nests too deeply")
     return None
@@ -528,8 +559,14 @@ def load_spec(path: str | Path, overrides: list[Override] | None = None) -> Reso
         raise SpecError([Diagnostic(Location(str(path)), "", "the YAML nests too deeply")]) from None
     apply_overrides(loader, raw, overrides or [])
     data = resolve(loader, raw)
-    spec = ResolvedSpec(path=path.resolve(), data=data, explicit=loader.explicit, locations=loader.locations,
-                        indexed=loader.indexed, sweep=loader.sweep)
+    spec = ResolvedSpec(
+        path=path.resolve(),
+        data=data,
+        explicit=loader.explicit,
+        locations=loader.locations,
+        indexed=loader.indexed,
+        sweep=loader.sweep,
+    )
     if not any(d.severity == "error" for d in loader.diagnostics):
         resolve_interactions(spec)
         for diagnostic in check_rules(spec, catalog):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from typing import Annotated, Any, Literal, Optional, Union
 
 # pydantic scans every installed package's entry points for plugins at first use (~30 ms); tunepipe
@@ -11,7 +11,14 @@ from typing import Annotated, Any, Literal, Optional, Union
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 from pydantic import (  # noqa: E402
-    BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    create_model,
 )
 
 from .catalog import Flag, load_catalog
@@ -44,7 +51,7 @@ class _SectionBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def section_model(section: str, names: frozenset[str] | None = None) -> type[BaseModel]:
     """The model of a section; with `names`, of just those flags.
 

@@ -29,8 +29,10 @@ def entry_names(kind: str, entries: list[dict[str, Any]]) -> list[str]:
     format are told apart by their type first (`gguf-f16`, `gguf-q8_0`)."""
     raw = [entry.get("name") or default_name(kind, entry) for entry in entries]
     if kind == "export":
-        raw = [f"{name}-{entry['type']}" if not entry.get("name") and entry.get("type") and raw.count(name) > 1
-               else name for name, entry in zip(raw, entries)]
+        raw = [
+            f"{name}-{entry['type']}" if not entry.get("name") and entry.get("type") and raw.count(name) > 1 else name
+            for name, entry in zip(raw, entries)
+        ]
     return unique_names(raw)
 
 

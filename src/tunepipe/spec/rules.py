@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from ..errors import UserError
 from .catalog import Catalog
@@ -60,19 +60,25 @@ def evaluation_needed(ctx: RuleContext) -> None:
         if entry.get("evaluation_strategy") != "no":
             continue
         if entry.get("load_best_model_at_end"):
-            ctx.error((*prefix, "load_best_model_at_end"),
-                      "needs an evaluation strategy: set evaluation_strategy to steps or epoch")
+            ctx.error(
+                (*prefix, "load_best_model_at_end"),
+                "needs an evaluation strategy: set evaluation_strategy to steps or epoch",
+            )
         for name in ("early_stopping_patience", "early_stopping_threshold"):
             if ctx.set((*prefix, name)):
-                ctx.error((*prefix, name), "early stopping needs an evaluation strategy: "
-                          "set evaluation_strategy to steps or epoch")
+                ctx.error(
+                    (*prefix, name),
+                    "early stopping needs an evaluation strategy: set evaluation_strategy to steps or epoch",
+                )
 
 
 def eval_steps_only_with_steps(ctx: RuleContext) -> None:
     for prefix, entry in ctx.train_entries():
         if ctx.set((*prefix, "eval_steps")) and entry.get("evaluation_strategy") != "steps":
-            ctx.error((*prefix, "eval_steps"), "only used with evaluation_strategy: steps "
-                      f"(it is {entry.get('evaluation_strategy')!r})")
+            ctx.error(
+                (*prefix, "eval_steps"),
+                f"only used with evaluation_strategy: steps (it is {entry.get('evaluation_strategy')!r})",
+            )
 
 
 def evaluation_needs_validation_split(ctx: RuleContext) -> None:
@@ -98,27 +104,34 @@ def quantization_bit_needs_method(ctx: RuleContext) -> None:
 def gradient_checkpointing_contradiction(ctx: RuleContext) -> None:
     for prefix, entry in ctx.train_entries():
         if entry.get("gradient_checkpointing") and entry.get("disable_gradient_checkpointing"):
-            ctx.error((*prefix, "disable_gradient_checkpointing"),
-                      "contradicts gradient_checkpointing: true; keep one of them")
+            ctx.error(
+                (*prefix, "disable_gradient_checkpointing"),
+                "contradicts gradient_checkpointing: true; keep one of them",
+            )
 
 
 def train_needs_a_method(ctx: RuleContext) -> None:
     for prefix, entry in ctx.train_entries():
         if entry.get("finetuning_type") == "none":
-            ctx.error((*prefix, "finetuning_type"),
-                      "is none (trains nothing): a train step needs full, freeze or lora")
+            ctx.error((*prefix, "finetuning_type"), "is none (trains nothing): a train step needs full, freeze or lora")
 
 
 def lora_flags_need_lora(ctx: RuleContext) -> None:
-    lora_flags = [f.name for f in ctx.catalog.section_flags("train")
-                  if f.name.startswith("lora_") or f.name in ("adapter_name_or_path", "adapter_folder")]
+    lora_flags = [
+        f.name
+        for f in ctx.catalog.section_flags("train")
+        if f.name.startswith("lora_") or f.name in ("adapter_name_or_path", "adapter_folder")
+    ]
     for prefix, entry in ctx.train_entries():
         if entry.get("finetuning_type") == "lora":
             continue
         for name in lora_flags:
             if ctx.set((*prefix, name)):
-                ctx.error((*prefix, name), f"only applies to LoRA, but finetuning_type is "
-                          f"{entry.get('finetuning_type')!r}; set finetuning_type: lora or remove it")
+                ctx.error(
+                    (*prefix, name),
+                    f"only applies to LoRA, but finetuning_type is "
+                    f"{entry.get('finetuning_type')!r}; set finetuning_type: lora or remove it",
+                )
 
 
 def merge_needs_lora(ctx: RuleContext) -> None:
@@ -128,9 +141,11 @@ def merge_needs_lora(ctx: RuleContext) -> None:
     if not train:
         ctx.error(("merge",), "a merge stage needs a LoRA adapter: add a train section with finetuning_type: lora")
     elif train[-1].get("finetuning_type") != "lora":
-        ctx.error(("train", len(train) - 1, "finetuning_type"),
-                  f"the merge stage needs a LoRA adapter, but the last train step is "
-                  f"{train[-1].get('finetuning_type')!r}: use finetuning_type: lora or drop merge:")
+        ctx.error(
+            ("train", len(train) - 1, "finetuning_type"),
+            f"the merge stage needs a LoRA adapter, but the last train step is "
+            f"{train[-1].get('finetuning_type')!r}: use finetuning_type: lora or drop merge:",
+        )
 
 
 def warmup_ratio_wins(ctx: RuleContext) -> None:
@@ -174,8 +189,11 @@ def datasets_known(ctx: RuleContext) -> None:
 
     top = ctx.data.get("data") or {}
     configs = [(("data", "dataset"), top)] if top else []
-    configs += [((*prefix, "data", "dataset"), {**top, **entry["data"]})
-                for prefix, entry in ctx.train_entries() if entry.get("data", {}).get("dataset")]
+    configs += [
+        ((*prefix, "data", "dataset"), {**top, **entry["data"]})
+        for prefix, entry in ctx.train_entries()
+        if entry.get("data", {}).get("dataset")
+    ]
     for path, config in configs:
         base = resolve(ctx.spec.spec_dir, config.get("dataset_dir") or ".")  # unset: the spec's own directory
         if not base.is_dir():
@@ -205,8 +223,10 @@ def template_known(ctx: RuleContext) -> None:
     if name and not template.get("template_file") and name not in template_names():
         close = difflib.get_close_matches(name, template_names(), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        ctx.error(("template", "template"), f"unknown template {name!r}: {hint}see `tunepipe templates`, "
-                  "or use template_file for your own")
+        ctx.error(
+            ("template", "template"),
+            f"unknown template {name!r}: {hint}see `tunepipe templates`, or use template_file for your own",
+        )
 
 
 def input_files_exist(ctx: RuleContext) -> None:
@@ -227,25 +247,36 @@ def input_files_exist(ctx: RuleContext) -> None:
         target = resolve(base, value)
         ok = target.is_file() if kind == "file" else target.is_dir()
         if not ok:
-            ctx.error(path, f"{value}: no such {'file' if kind == 'file' else 'directory'} "
-                      f"(relative paths are resolved from the spec's directory)")
+            ctx.error(
+                path,
+                f"{value}: no such {'file' if kind == 'file' else 'directory'} "
+                f"(relative paths are resolved from the spec's directory)",
+            )
     model_path = (ctx.data.get("model") or {}).get("model_name_or_path")
     if model_path and not resolve(base, model_path).is_dir() and not is_hub_id(base, model_path):
-        ctx.error(("model", "model_name_or_path"), f"{model_path}: no such model directory "
-                  "(and not a hub id of the form org/name)")
+        ctx.error(
+            ("model", "model_name_or_path"),
+            f"{model_path}: no such model directory (and not a hub id of the form org/name)",
+        )
 
 
 def tokenizer_needed(ctx: RuleContext) -> None:
-    if (ctx.data.get("template") is not None or ctx.data.get("train")) and \
-            not (ctx.data.get("model") or {}).get("model_name_or_path"):
-        ctx.error(("model", "model_name_or_path"), "tokenizing and training need a model (its config and "
-                  "tokenizer): set model.model_name_or_path")
+    if (ctx.data.get("template") is not None or ctx.data.get("train")) and not (ctx.data.get("model") or {}).get(
+        "model_name_or_path"
+    ):
+        ctx.error(
+            ("model", "model_name_or_path"),
+            "tokenizing and training need a model (its config and tokenizer): set model.model_name_or_path",
+        )
 
 
 def val_size_is_a_ratio_or_a_count(ctx: RuleContext) -> None:
     configs = [(("data", "val_size"), ctx.data.get("data") or {})]
-    configs += [((*prefix, "data", "val_size"), entry["data"]) for prefix, entry in ctx.train_entries()
-                if "val_size" in entry.get("data", {})]
+    configs += [
+        ((*prefix, "data", "val_size"), entry["data"])
+        for prefix, entry in ctx.train_entries()
+        if "val_size" in entry.get("data", {})
+    ]
     for path, config in configs:
         value = config.get("val_size")
         if isinstance(value, float) and value >= 1:
@@ -267,7 +298,9 @@ def null_only_where_meaningful(ctx: RuleContext) -> None:
         except (KeyError, IndexError, TypeError):
             continue
         if value is None and flag is not None and flag.default is not None:
-            ctx.error(path, f"null is not a value of {flag.name}: remove the key for its default ({json.dumps(flag.default)})")
+            ctx.error(
+                path, f"null is not a value of {flag.name}: remove the key for its default ({json.dumps(flag.default)})"
+            )
 
 
 def flags_not_integrated(ctx: RuleContext) -> None:
@@ -289,7 +322,9 @@ def warmup_ratio_below_one(ctx: RuleContext) -> None:
     for prefix, entry in ctx.train_entries():
         ratio = entry.get("warmup_ratio")
         if isinstance(ratio, (int, float)) and ratio >= 1:
-            ctx.error((*prefix, "warmup_ratio"), f"{ratio} would warm up for the whole run (or longer): use a ratio below 1")
+            ctx.error(
+                (*prefix, "warmup_ratio"), f"{ratio} would warm up for the whole run (or longer): use a ratio below 1"
+            )
 
 
 def choices_fit_their_kind(ctx: RuleContext) -> None:
@@ -303,16 +338,19 @@ def choices_fit_their_kind(ctx: RuleContext) -> None:
             for index, entry in enumerate(ctx.data.get(section) or []):
                 allowed = table.get(entry.get(other), [])
                 if entry.get(flag.name) is not None and allowed and entry[flag.name] not in allowed:
-                    ctx.error((section, index, flag.name), f"{entry[flag.name]!r} is not a {entry[other]} {flag.name} value: "
-                                                           f"one of {', '.join(map(str, allowed))}")
+                    ctx.error(
+                        (section, index, flag.name),
+                        f"{entry[flag.name]!r} is not a {entry[other]} {flag.name} value: "
+                        f"one of {', '.join(map(str, allowed))}",
+                    )
 
 
 QUANTIZE_NOT_REAL = {
     "cpm": "cpm names OpenBMB's cpm_kernels, which LLaMA-Factory only lists and no maintained library uses to "
-           "quantize transformers 5 models; use bnb, hqq or gptq",
+    "quantize transformers 5 models; use bnb, hqq or gptq",
     "awq": "awq cannot run on this stack (CPU, torch 2.13, transformers 5.x): AutoAWQ is archived and needs CUDA, "
-           "and llmcompressor's AWQModifier pins transformers<=5.17; use method: hqq (calibration-free, 2/3/4/8 bits) "
-           "or bnb (4/8 bits)",
+    "and llmcompressor's AWQModifier pins transformers<=5.17; use method: hqq (calibration-free, 2/3/4/8 bits) "
+    "or bnb (4/8 bits)",
 }
 # Quantized weights no exporter reads (packed by their library): export the merged model, or quantize with mlc.
 PACKED = ("bnb", "hqq", "gptq")
@@ -325,9 +363,12 @@ def exports_read_what_they_package(ctx: RuleContext) -> None:
     for index, export in enumerate(ctx.data.get("export") or []):
         quantized = by_name.get(export.get("quantized"))
         if quantized is not None and quantized.get("method") in PACKED:
-            ctx.error(("export", index, "quantized"), f"a {quantized['method']} model holds packed weights that no "
-                      f"{export.get('format')} exporter reads: export the merged model (drop quantized:), or use "
-                      "quantize method mlc (its weights stay plain)")
+            ctx.error(
+                ("export", index, "quantized"),
+                f"a {quantized['method']} model holds packed weights that no "
+                f"{export.get('format')} exporter reads: export the merged model (drop quantized:), or use "
+                "quantize method mlc (its weights stay plain)",
+            )
 
 
 def quantize_method_is_real(ctx: RuleContext) -> None:
@@ -346,7 +387,7 @@ def executor_options_fit_kind(ctx: RuleContext) -> None:
         flag = ctx.catalog.flags.get(path[-1])
         if flag is None or not flag.executors:
             continue
-        owner = path[:path.index("executor")]
+        owner = path[: path.index("executor")]
         own = ctx.data
         for part in owner:
             own = own[part]
@@ -373,26 +414,37 @@ def cutoff_len_fits_the_model(ctx: RuleContext) -> None:
         except (OSError, ValueError):
             limit = None
     top = ctx.data.get("data") or {}
-    configs = [(("data", "cutoff_len"), top)] + [((*p, "data", "cutoff_len"), {**top, **e["data"]})
-                                                 for p, e in ctx.train_entries() if "cutoff_len" in (e.get("data") or {})]
+    configs = [(("data", "cutoff_len"), top)] + [
+        ((*p, "data", "cutoff_len"), {**top, **e["data"]})
+        for p, e in ctx.train_entries()
+        if "cutoff_len" in (e.get("data") or {})
+    ]
     for path, data in configs:
         cutoff = data.get("cutoff_len")
         if not isinstance(cutoff, int):
             continue
         where = path if ctx.set(path) else ("data", "cutoff_len")
         if cutoff > MAX_CUTOFF:
-            ctx.error(where, f"{cutoff} tokens per sample is beyond any model's context (and any host's memory); "
-                             f"lower it to the context you train for (at most {MAX_CUTOFF})")
+            ctx.error(
+                where,
+                f"{cutoff} tokens per sample is beyond any model's context (and any host's memory); "
+                f"lower it to the context you train for (at most {MAX_CUTOFF})",
+            )
         elif isinstance(limit, int) and cutoff > limit and not model.get("rope_scaling"):
-            ctx.error(where, f"{cutoff} exceeds the model's max_position_embeddings ({limit}, in {source}/config.json): "
-                             "lower it, or set model.rope_scaling (linear, dynamic, yarn, llama3) to extend the context")
+            ctx.error(
+                where,
+                f"{cutoff} exceeds the model's max_position_embeddings ({limit}, in {source}/config.json): "
+                "lower it, or set model.rope_scaling (linear, dynamic, yarn, llama3) to extend the context",
+            )
 
 
 def infer_needs_prompt(ctx: RuleContext) -> None:
     infer = ctx.data.get("infer")
     if infer is not None and not infer.get("prompt"):
-        ctx.error(("infer", "prompt") if ctx.set(("infer", "prompt")) else ("infer",),
-                  "infer needs a prompt: the text to answer (infer: {prompt: Who are you?})")
+        ctx.error(
+            ("infer", "prompt") if ctx.set(("infer", "prompt")) else ("infer",),
+            "infer needs a prompt: the text to answer (infer: {prompt: Who are you?})",
+        )
 
 
 RULES: list[Callable[[RuleContext], None]] = [
@@ -448,7 +500,9 @@ def _resolve_exports(spec: ResolvedSpec) -> None:
             if entry.get("format") is None:
                 entry["format"] = "onnx"
             elif not any(e.get("format") == "onnx" for e in exports):
-                exports.append({**{k: v for k, v in entry.items() if k not in ("format", "type", "name")}, "format": "onnx"})
+                exports.append(
+                    {**{k: v for k, v in entry.items() if k not in ("format", "type", "name")}, "format": "onnx"}
+                )
     from .catalog import load_catalog
 
     by_format = load_catalog().flags["type"].choices_by["format"]

@@ -13,8 +13,15 @@ from typing import Any
 from .catalog import LIST_SECTIONS, STAGE_SECTIONS, TOP_LEVEL, Catalog, Flag, load_catalog
 from .loader import NESTED_SECTIONS, STEP_NAME
 
-_JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "number": "number",
-               "str": "string", "path": "string", "mapping": "object"}
+_JSON_TYPES = {
+    "bool": "boolean",
+    "int": "integer",
+    "float": "number",
+    "number": "number",
+    "str": "string",
+    "path": "string",
+    "mapping": "object",
+}
 # Kebab-case spellings are accepted by tunepipe; the schema lets them through unchecked rather than
 # doubling every completion list.
 _KEBAB = {"^[a-z0-9]+(-[a-z0-9]+)+$": {"description": "kebab-case spelling of a flag (checked by tunepipe validate)"}}
@@ -22,8 +29,9 @@ _KEBAB = {"^[a-z0-9]+(-[a-z0-9]+)+$": {"description": "kebab-case spelling of a 
 
 def flag_schema(flag: Flag) -> dict[str, Any]:
     if flag.type == "list":
-        schema: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                                            {"type": "null"}]}
+        schema: dict[str, Any] = {
+            "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]
+        }
     else:
         schema = {"type": [_JSON_TYPES.get(flag.type, "string"), "null"]}
     if flag.choices is not None:
@@ -48,17 +56,29 @@ def section_schema(catalog: Catalog, section: str) -> dict[str, Any]:
     for flag in catalog.section_flags(section):
         properties[flag.name] = flag_schema(flag)
         if flag.negatable:
-            properties[f"no_{flag.name}"] = {"type": "boolean",
-                                             "description": f"no_{flag.name}: true is {flag.name}: false."}
+            properties[f"no_{flag.name}"] = {
+                "type": "boolean",
+                "description": f"no_{flag.name}: true is {flag.name}: false.",
+            }
     for key, sections in NESTED_SECTIONS.items():
         if section in sections:
-            properties[key] = {"$ref": f"#/$defs/{key}_override",
-                               "description": f"Overrides {key} flags for this step only."}
+            properties[key] = {
+                "$ref": f"#/$defs/{key}_override",
+                "description": f"Overrides {key} flags for this step only.",
+            }
     if section in LIST_SECTIONS:
-        properties["name"] = {"type": "string", "pattern": STEP_NAME.pattern,
-                              "description": f"Names this step: its id becomes {section}.NAME."}
-    return {"type": ["object", "null"], "description": catalog.sections[section], "properties": properties,
-            "patternProperties": _KEBAB, "additionalProperties": False}
+        properties["name"] = {
+            "type": "string",
+            "pattern": STEP_NAME.pattern,
+            "description": f"Names this step: its id becomes {section}.NAME.",
+        }
+    return {
+        "type": ["object", "null"],
+        "description": catalog.sections[section],
+        "properties": properties,
+        "patternProperties": _KEBAB,
+        "additionalProperties": False,
+    }
 
 
 def build_schema(catalog: Catalog | None = None) -> dict[str, Any]:
@@ -71,18 +91,31 @@ def build_schema(catalog: Catalog | None = None) -> dict[str, Any]:
         defs[section] = section_schema(catalog, section)
         ref = {"$ref": f"#/$defs/{section}"}
         if section in LIST_SECTIONS:
-            properties[section] = {"anyOf": [ref, {"type": "array", "items": ref, "minItems": 1}],
-                                   "description": catalog.sections[section] + " A mapping, or a list of them."}
+            properties[section] = {
+                "anyOf": [ref, {"type": "array", "items": ref, "minItems": 1}],
+                "description": catalog.sections[section] + " A mapping, or a list of them.",
+            }
         else:
-            properties[section] = {**ref, "description": catalog.sections[section]
-                                   + (" Present = the stage runs." if section in STAGE_SECTIONS else "")}
-    values = {"type": "object", "additionalProperties": {}, "description": "flag path (section.flag, section.NAME.flag) -> value"}
+            properties[section] = {
+                **ref,
+                "description": catalog.sections[section]
+                + (" Present = the stage runs." if section in STAGE_SECTIONS else ""),
+            }
+    values = {
+        "type": "object",
+        "additionalProperties": {},
+        "description": "flag path (section.flag, section.NAME.flag) -> value",
+    }
     properties["sweep"] = {
-        "type": "object", "additionalProperties": False,
+        "type": "object",
+        "additionalProperties": False,
         "description": "Several points of this spec (spec/sweep.py); steps equal across points are built once.",
         "properties": {
-            "matrix": {"type": "object", "additionalProperties": {"type": "array", "minItems": 1},
-                       "description": "flag path -> the values to try; every combination is a point"},
+            "matrix": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "minItems": 1},
+                "description": "flag path -> the values to try; every combination is a point",
+            },
             "include": {"type": "array", "items": values, "description": "extra points"},
             "exclude": {"type": "array", "items": values, "description": "combinations to leave out"},
         },
@@ -96,7 +129,7 @@ def build_schema(catalog: Catalog | None = None) -> dict[str, Any]:
         "$id": "https://tunepipe.dev/schemas/tunepipe.schema.json",
         "title": "tunepipe pipeline spec",
         "description": "One YAML file: data → template → train → merge → quantize → export. "
-                       "Generated from src/tunepipe/spec/flags.yaml by `tunepipe schema --write`.",
+        "Generated from src/tunepipe/spec/flags.yaml by `tunepipe schema --write`.",
         "type": "object",
         "properties": properties,
         "patternProperties": _KEBAB,

@@ -65,8 +65,15 @@ def overrides(point: Point, data: dict[str, Any]):
     out = []
     for path, value in point.values.items():
         section, index, flag = _target(path, data)
-        out.append(Override(key=flag, value=json.dumps(value), label=f"sweep {point.name}: {path}={_show(value)}",
-                            section=section, index=index))
+        out.append(
+            Override(
+                key=flag,
+                value=json.dumps(value),
+                label=f"sweep {point.name}: {path}={_show(value)}",
+                section=section,
+                index=index,
+            )
+        )
     return out
 
 

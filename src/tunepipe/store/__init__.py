@@ -11,8 +11,19 @@ from pathlib import Path
 from .base import MANIFEST, STEP_LOG, ArtifactStore, Entry, sha256_file, tree_digest
 from .local import LocalStore, Scratch, default_cache_dir, ensure_root
 
-__all__ = ["MANIFEST", "STEP_LOG", "ArtifactStore", "Entry", "LocalStore", "Scratch", "default_cache_dir", "ensure_root",
-           "open_store", "sha256_file", "tree_digest"]
+__all__ = [
+    "MANIFEST",
+    "STEP_LOG",
+    "ArtifactStore",
+    "Entry",
+    "LocalStore",
+    "Scratch",
+    "default_cache_dir",
+    "ensure_root",
+    "open_store",
+    "sha256_file",
+    "tree_digest",
+]
 
 
 def open_store(root: Path) -> LocalStore:

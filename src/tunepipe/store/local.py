@@ -175,7 +175,10 @@ class LocalStore(ArtifactStore):
                 return False
             if stat.st_size != info["size"]:
                 return False
-            if stat.st_mtime_ns != info.get("mtime_ns", stat.st_mtime_ns) and sha256_file(base / name) != info["sha256"]:
+            if (
+                stat.st_mtime_ns != info.get("mtime_ns", stat.st_mtime_ns)
+                and sha256_file(base / name) != info["sha256"]
+            ):
                 return False
         return True
 
@@ -326,6 +329,8 @@ class LocalStore(ArtifactStore):
             except OSError:
                 pass
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # runs may race here
+            partial = target.with_name(
+                f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+            )  # runs may race here
             shutil.copy2(source, partial)
             os.replace(partial, target)

@@ -114,8 +114,12 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     """Exception types meaning 'the remote did not answer properly', from whichever client libraries
     the filesystem loaded (s3fs raises botocore's and aiohttp's own)."""
     errors: list[type[BaseException]] = [OSError]
-    for module, name in [("botocore.exceptions", "BotoCoreError"), ("botocore.exceptions", "ClientError"),
-                         ("aiohttp", "ClientError"), ("google.auth.exceptions", "GoogleAuthError")]:
+    for module, name in [
+        ("botocore.exceptions", "BotoCoreError"),
+        ("botocore.exceptions", "ClientError"),
+        ("aiohttp", "ClientError"),
+        ("google.auth.exceptions", "GoogleAuthError"),
+    ]:
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -128,16 +132,26 @@ def _reason(exc: BaseException) -> str:
 
 def _safe_name(name: str) -> bool:
     """A manifest file name that stays inside the artifact directory."""
-    return (name != MANIFEST and "\\" not in name and not PurePosixPath(name).is_absolute()
-            and all(part not in ("", ".", "..") for part in name.split("/")))
+    return (
+        name != MANIFEST
+        and "\\" not in name
+        and not PurePosixPath(name).is_absolute()
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
 
 
 def _valid_manifest(manifest: Any, key: str) -> bool:
     if not isinstance(manifest, dict) or manifest.get("key") != key or not isinstance(manifest.get("files"), dict):
         return False
     for name, info in manifest["files"].items():
-        if not (_safe_name(name) and isinstance(info, dict) and isinstance(info.get("sha256"), str)
-                and _SHA256.fullmatch(info["sha256"]) and type(info.get("size")) is int and info["size"] >= 0):
+        if not (
+            _safe_name(name)
+            and isinstance(info, dict)
+            and isinstance(info.get("sha256"), str)
+            and _SHA256.fullmatch(info["sha256"])
+            and type(info.get("size")) is int
+            and info["size"] >= 0
+        ):
             return False
     return True
 
@@ -166,16 +180,22 @@ class RemoteStore(ArtifactStore):
         try:
             import fsspec  # here, not at the top: `tunepipe.store.remote` imports without it
         except ImportError as exc:
-            raise UserError(f"remote cache {self.location}: fsspec is not installed",
-                            details=["pip install 'tunepipe[remote]' (fsspec, and s3fs for s3://)"]) from exc
+            raise UserError(
+                f"remote cache {self.location}: fsspec is not installed",
+                details=["pip install 'tunepipe[remote]' (fsspec, and s3fs for s3://)"],
+            ) from exc
         try:
             self.fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
         except ImportError as exc:  # fsspec names the package that implements the protocol
-            raise UserError(f"remote cache {self.location}: {_reason(exc)}",
-                            details=["install the fsspec implementation it names into tunepipe's environment"]) from exc
+            raise UserError(
+                f"remote cache {self.location}: {_reason(exc)}",
+                details=["install the fsspec implementation it names into tunepipe's environment"],
+            ) from exc
         except ValueError as exc:
-            raise UserError(f"remote cache {self.location}: {_reason(exc)}",
-                            details=["use a directory, file://, s3://bucket/prefix or another fsspec URL"]) from exc
+            raise UserError(
+                f"remote cache {self.location}: {_reason(exc)}",
+                details=["use a directory, file://, s3://bucket/prefix or another fsspec URL"],
+            ) from exc
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         self.object_store = bool(protocols & OBJECT_STORES)
         self.root = root.rstrip("/") or root
@@ -190,8 +210,10 @@ class RemoteStore(ArtifactStore):
             raise
         except PermissionError as exc:
             if writing:
-                raise RemoteReadOnly(f"remote cache {self.location} refused a write ({action}): {_reason(exc)}; "
-                                     "pull from it, or push with credentials that may write") from exc
+                raise RemoteReadOnly(
+                    f"remote cache {self.location} refused a write ({action}): {_reason(exc)}; "
+                    "pull from it, or push with credentials that may write"
+                ) from exc
             raise RemoteUnavailable(self.location, action, _reason(exc)) from exc
         except FileNotFoundError:
             self.check()  # the directory or bucket itself vanished: unavailable
@@ -241,7 +263,7 @@ class RemoteStore(ArtifactStore):
                 found = self.fs.find(base, detail=True)
             except FileNotFoundError:
                 return {}
-        return {path[len(base) + 1:]: info["size"] for path, info in found.items() if path.startswith(base + "/")}
+        return {path[len(base) + 1 :]: info["size"] for path, info in found.items() if path.startswith(base + "/")}
 
     def lookup(self, key: str) -> Entry | None:
         """The key's entry when it is on the remote by the cheap check (for `plan`: state and size)."""
@@ -286,13 +308,14 @@ class RemoteStore(ArtifactStore):
                 self.check()  # nothing at all: maybe the directory or bucket vanished
         listing: dict[str, dict[str, dict[str, Any]]] = {}
         for path, info in found.items():
-            parts = path[len(self.root) + 1:].split("/", 2)
+            parts = path[len(self.root) + 1 :].split("/", 2)
             if len(parts) == 3 and parts[1][:2] == parts[0] and path.startswith(self.root + "/"):
                 listing.setdefault(parts[1], {})[parts[2]] = info
         return listing
 
-    def _stream(self, key: str, name: str, info: dict[str, Any], sink: IO[bytes] | None = None,
-                ticker: _Ticker | None = None) -> str | None:
+    def _stream(
+        self, key: str, name: str, info: dict[str, Any], sink: IO[bytes] | None = None, ticker: _Ticker | None = None
+    ) -> str | None:
         """Read a remote file (into `sink`), hashing as it comes; the problem with it, or None when its
         size and sha256 are the manifest's. Stops reading once it is longer than the manifest says."""
         digest, done = hashlib.sha256(), 0
@@ -362,13 +385,19 @@ class RemoteStore(ArtifactStore):
 
     # -- the interface's local-directory side: not for a remote -----------------------------------
     def fetch(self, key: str) -> Path:
-        raise NotImplementedError("a remote cache has no local directories: pull the key into the local store, then fetch it there")
+        raise NotImplementedError(
+            "a remote cache has no local directories: pull the key into the local store, then fetch it there"
+        )
 
     def begin(self, key: str) -> Path:
-        raise NotImplementedError("steps write into the local store; a remote is filled by push() after the local commit")
+        raise NotImplementedError(
+            "steps write into the local store; a remote is filled by push() after the local commit"
+        )
 
     def commit(self, tmp: Path, key: str, manifest: dict[str, Any], replace: bool = False) -> None:
-        raise NotImplementedError("steps commit to the local store; a remote is filled by push() after the local commit")
+        raise NotImplementedError(
+            "steps commit to the local store; a remote is filled by push() after the local commit"
+        )
 
     def abort(self, tmp: Path) -> None:
         raise NotImplementedError("a remote cache hands out no temporary directories (see begin)")
@@ -411,11 +440,19 @@ class RemoteStore(ArtifactStore):
                 done += len(chunk)
                 ticker.add(len(chunk))
             if (digest.hexdigest(), done) != (info["sha256"], info["size"]):
-                raise RemoteError(f"local artifact {key}: {name} differs from its manifest; not pushed "
-                                  "(tunepipe cache verify names the damage)")
+                raise RemoteError(
+                    f"local artifact {key}: {name} differs from its manifest; not pushed "
+                    "(tunepipe cache verify names the damage)"
+                )
 
-    def push(self, key: str, local_dir: Path, manifest: dict[str, Any], progress: Progress | None = None,
-             replace: bool = False) -> int:
+    def push(
+        self,
+        key: str,
+        local_dir: Path,
+        manifest: dict[str, Any],
+        progress: Progress | None = None,
+        replace: bool = False,
+    ) -> int:
         """Upload a committed local artifact (its directory and manifest); the bytes moved.
 
         Files first, the manifest last. A key already on the remote is left alone (0 bytes) unless

@@ -52,8 +52,13 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     model = common.load_model(model_dir)
     context = min(model.config.max_position_embeddings, MAX_CONTEXT)
     chunk = min(context, MAX_CHUNK)
-    log.info("tracing %s (%s) with transformers' ExecutorchExporter (XNNPACK, context %d, chunks of %d)",
-             model_dir, model.config.model_type, context, chunk)
+    log.info(
+        "tracing %s (%s) with transformers' ExecutorchExporter (XNNPACK, context %d, chunks of %d)",
+        model_dir,
+        model.config.model_type,
+        context,
+        chunk,
+    )
     started = time.monotonic()
     inputs = common.sample_inputs(model, batch=1)
     layers = sum(1 for path in get_leaf_tensors(inputs["cache"]) if path.endswith(".keys"))
@@ -79,8 +84,9 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     }
 
 
-def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict,
-           log: logging.Logger) -> dict:
+def verify(
+    export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict, log: logging.Logger
+) -> dict:
     """Compare the program in ExecuTorch's runtime with the HF model over each probe's prefill and its
     cached decode steps; returns the figures (see onnx_common.compare)."""
     common.check_type("ExecuTorch", type, SUPPORTED_TYPES)
@@ -116,18 +122,20 @@ class ExecutorchDecoder:
     def step(self, tokens: list[int]):
         import numpy as np
 
-        return np.concatenate([self._run(tokens[i:i + self.chunk]) for i in range(0, len(tokens), self.chunk)])
+        return np.concatenate([self._run(tokens[i : i + self.chunk]) for i in range(0, len(tokens), self.chunk)])
 
     def _run(self, tokens: list[int]):
         import torch
 
         end = self.length + len(tokens)
-        outputs = self.method.execute([
-            torch.tensor([tokens], dtype=torch.int64),
-            torch.ones(1, end, dtype=torch.int64),
-            torch.arange(self.length, end, dtype=torch.int64)[None],
-            *self.cache,
-        ])
+        outputs = self.method.execute(
+            [
+                torch.tensor([tokens], dtype=torch.int64),
+                torch.ones(1, end, dtype=torch.int64),
+                torch.arange(self.length, end, dtype=torch.int64)[None],
+                *self.cache,
+            ]
+        )
         self.cache = [tensor.clone() for tensor in outputs[1:]]
         self.length = end
         return outputs[0][0].float().numpy().copy()

@@ -44,8 +44,12 @@ from tunepipe.runtime.export import mlc_config, mlc_params
 from tunepipe.runtime.export.mlc_quant import dequantize_group, quantize_group
 
 # type → (quantization bits or None, model dtype); mlc_llm/quantization/quantization.py
-QUANTIZATIONS = {"q4f16_1": (4, "float16"), "q4f32_1": (4, "float32"), "q0f16": (None, "float16"),
-                 "q0f32": (None, "float32")}
+QUANTIZATIONS = {
+    "q4f16_1": (4, "float16"),
+    "q4f32_1": (4, "float32"),
+    "q0f16": (None, "float16"),
+    "q0f32": (None, "float32"),
+}
 SUPPORTED_TYPES = tuple(QUANTIZATIONS)
 REQUIRES = (("tvm", "apache-tvm"), ("torch", "torch"), ("transformers", "transformers"))
 GROUP_SIZE = 32  # the group size of every `_1` group quantization of mlc-llm
@@ -66,8 +70,9 @@ def _tvmjs():
     try:
         from tvm.contrib import tvmjs
     except ImportError:
-        raise UserError("MLC export needs apache-tvm (its tensor-cache writer and loader)",
-                        ["pip install apache-tvm"]) from None
+        raise UserError(
+            "MLC export needs apache-tvm (its tensor-cache writer and loader)", ["pip install apache-tvm"]
+        ) from None
     return tvmjs
 
 
@@ -89,9 +94,13 @@ def _renderer(template: dict[str, Any], tokenizer):
     """(render, history) of the pipeline's template: the generation prompt, and the conversation alone."""
     from tunepipe.runtime import chat_template
 
-    if not template or not ("slots" in template or "chat_template" in template or template.get("source") == "tokenizer"):
-        raise UserError("MLC export needs the pipeline's resolved template (template.json) for conv_template",
-                        ["export a model that went through the template stage"])
+    if not template or not (
+        "slots" in template or "chat_template" in template or template.get("source") == "tokenizer"
+    ):
+        raise UserError(
+            "MLC export needs the pipeline's resolved template (template.json) for conv_template",
+            ["export a model that went through the template stage"],
+        )
     renderer = chat_template.renderer_from_json(template, tokenizer)
     return renderer.prompt, lambda messages: "".join(text for text, _ in renderer.segments(messages))
 
@@ -107,12 +116,14 @@ def _mlc_tensors(params: dict[str, np.ndarray], bits: int | None, dtype: str) ->
             continue
         module = name.removesuffix(".weight")
         tensors[f"{module}.q_weight"], tensors[f"{module}.q_scale"] = quantize_group(
-            array, bits=bits, group_size=GROUP_SIZE, dtype=dtype)
+            array, bits=bits, group_size=GROUP_SIZE, dtype=dtype
+        )
     return tensors
 
 
-def _write_tensor_cache(tvmjs, tensors: dict[str, np.ndarray], out: Path, source_params: int,
-                        log: logging.Logger) -> dict[str, Any]:
+def _write_tensor_cache(
+    tvmjs, tensors: dict[str, np.ndarray], out: Path, source_params: int, log: logging.Logger
+) -> dict[str, Any]:
     nbytes = float(sum(t.nbytes for t in tensors.values()))
     metadata = {"ParamSize": len(tensors), "ParamBytes": nbytes, "BitsPerParam": nbytes * 8.0 / source_params}
     printed = io.StringIO()
@@ -126,8 +137,9 @@ def _tokenizer_files(model_dir: Path) -> tuple[list[str], dict[str, Any]]:
     """(the tokenizer files mlc-llm copies that model_dir has, mlc-llm's tokenizer info)."""
     files = [name for name in mlc_config.TOKENIZER_FILES if (model_dir / name).is_file()]
     tokenizer_json = model_dir / "tokenizer.json"
-    info = mlc_config.tokenizer_info(json.loads(tokenizer_json.read_text(encoding="utf-8"))
-                                     if tokenizer_json.is_file() else {})
+    info = mlc_config.tokenizer_info(
+        json.loads(tokenizer_json.read_text(encoding="utf-8")) if tokenizer_json.is_file() else {}
+    )
     return files, info
 
 
@@ -148,9 +160,14 @@ def conv_template(template: dict[str, Any], tokenizer) -> tuple[dict[str, Any], 
     render, history = _renderer(template, tokenizer)
     bos = tokenizer.bos_token
     return mlc_config.conversation(
-        render, history, name=f"tunepipe-{template.get('name', 'template')}", bos_token=bos, bos_token_id=tokenizer.bos_token_id if bos else None,
+        render,
+        history,
+        name=f"tunepipe-{template.get('name', 'template')}",
+        bos_token=bos,
+        bos_token_id=tokenizer.bos_token_id if bos else None,
         stop_words=list(template.get("stop_words") or []),
-        stop_token_ids=list(template.get("stop_token_ids") or [tokenizer.eos_token_id]))
+        stop_token_ids=list(template.get("stop_token_ids") or [tokenizer.eos_token_id]),
+    )
 
 
 def compile_command(model_type: str, type: str) -> list[str]:
@@ -162,35 +179,54 @@ def _build_library(out: Path, command: list[str], log: logging.Logger) -> dict[s
     """Run `mlc_llm compile` when mlc_llm is importable; otherwise say what to run."""
     shown = " ".join(command)
     if importlib.util.find_spec("mlc_llm") is None:
-        return {"built": False, "reason": "mlc_llm is not installed (it is not on PyPI)", "command": shown,
-                "cwd": str(out)}
+        return {
+            "built": False,
+            "reason": "mlc_llm is not installed (it is not on PyPI)",
+            "command": shown,
+            "cwd": str(out),
+        }
     log.info("building the model library: %s", shown)
     done = subprocess.run([sys.executable, "-m", *command], check=False, cwd=out, capture_output=True, text=True)
     if done.returncode != 0:
-        raise UserError(f"`{shown}` failed with exit status {done.returncode}",
-                        (done.stdout + done.stderr).strip().splitlines()[-20:])
+        raise UserError(
+            f"`{shown}` failed with exit status {done.returncode}",
+            (done.stdout + done.stderr).strip().splitlines()[-20:],
+        )
     return {"built": True, "command": shown, "cwd": str(out), "library": command[-1]}
 
 
-def _readme(model_type: str, type: str, library: dict[str, Any], conv_check: dict[str, Any],
-            notes: list[str]) -> str:
-    lines = [f"MLC-LLM weight package: {model_type}, quantization {type}, written by tunepipe.", "",
-             "Files: mlc-chat-config.json, tensor-cache.json + params_shard_*.bin (the weights), tokenizer files.", ""]
+def _readme(model_type: str, type: str, library: dict[str, Any], conv_check: dict[str, Any], notes: list[str]) -> str:
+    lines = [
+        f"MLC-LLM weight package: {model_type}, quantization {type}, written by tunepipe.",
+        "",
+        "Files: mlc-chat-config.json, tensor-cache.json + params_shard_*.bin (the weights), tokenizer files.",
+        "",
+    ]
     if library["built"]:
         lines += [f"The model library {library['library']} was built here with:", f"    {library['command']}"]
     else:
-        lines += ["The model library is not built: " + library["reason"] + ".",
-                  "Build it in this directory with mlc-llm installed (replace `auto` with cuda, metal, vulkan, ...",
-                  "to build for another device):", f"    {library['command']}",
-                  "then serve it with", f"    mlc_llm serve . --model-lib {library['command'].split()[-1]}"]
+        lines += [
+            "The model library is not built: " + library["reason"] + ".",
+            "Build it in this directory with mlc-llm installed (replace `auto` with cuda, metal, vulkan, ...",
+            "to build for another device):",
+            f"    {library['command']}",
+            "then serve it with",
+            f"    mlc_llm serve . --model-lib {library['command'].split()[-1]}",
+        ]
     lines.append("")
     if not conv_check["system_messages"]:
-        lines += ["Conversation template: the pipeline's template has no default system prompt, and mlc-llm always",
-                  "renders its system_template, so system_template holds no {system_message}: a request's system",
-                  "message is not rendered. Prompts without one are exactly the trained ones.", ""]
+        lines += [
+            "Conversation template: the pipeline's template has no default system prompt, and mlc-llm always",
+            "renders its system_template, so system_template holds no {system_message}: a request's system",
+            "message is not rendered. Prompts without one are exactly the trained ones.",
+            "",
+        ]
     if not conv_check["matches"]:
-        lines += ["WARNING: mlc-llm's prompt differs from the pipeline's for "
-                  + json.dumps(conv_check["differs"]["messages"]), ""]
+        lines += [
+            "WARNING: mlc-llm's prompt differs from the pipeline's for "
+            + json.dumps(conv_check["differs"]["messages"]),
+            "",
+        ]
     lines += [f"Note: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
@@ -204,12 +240,21 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     layout = mlc_params.layout_for(config)
     conv, conv_check = conv_template(template, tokenizer)
     tokenizer_files, tokenizer_info = _tokenizer_files(model_dir)
-    chat = mlc_config.chat_config(config, layout.model_type, type, conv, tokenizer_files=tokenizer_files,
-                                  tokenizer_info=tokenizer_info, active_vocab_size=len(tokenizer),
-                                  generation=_generation_fields(model_dir))
+    chat = mlc_config.chat_config(
+        config,
+        layout.model_type,
+        type,
+        conv,
+        tokenizer_files=tokenizer_files,
+        tokenizer_info=tokenizer_info,
+        active_vocab_size=len(tokenizer),
+        generation=_generation_fields(model_dir),
+    )
     state = _state(model)
     tensors = _mlc_tensors(mlc_params.to_mlc(state, layout, config), bits, dtype)
-    source_params = sum(a.size for n, a in state.items() if not (n == mlc_params.LM_HEAD and config.tie_word_embeddings))
+    source_params = sum(
+        a.size for n, a in state.items() if not (n == mlc_params.LM_HEAD and config.tie_word_embeddings)
+    )
     out.mkdir(parents=True, exist_ok=True)
     metadata = _write_tensor_cache(tvmjs, tensors, out, source_params, log)
     for name in tokenizer_files:
@@ -222,12 +267,17 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     (out / README).write_text(_readme(layout.model_type, type, library, conv_check, notes), encoding="utf-8")
     log.info("MLC %s: %d tensors, %.2f bits per parameter", type, len(tensors), metadata["BitsPerParam"])
     return {
-        "format": "mlc", "type": type, "model_type": layout.model_type,
+        "format": "mlc",
+        "type": type,
+        "model_type": layout.model_type,
         "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
-        "tensors": len(tensors), "param_bytes": int(metadata["ParamBytes"]),
+        "tensors": len(tensors),
+        "param_bytes": int(metadata["ParamBytes"]),
         "bits_per_param": metadata["BitsPerParam"],
         "quantized": sorted(n.removesuffix(".q_weight") for n in tensors if n.endswith(".q_weight")),
-        "conv_template": conv_check, "library": library, "notes": notes,
+        "conv_template": conv_check,
+        "library": library,
+        "notes": notes,
     }
 
 
@@ -250,8 +300,9 @@ def _dequantize(tensors: dict[str, np.ndarray], bits: int | None, shapes: dict[s
         if name.endswith(".q_weight"):
             module = name.removesuffix(".q_weight")
             weight = f"{module}.weight"
-            params[weight] = dequantize_group(array, tensors[f"{module}.q_scale"], bits=bits, group_size=GROUP_SIZE,
-                                              k=shapes[weight][-1]).astype(np.float32)
+            params[weight] = dequantize_group(
+                array, tensors[f"{module}.q_scale"], bits=bits, group_size=GROUP_SIZE, k=shapes[weight][-1]
+            ).astype(np.float32)
         else:
             params[name] = array.astype(np.float32)
     return params
@@ -266,8 +317,12 @@ def _dequant_errors(restored: dict[str, np.ndarray], original: dict[str, np.ndar
         scale = float(np.abs(original[name]).max())
         per_tensor[name] = {"max_abs": delta, "max_rel": delta / scale if scale else delta}
     worst = max(per_tensor, key=lambda n: per_tensor[n]["max_rel"])
-    return {"max_abs": max(v["max_abs"] for v in per_tensor.values()),
-            "max_rel": per_tensor[worst]["max_rel"], "worst_tensor": worst, "tensors": per_tensor}
+    return {
+        "max_abs": max(v["max_abs"] for v in per_tensor.values()),
+        "max_rel": per_tensor[worst]["max_rel"],
+        "worst_tensor": worst,
+        "tensors": per_tensor,
+    }
 
 
 def _restored_model(model_dir: Path, state: dict[str, np.ndarray], config):
@@ -277,8 +332,9 @@ def _restored_model(model_dir: Path, state: dict[str, np.ndarray], config):
     result = model.load_state_dict({n: torch.from_numpy(a) for n, a in state.items()}, strict=False)
     tied = {mlc_params.LM_HEAD} if config.tie_word_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise RuntimeError(f"MLC tensors do not cover the model: missing {result.missing_keys}, "
-                           f"unexpected {result.unexpected_keys}")
+        raise RuntimeError(
+            f"MLC tensors do not cover the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
     return model
 
 
@@ -307,12 +363,18 @@ def _compare(reference, candidate, probes: list[list[int]]) -> dict[str, Any]:
             rel_err = max(rel_err, delta / float(want.abs().max()))
             agree += int((want.argmax(-1) == got.argmax(-1)).sum())
             positions += want.shape[0]
-    return {"max_rel_logit_error": rel_err, "max_abs_logit_error": abs_err, "greedy_agreement": agree / positions,
-            "probes": len(probes), "positions": positions}
+    return {
+        "max_rel_logit_error": rel_err,
+        "max_abs_logit_error": abs_err,
+        "greedy_agreement": agree / positions,
+        "probes": len(probes),
+        "positions": positions,
+    }
 
 
-def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict,
-           log: logging.Logger) -> dict:
+def verify(
+    export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict, log: logging.Logger
+) -> dict:
     """Figures of the MLC package in `export_dir` against the merged model in `model_dir` (module docstring)."""
     bits, _ = _quantization(type)
     tvmjs = _tvmjs()
@@ -332,11 +394,21 @@ def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: 
     figures = _compare(reference, _restored_model(model_dir, restored, config), probes)
     render, _ = _renderer(template, tokenizer)
     conv_check = mlc_config.check(chat["conv_template"], render, tokenizer.bos_token)
-    log.info("MLC %s: greedy agreement %.3f, max rel logit error %.3g, worst dequantized tensor %s (%.3g)",
-             type, figures["greedy_agreement"], figures["max_rel_logit_error"], errors["worst_tensor"],
-             errors["max_rel"])
-    return {**figures, "type": type, "max_dequant_error": errors, "conv_template": conv_check,
-            "runtime": f"tvm {_tvm_version()} tensor cache, dequantized into transformers' {layout.model_type}"}
+    log.info(
+        "MLC %s: greedy agreement %.3f, max rel logit error %.3g, worst dequantized tensor %s (%.3g)",
+        type,
+        figures["greedy_agreement"],
+        figures["max_rel_logit_error"],
+        errors["worst_tensor"],
+        errors["max_rel"],
+    )
+    return {
+        **figures,
+        "type": type,
+        "max_dequant_error": errors,
+        "conv_template": conv_check,
+        "runtime": f"tvm {_tvm_version()} tensor cache, dequantized into transformers' {layout.model_type}",
+    }
 
 
 def _tvm_version() -> str:

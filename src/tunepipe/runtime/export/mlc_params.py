@@ -33,17 +33,22 @@ GATE_UP = ("gate_proj", "up_proj")
 
 @dataclass(frozen=True)
 class Layout:
-    model_type: str                      # mlc-llm's model type (mlc-chat-config.json)
-    qkv: str | None                      # mlc's fused q/k/v module name; None: HF fuses it already
-    fuse_gate_up: bool                   # False: HF fuses gate_up_proj already
-    norm_offset: float                   # added to every *norm.weight (gemma: 1)
-    head: str                            # "follows_config" | "always_tied" | "never_tied"
+    model_type: str  # mlc-llm's model type (mlc-chat-config.json)
+    qkv: str | None  # mlc's fused q/k/v module name; None: HF fuses it already
+    fuse_gate_up: bool  # False: HF fuses gate_up_proj already
+    norm_offset: float  # added to every *norm.weight (gemma: 1)
+    head: str  # "follows_config" | "always_tied" | "never_tied"
     renames: tuple[tuple[str, str], ...] = ()  # HF → mlc name fragments, applied in order
 
 
-PHI3_RENAMES = (("model.layers.", "transformer.h."), ("model.embed_tokens.", "transformer.embd."),
-                ("model.norm.", "transformer.norm."), (".self_attn.o_proj.", ".mixer.out_proj."),
-                (".self_attn.qkv_proj.", ".mixer.qkv_proj."), (".input_layernorm.", ".ln."))
+PHI3_RENAMES = (
+    ("model.layers.", "transformer.h."),
+    ("model.embed_tokens.", "transformer.embd."),
+    ("model.norm.", "transformer.norm."),
+    (".self_attn.o_proj.", ".mixer.out_proj."),
+    (".self_attn.qkv_proj.", ".mixer.qkv_proj."),
+    (".input_layernorm.", ".ln."),
+)
 
 LAYOUTS = {
     "llama": Layout("llama", "qkv_proj", True, 0.0, "follows_config"),
@@ -60,12 +65,15 @@ def layout_for(config) -> Layout:
     """The layout of an HF config's architecture, or a UserError naming the supported ones."""
     layout = LAYOUTS.get(config.model_type)
     if layout is None:
-        raise UserError(f"MLC export does not support model_type {config.model_type!r}",
-                        [f"supported: {', '.join(LAYOUTS)}"])
+        raise UserError(
+            f"MLC export does not support model_type {config.model_type!r}", [f"supported: {', '.join(LAYOUTS)}"]
+        )
     if layout.head == "always_tied" and not config.tie_word_embeddings:
-        raise UserError(f"mlc-llm's {layout.model_type} always computes logits with the embedding matrix, "
-                        "but this model has its own lm_head (tie_word_embeddings: false)",
-                        ["export a model with tied embeddings, or use another export format (gguf, onnx)"])
+        raise UserError(
+            f"mlc-llm's {layout.model_type} always computes logits with the embedding matrix, "
+            "but this model has its own lm_head (tie_word_embeddings: false)",
+            ["export a model with tied embeddings, or use another export format (gguf, onnx)"],
+        )
     return layout
 
 

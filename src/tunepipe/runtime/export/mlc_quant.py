@@ -33,17 +33,22 @@ STORAGE_BITS = 32  # mlc-llm packs into uint32
 def _check(bits: int, group_size: int) -> int:
     """Codes per uint32 word, after checking that (bits, group_size) is a layout mlc-llm defines."""
     if bits not in (3, 4, 8):
-        raise UserError(f"group quantization bits must be 3, 4 or 8, not {bits!r}",
-                        ["mlc-llm's group quantization stores int3, int4 or int8 codes"])
+        raise UserError(
+            f"group quantization bits must be 3, 4 or 8, not {bits!r}",
+            ["mlc-llm's group quantization stores int3, int4 or int8 codes"],
+        )
     per_word = STORAGE_BITS // bits
     if group_size <= 0 or group_size % per_word:
-        raise UserError(f"group_size {group_size!r} must be a positive multiple of {per_word}",
-                        [f"{per_word} codes of {bits} bits fill one uint32 word; a group holds whole words"])
+        raise UserError(
+            f"group_size {group_size!r} must be a positive multiple of {per_word}",
+            [f"{per_word} codes of {bits} bits fill one uint32 word; a group holds whole words"],
+        )
     return per_word
 
 
-def quantize_group(weight: np.ndarray, *, bits: int = 4, group_size: int = 32,
-                   dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
+def quantize_group(
+    weight: np.ndarray, *, bits: int = 4, group_size: int = 32, dtype: str = "float16"
+) -> tuple[np.ndarray, np.ndarray]:
     """(q_weight uint32 [..., words], q_scale `dtype` [..., groups]) of `weight`, grouped on its last axis."""
     per_word = _check(bits, group_size)
     max_int = np.array(2 ** (bits - 1) - 1, dtype=dtype)
@@ -65,8 +70,9 @@ def quantize_group(weight: np.ndarray, *, bits: int = 4, group_size: int = 32,
     return q_weight, scale
 
 
-def dequantize_group(q_weight: np.ndarray, q_scale: np.ndarray, *, bits: int = 4, group_size: int = 32,
-                     k: int | None = None) -> np.ndarray:
+def dequantize_group(
+    q_weight: np.ndarray, q_scale: np.ndarray, *, bits: int = 4, group_size: int = 32, k: int | None = None
+) -> np.ndarray:
     """The weight that (q_weight, q_scale) stand for, in q_scale's dtype; `k` trims the padded last axis."""
     per_word = _check(bits, group_size)
     dtype = q_scale.dtype
@@ -74,6 +80,6 @@ def dequantize_group(q_weight: np.ndarray, q_scale: np.ndarray, *, bits: int = 4
     shifts = (np.arange(per_word, dtype=np.uint32) * bits).astype(np.uint32)
     codes = (np.asarray(q_weight, dtype=np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)
     codes = codes.reshape(*q_weight.shape[:-1], -1)
-    scales = np.repeat(q_scale, group_size, axis=-1)[..., :codes.shape[-1]]
+    scales = np.repeat(q_scale, group_size, axis=-1)[..., : codes.shape[-1]]
     weight = (codes.astype(dtype) - max_int) * scales
     return weight if k is None else weight[..., :k]

@@ -129,8 +129,10 @@ def _name_graph(graph) -> int:
         expected_outputs += [name.format(layer) for name in PRESENT_NAMES]
     actual = ([value.name for value in graph.inputs], [value.name for value in graph.outputs])
     if actual != (expected_inputs, expected_outputs) or sorted(layers) != list(range(len(layers))):
-        raise RuntimeError(f"the traced graph has inputs {actual[0]} and outputs {actual[1]}, "
-                           f"expected {expected_inputs} and {expected_outputs}")
+        raise RuntimeError(
+            f"the traced graph has inputs {actual[0]} and outputs {actual[1]}, "
+            f"expected {expected_inputs} and {expected_outputs}"
+        )
     _name_dims(graph)
     return len(layers)
 
@@ -173,7 +175,10 @@ def _quantize_int4(program):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(
-        onnx_ir.to_proto(program), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+        onnx_ir.to_proto(program),
+        bits=4,
+        block_size=INT4_BLOCK_SIZE,
+        is_symmetric=True,
         op_types_to_quantize=("MatMul",),
     )
     quantizer.process()
@@ -184,14 +189,21 @@ def _quantization_info(type: str, graph) -> dict | None:
     """What the quantizer did, with the number of MatMuls it replaced and the number it left in float."""
     ops = [node.op_type for node in graph.all_nodes()]
     if type == "int8":
-        return {"method": "onnxruntime quantize_dynamic", "weights": "int8 per tensor",
-                "activations": "uint8, quantized at run time",
-                "quantized_matmuls": ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul"),
-                "float_matmuls": ops.count("MatMul")}
+        return {
+            "method": "onnxruntime quantize_dynamic",
+            "weights": "int8 per tensor",
+            "activations": "uint8, quantized at run time",
+            "quantized_matmuls": ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul"),
+            "float_matmuls": ops.count("MatMul"),
+        }
     if type == "int4":
-        return {"method": "onnxruntime MatMulNBitsQuantizer", "weights": "int4 symmetric",
-                "block_size": INT4_BLOCK_SIZE, "quantized_matmuls": ops.count("MatMulNBits"),
-                "float_matmuls": ops.count("MatMul")}
+        return {
+            "method": "onnxruntime MatMulNBitsQuantizer",
+            "weights": "int4 symmetric",
+            "block_size": INT4_BLOCK_SIZE,
+            "quantized_matmuls": ops.count("MatMulNBits"),
+            "float_matmuls": ops.count("MatMul"),
+        }
     return None
 
 
@@ -212,7 +224,9 @@ def _genai_config(config, generation, *, layers: int, kv_heads: int, head_dim: i
             "head_size": head_dim,
             "hidden_size": config.hidden_size,
             "inputs": {
-                "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                "input_ids": "input_ids",
+                "attention_mask": "attention_mask",
+                "position_ids": "position_ids",
                 "past_key_names": PAST_NAMES[0].replace("{}", "%d"),
                 "past_value_names": PAST_NAMES[1].replace("{}", "%d"),
             },
@@ -255,8 +269,9 @@ def _genai_config(config, generation, *, layers: int, kv_heads: int, head_dim: i
 # ── verify ──────────────────────────────────────────────────────────────────
 
 
-def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict,
-           log: logging.Logger) -> dict:
+def verify(
+    export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict, log: logging.Logger
+) -> dict:
     """Compare the exported graph in onnxruntime with the HF model over each probe's prefill and its
     cached decode steps; returns the figures (see onnx_common.compare)."""
     common.check_type("ONNX", type, SUPPORTED_TYPES)

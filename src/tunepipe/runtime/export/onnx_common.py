@@ -24,8 +24,14 @@ from tunepipe.errors import UserError
 
 DECODE_STEPS = 8
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
 )
 # Shapes the graph is traced with: torch.export freezes a dim of size 0 or 1, so each dynamic one is >= 2.
 SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST = 2, 3, 5
@@ -91,8 +97,9 @@ def sample_inputs(model, *, batch: int = SAMPLE_BATCH) -> dict:
     }
 
 
-def dynamic_shapes(inputs: dict, *, dynamic_batch: bool = True, max_sequence: int | None = None,
-                   max_context: int | None = None) -> dict:
+def dynamic_shapes(
+    inputs: dict, *, dynamic_batch: bool = True, max_sequence: int | None = None, max_context: int | None = None
+) -> dict:
     """Lengths dynamic (new tokens up to `max_sequence`, past and total up to `max_context`; unbounded
     by default), the batch too unless `dynamic_batch` is false, every other axis (heads, head_dim) fixed."""
     from torch.export import Dim

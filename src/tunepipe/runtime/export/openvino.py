@@ -47,8 +47,9 @@ def export(model_dir: Path, out: Path, *, type: str, template: dict, log: loggin
     log.info("tracing %s (%s) with transformers' OpenVINOExporter", model_dir, model.config.model_type)
     started = time.monotonic()
     inputs = common.sample_inputs(model)
-    config = OpenVINOConfig(dynamic_shapes=common.dynamic_shapes(inputs), stateful=True,
-                            compress_to_fp16=type == "fp16")
+    config = OpenVINOConfig(
+        dynamic_shapes=common.dynamic_shapes(inputs), stateful=True, compress_to_fp16=type == "fp16"
+    )
     program = OpenVINOExporter().export(model, inputs, config).program
     _check_signature(program)
     log.info("traced and converted in %.1f s", time.monotonic() - started)
@@ -73,13 +74,16 @@ def _check_signature(program) -> None:
     """The IR takes the four inputs of a stateful decoder and returns logits, its cache folded into state."""
     names = ([port.get_any_name() for port in program.inputs], [port.get_any_name() for port in program.outputs])
     if sorted(names[0]) != sorted(INPUTS) or names[1] != ["logits"] or not program.get_variables():
-        raise RuntimeError(f"the converted model has inputs {names[0]} and outputs {names[1]} with "
-                           f"{len(program.get_variables())} state variables; expected {list(INPUTS)}, "
-                           "['logits'] and the KV cache as state")
+        raise RuntimeError(
+            f"the converted model has inputs {names[0]} and outputs {names[1]} with "
+            f"{len(program.get_variables())} state variables; expected {list(INPUTS)}, "
+            "['logits'] and the KV cache as state"
+        )
 
 
-def verify(export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict,
-           log: logging.Logger) -> dict:
+def verify(
+    export_dir: Path, model_dir: Path, probes: list[list[int]], *, type: str, template: dict, log: logging.Logger
+) -> dict:
     """Compare the IR compiled for OpenVINO's CPU plugin with the HF model over each probe's prefill and
     its cached decode steps; returns the figures (see onnx_common.compare)."""
     common.check_type("OpenVINO", type, SUPPORTED_TYPES)
@@ -113,11 +117,13 @@ class OpenVINODecoder:
         import numpy as np
 
         end = self.length + len(tokens)
-        self.request.infer({
-            "input_ids": np.array([tokens], dtype=np.int64),
-            "attention_mask": np.ones((1, end), dtype=np.int64),
-            "position_ids": np.arange(self.length, end, dtype=np.int64)[None],
-            "beam_idx": np.zeros(1, dtype=np.int32),
-        })
+        self.request.infer(
+            {
+                "input_ids": np.array([tokens], dtype=np.int64),
+                "attention_mask": np.ones((1, end), dtype=np.int64),
+                "position_ids": np.arange(self.length, end, dtype=np.int64)[None],
+                "beam_idx": np.zeros(1, dtype=np.int32),
+            }
+        )
         self.length = end
         return self.request.get_tensor("logits").data[0].astype(np.float32)

@@ -36,15 +36,26 @@ def load(params: dict[str, Any], root: Path, seed: int, cache_dir: Path) -> tupl
         attr = registry.resolve(name, root, info, params)
         rows = registry.sample(registry.read_records(attr, cache_dir), attr, seed, params.get("max_samples"))
         kept = [r for r in (registry.normalise(row, attr, stage) for row in rows) if r is not None]
-        per_dataset[name] = {"formatting": attr.formatting, "rows": len(rows), "kept": len(kept),
-                             "dropped": len(rows) - len(kept)}
+        per_dataset[name] = {
+            "formatting": attr.formatting,
+            "rows": len(rows),
+            "kept": len(kept),
+            "dropped": len(rows) - len(kept),
+        }
         records += kept
     if not records:
-        raise UserError(f"datasets {', '.join(names)}: no usable example (all {sum(d['rows'] for d in per_dataset.values())} rows dropped)",
-                        ["check the formatting, columns and tags of the dataset_info.json entries"])
+        raise UserError(
+            f"datasets {', '.join(names)}: no usable example (all {sum(d['rows'] for d in per_dataset.values())} rows dropped)",
+            ["check the formatting, columns and tags of the dataset_info.json entries"],
+        )
     train, val = registry.split(records, params.get("val_size"), seed)
-    stats = {"stage": stage, "datasets": per_dataset, "train": len(train), "val": len(val),
-             "dropped": sum(d["dropped"] for d in per_dataset.values())}
+    stats = {
+        "stage": stage,
+        "datasets": per_dataset,
+        "train": len(train),
+        "val": len(val),
+        "dropped": sum(d["dropped"] for d in per_dataset.values()),
+    }
     return train, val, stats
 
 

@@ -69,7 +69,13 @@ def run(ctx) -> dict:
         **{k: info[k] for k in ("dtype", "tensors", "shards")},
     }
     (out / "merge.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    ctx.log.info("merged %d adapters into %s (%s, %d tensors)", len(chain.adapters), chain.base_record, record["method"], info["tensors"])
+    ctx.log.info(
+        "merged %d adapters into %s (%s, %d tensors)",
+        len(chain.adapters),
+        chain.base_record,
+        record["method"],
+        info["tensors"],
+    )
     return {
         "method": record["method"],
         "adapters": len(chain.adapters),

@@ -41,12 +41,22 @@ def run(ctx) -> dict:
     calibration = None
     if method == "gptq":
         if "calibration" not in ctx.inputs:
-            raise UserError("quantize method gptq needs calibration data: this step has no `calibration` input "
-                            "(the pipeline's tokenized data)", ["use method: hqq or bnb, which need no calibration"])
+            raise UserError(
+                "quantize method gptq needs calibration data: this step has no `calibration` input "
+                "(the pipeline's tokenized data)",
+                ["use method: hqq or bnb, which need no calibration"],
+            )
         count = int(ctx.params["calibration_samples"])
         calibration = calibration_samples(Path(ctx.inputs["calibration"]), count, int(ctx.seed))
-    info = quantize.quantize(method, merged, out / "model", bits=bits, log=ctx.log, calibration=calibration,
-                             group_size=int(ctx.params["group_size"]))
+    info = quantize.quantize(
+        method,
+        merged,
+        out / "model",
+        bits=bits,
+        log=ctx.log,
+        calibration=calibration,
+        group_size=int(ctx.params["group_size"]),
+    )
     for name in TOKENIZER_FILES:
         if (merged / name).is_file():
             shutil.copyfile(merged / name, out / "model" / name)
@@ -56,8 +66,13 @@ def run(ctx) -> dict:
     record = {**info, "figures": figures}
     (out / "quantize.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     ctx.log.info("quantize %s %d-bit: %s", method, bits, json.dumps(figures, sort_keys=True))
-    return {"method": method, "bits": bits, "modules": len(info["modules"]), **figures,
-            "wall_s": time.perf_counter() - started}
+    return {
+        "method": method,
+        "bits": bits,
+        "modules": len(info["modules"]),
+        **figures,
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def calibration_samples(data: Path, count: int, seed: int) -> list[list[int]]:
@@ -67,7 +82,9 @@ def calibration_samples(data: Path, count: int, seed: int) -> list[list[int]]:
     ids, offsets = (np.load(data / f"train.{name}.npy") for name in ("input_ids", "offsets"))
     order = list(range(len(offsets) - 1))
     random.Random(seed).shuffle(order)
-    chosen = [ids[offsets[i]:min(offsets[i + 1], offsets[i] + CALIBRATION_MAX_TOKENS)].tolist() for i in order[:count]]
+    chosen = [
+        ids[offsets[i] : min(offsets[i + 1], offsets[i] + CALIBRATION_MAX_TOKENS)].tolist() for i in order[:count]
+    ]
     if not chosen:
         raise UserError("quantize method gptq: the calibration data's train split holds no samples")
     return chosen

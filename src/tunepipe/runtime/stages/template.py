@@ -15,8 +15,9 @@ import bisect
 import json
 import multiprocessing
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,12 +35,17 @@ def load_tokenizer(params: dict[str, Any], model_dir: Path | str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(model_dir), use_fast=params["use_fast_tokenizer"],
-            trust_remote_code=bool(params.get("trust_remote_code")), cache_dir=params.get("cache_dir"),
-            revision=params["model_revision"])
+            str(model_dir),
+            use_fast=params["use_fast_tokenizer"],
+            trust_remote_code=bool(params.get("trust_remote_code")),
+            cache_dir=params.get("cache_dir"),
+            revision=params["model_revision"],
+        )
     except OSError as e:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {e}",
-                        ["model_name_or_path must be a local model directory (no model hub is reachable)"]) from None
+        raise UserError(
+            f"cannot load a tokenizer from {model_dir}: {e}",
+            ["model_name_or_path must be a local model directory (no model hub is reachable)"],
+        ) from None
     if params.get("split_special_tokens") and tokenizer.is_fast:
         tokenizer.backend_tokenizer.encode_special_tokens = True
     return tokenizer
@@ -75,9 +81,11 @@ def check_vocab(tokenizer, params: dict[str, Any], model_dir: Path | None, added
     config = json.loads(config_path.read_text())
     vocab_size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if vocab_size and len(tokenizer) > vocab_size:
-        raise UserError(f"the tokenizer grows to {len(tokenizer)} tokens (added {', '.join(added)}) "
-                        f"but the model's embedding holds {vocab_size}",
-                        ["set model.resize_vocab: true, or pick a template whose stop words the tokenizer has"])
+        raise UserError(
+            f"the tokenizer grows to {len(tokenizer)} tokens (added {', '.join(added)}) "
+            f"but the model's embedding holds {vocab_size}",
+            ["set model.resize_vocab: true, or pick a template whose stop words the tokenizer has"],
+        )
 
 
 # ------------------------------------------------------------------------------ workers
@@ -141,19 +149,33 @@ def build_sft(encoded: list[ct.Encoded], cutoff_len: int, packing: bool) -> tupl
     }
     if packing:
         arrays["position_ids"] = _concat([np.arange(lengths[i], dtype=np.int32) for i in order], np.int32)
-    stats = {"samples": len(encoded), "rows": len(rows), "tokens": int(sum(lengths)),
-             "trained_tokens": int((arrays["labels"] != ct.IGNORE).sum()),
-             "truncated": sum(e.truncated for e in encoded), "dropped": len(encoded) - len(kept),
-             "length_histogram": histogram(lengths, cutoff_len)}
+    stats = {
+        "samples": len(encoded),
+        "rows": len(rows),
+        "tokens": int(sum(lengths)),
+        "trained_tokens": int((arrays["labels"] != ct.IGNORE).sum()),
+        "truncated": sum(e.truncated for e in encoded),
+        "dropped": len(encoded) - len(kept),
+        "length_histogram": histogram(lengths, cutoff_len),
+    }
     return arrays, stats
 
 
 def build_pt(docs: list[np.ndarray], cutoff_len: int) -> tuple[dict[str, np.ndarray], dict]:
     ids = _concat(docs, np.int32)
-    offsets = np.append(np.arange(0, len(ids), cutoff_len), len(ids)).astype(np.int64) if len(ids) else np.zeros(1, np.int64)
+    offsets = (
+        np.append(np.arange(0, len(ids), cutoff_len), len(ids)).astype(np.int64) if len(ids) else np.zeros(1, np.int64)
+    )
     lengths = np.diff(offsets).tolist()
-    stats = {"samples": len(docs), "rows": len(lengths), "tokens": int(len(ids)), "trained_tokens": int(len(ids)),
-             "truncated": 0, "dropped": 0, "length_histogram": histogram(lengths, cutoff_len)}
+    stats = {
+        "samples": len(docs),
+        "rows": len(lengths),
+        "tokens": int(len(ids)),
+        "trained_tokens": int(len(ids)),
+        "truncated": 0,
+        "dropped": 0,
+        "length_histogram": histogram(lengths, cutoff_len),
+    }
     return {"input_ids": ids, "labels": ids.copy(), "offsets": offsets}, stats
 
 
@@ -177,8 +199,10 @@ def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, A
         texts = [bos + r["text"] + eos for r in records]
         return build_pt(parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers), cutoff_len)
     if records and "messages" not in records[0]:
-        raise UserError("the data artifact holds plain texts (stage: pt) but this step tokenizes conversations",
-                        ["set the train entry's stage to pt, or use a conversation dataset"])
+        raise UserError(
+            "the data artifact holds plain texts (stage: pt) but this step tokenizes conversations",
+            ["set the train entry's stage to pt, or use a conversation dataset"],
+        )
     encoded = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers)
     return build_sft(encoded, cutoff_len, bool(params.get("packing")))
 
@@ -209,8 +233,10 @@ def prepare(params: dict[str, Any], files: dict[str, Any], spec_dir: Path) -> tu
         renderer, info = ct.resolve(params, tokenizer, template_file_path(params, spec_dir, files))
     added = add_tokens(tokenizer, params, info["stop_words"])
     check_vocab(tokenizer, params, model_dir, added)
-    info["stop_token_ids"] = sorted({tokenizer.convert_tokens_to_ids(w) for w in info["stop_words"]}
-                                    | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    info["stop_token_ids"] = sorted(
+        {tokenizer.convert_tokens_to_ids(w) for w in info["stop_words"]}
+        | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    )
     return tokenizer, renderer, info, added
 
 
@@ -218,27 +244,41 @@ def run(ctx: StepContext) -> dict:
     params = ctx.params
     tokenizer, renderer, info, added = prepare(params, ctx.files, ctx.spec_dir)
 
-    stats: dict[str, Any] = {"template": info["name"], "stage": params["stage"],
-                             "cutoff_len": int(params["cutoff_len"]), "packing": bool(params.get("packing")),
-                             "vocab_size": len(tokenizer), "added_tokens": added}
+    stats: dict[str, Any] = {
+        "template": info["name"],
+        "stage": params["stage"],
+        "cutoff_len": int(params["cutoff_len"]),
+        "packing": bool(params.get("packing")),
+        "vocab_size": len(tokenizer),
+        "added_tokens": added,
+    }
     data_dir = Path(ctx.inputs["data"])
     for split in SPLITS:
         arrays, split_stats = tokenize_split(read_jsonl(data_dir / f"{split}.jsonl"), tokenizer, renderer, params)
         for name, array in arrays.items():
             np.save(ctx.out / f"{split}.{name}.npy", array, allow_pickle=False)
         stats[split] = split_stats
-        ctx.log.info("template: %s: %d samples → %d rows, %d tokens (%d truncated, %d dropped)", split,
-                     split_stats["samples"], split_stats["rows"], split_stats["tokens"],
-                     split_stats["truncated"], split_stats["dropped"])
+        ctx.log.info(
+            "template: %s: %d samples → %d rows, %d tokens (%d truncated, %d dropped)",
+            split,
+            split_stats["samples"],
+            split_stats["rows"],
+            split_stats["tokens"],
+            split_stats["truncated"],
+            split_stats["dropped"],
+        )
 
     # The saved tokenizer carries the template it was trained with, for exports and apply_chat_template.
     if renderer is not None:
-        tokenizer.chat_template = renderer.to_jinja() if isinstance(renderer, ct.SlotRenderer) else info["chat_template"]
+        tokenizer.chat_template = (
+            renderer.to_jinja() if isinstance(renderer, ct.SlotRenderer) else info["chat_template"]
+        )
     tokenizer.save_pretrained(ctx.out / "tokenizer")
     _dump(ctx.out / "template.json", info)
     _dump(ctx.out / "stats.json", stats)
     return {k: stats[k] for k in ("template", "vocab_size")} | {
-        f"{split}_{k}": stats[split][k] for split in SPLITS for k in ("samples", "rows", "tokens")}
+        f"{split}_{k}": stats[split][k] for split in SPLITS for k in ("samples", "rows", "tokens")
+    }
 
 
 def _dump(path: Path, obj: Any) -> None:

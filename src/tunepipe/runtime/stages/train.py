@@ -29,7 +29,12 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    EarlyStoppingCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments, set_seed,
+    EarlyStoppingCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -97,9 +102,7 @@ def run(ctx) -> dict:
     args = training_arguments(ctx, checkpoints, has_eval=eval_set is not None)
     callbacks = []
     if args.eval_strategy != "no" and args.load_best_model_at_end:
-        callbacks.append(
-            EarlyStoppingCallback(int(p["early_stopping_patience"]), float(p["early_stopping_threshold"]))
-        )
+        callbacks.append(EarlyStoppingCallback(int(p["early_stopping_patience"]), float(p["early_stopping_threshold"])))
     trainer = RecipeTrainer(
         model=model,
         args=args,
@@ -126,7 +129,9 @@ def run(ctx) -> dict:
         with stop.installed():
             trainer.train(resume_from_checkpoint=resume)
         if stop.signum is not None:  # saved a checkpoint at the last step: a rerun (or a requeue) resumes there
-            ctx.log.info("stopped by signal %d after step %d; checkpoint saved, exiting", stop.signum, trainer.state.global_step)
+            ctx.log.info(
+                "stopped by signal %d after step %d; checkpoint saved, exiting", stop.signum, trainer.state.global_step
+            )
             raise SystemExit(128 + stop.signum)
         seconds = time.perf_counter() - started
         tokens = trainer.state.num_input_tokens_seen
@@ -196,7 +201,11 @@ def _model(ctx, tokenizer, max_length: int):
     p = ctx.params
     if "base" in ctx.inputs:
         model, _ = modeling.load_trained(
-            Path(ctx.inputs["base"]), p, model_dir=ctx.files.get("model"), spec_dir=ctx.spec_dir, artifacts=ctx.artifacts
+            Path(ctx.inputs["base"]),
+            p,
+            model_dir=ctx.files.get("model"),
+            spec_dir=ctx.spec_dir,
+            artifacts=ctx.artifacts,
         )
         rows = model.get_input_embeddings().weight.shape[0]
         modeling.apply_model_flags(model, p, tokenizer)
@@ -273,7 +282,9 @@ def _lora(model, p: dict, adapters: list[str], resized: bool):
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(target) - leaf_names)
     if missing:
-        raise UserError(f"lora_target: no module named {', '.join(missing)} in this model (linear layers: {', '.join(linear)})")
+        raise UserError(
+            f"lora_target: no module named {', '.join(missing)} in this model (linear layers: {', '.join(linear)})"
+        )
     modules_to_save = None
     if resized:  # new token rows must train and be saved with the adapter
         layers = model.get_input_embeddings(), model.get_output_embeddings()
@@ -490,7 +501,9 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
         model.save_pretrained(out / "model")
         info["base"] = base
         if p.get("plot_lora_matrix"):
-            ctx.log.warning("plot_lora_matrix: finetuning_type is %s, there are no LoRA matrices to plot", info["finetuning_type"])
+            ctx.log.warning(
+                "plot_lora_matrix: finetuning_type is %s, there are no LoRA matrices to plot", info["finetuning_type"]
+            )
     tokenizer.save_pretrained(out / "tokenizer")
     if (data_dir / "template.json").is_file():
         shutil.copyfile(data_dir / "template.json", out / "template.json")
@@ -505,4 +518,6 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if p.get("plot_loss"):
         # Titled by what is in the cache key (never the step id: renaming an entry keeps the key).
-        plots.plot_loss(state["log_history"], out / "loss.png", title=f"loss ({info['stage']}, {info['finetuning_type']})")
+        plots.plot_loss(
+            state["log_history"], out / "loss.png", title=f"loss ({info['stage']}, {info['finetuning_type']})"
+        )

@@ -41,7 +41,7 @@ def probes(data: Path, count: int, seed: int) -> list[list[int]]:
         start, end = int(offsets[i]), int(offsets[i + 1])
         trained = np.nonzero(labels[start:end] != -100)[0]
         prompt_end = int(trained[0]) if len(trained) and trained[0] >= MIN_PROBE_TOKENS else min(end - start, 16)
-        probe = ids[start:start + min(prompt_end, MAX_PROBE_TOKENS)].tolist()
+        probe = ids[start : start + min(prompt_end, MAX_PROBE_TOKENS)].tolist()
         if len(probe) >= MIN_PROBE_TOKENS:
             chosen.append(probe)
         if len(chosen) == count:
@@ -68,7 +68,9 @@ def thresholds(params: dict, kind: str) -> dict[str, float]:
 def judge(figures: dict, limits: dict[str, float]) -> list[str]:
     failures = []
     if "max_rel_logit_error" in limits and figures.get("max_rel_logit_error", 0.0) > limits["max_rel_logit_error"]:
-        failures.append(f"max relative logit error {figures['max_rel_logit_error']:.3g} > {limits['max_rel_logit_error']:.3g}")
+        failures.append(
+            f"max relative logit error {figures['max_rel_logit_error']:.3g} > {limits['max_rel_logit_error']:.3g}"
+        )
     if "min_greedy_agreement" in limits and figures.get("greedy_agreement", 1.0) < limits["min_greedy_agreement"]:
         failures.append(f"greedy agreement {figures['greedy_agreement']:.3f} < {limits['min_greedy_agreement']:.3f}")
     if figures.get("chat_template_tokens_match") is False:
@@ -81,16 +83,32 @@ def run(ctx) -> dict:
     module = format_module(fmt)
     reference = Path(ctx.inputs["reference"])
     prompts = probes(Path(ctx.inputs["probes"]), int(ctx.params["verify_prompts"]), int(ctx.seed))
-    figures = module.verify(Path(ctx.inputs["export"]), model_dir(reference, ctx.work), prompts, type=kind,
-                            template=template_of(reference), log=ctx.log)
+    figures = module.verify(
+        Path(ctx.inputs["export"]),
+        model_dir(reference, ctx.work),
+        prompts,
+        type=kind,
+        template=template_of(reference),
+        log=ctx.log,
+    )
     limits = thresholds(ctx.params, kind)
     failures = judge(figures, limits)
-    report = {"format": fmt, "type": kind, "figures": figures, "thresholds": limits, "passed": not failures,
-              "failures": failures}
+    report = {
+        "format": fmt,
+        "type": kind,
+        "figures": figures,
+        "thresholds": limits,
+        "passed": not failures,
+        "failures": failures,
+    }
     (ctx.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False))
     ctx.log.info("verify %s %s: %s", fmt, kind, json.dumps(report, sort_keys=True))
     if failures:
         raise VerifyFailed(f"verify {fmt} {kind}: the export does not compute what the model computes", failures)
-    return {"format": fmt, "type": kind, "passed": True,
-            **{k: v for k, v in figures.items() if isinstance(v, (int, float, bool))},
-            **{f"threshold_{k}": v for k, v in limits.items()}}
+    return {
+        "format": fmt,
+        "type": kind,
+        "passed": True,
+        **{k: v for k, v in figures.items() if isinstance(v, (int, float, bool))},
+        **{f"threshold_{k}": v for k, v in limits.items()},
+    }

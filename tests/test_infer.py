@@ -7,7 +7,6 @@ import json
 import pytest
 from test_train_support import QA, chain, make_ctx, pretrained, step_params, tokenized, train_params  # noqa: F401
 
-from tunepipe.errors import UserError
 from tunepipe.runtime.stages import infer, train
 
 
@@ -68,11 +67,6 @@ def test_lora_artifact_is_merged_onto_its_base(tmp_path, trained, pretrained):
     merged = load_trained(lora)[0](ids).logits
     assert not torch.allclose(merged, AutoModelForCausalLM.from_pretrained(pretrained)(ids).logits)
     assert merged[0, -1].argmax().item() == record["token_ids"][0]
-
-
-def test_prompt_is_required(tmp_path, trained):
-    with pytest.raises(UserError, match="prompt is required"):
-        ask(tmp_path, trained[0], "")
 
 
 def test_no_cuda_keeps_inference_on_the_cpu(tmp_path, trained, monkeypatch):

@@ -56,11 +56,13 @@ def tiny_config(arch: str, *, tie: bool = False):
     return classes[arch](**common, **extra)
 
 
-def make_tiny_model(arch: str, path: Path, *, seed: int = 0, dtype: str = "float32", tie: bool = False) -> Path:
-    """Save a tiny random `arch` model with the bundled tokenizer into `path`; returns `path`."""
+def make_tiny_model(arch: str, path: Path, *, seed: int = 0, dtype: str = "float32", tie: bool | None = None) -> Path:
+    """Save a tiny random `arch` model with the bundled tokenizer into `path`; returns `path`.
+    Embeddings are tied for gemma/gemma2 (as the real models are), untied otherwise, unless `tie` says."""
     import torch
     import transformers
 
+    tie = arch.startswith("gemma") if tie is None else tie
     config = tiny_config(arch, tie=tie)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 from ..errors import UserError
 from .catalog import TOP_LEVEL, load_catalog
-from .paths import HUB_ID
+from .paths import HUB_ID, read_text
 
 LLAMA_FACTORY, AXOLOTL = "llama_factory", "axolotl"
 # Sections an imported key may land in; a flag of another section (infer, export ...) would add a
@@ -93,14 +93,7 @@ def read_config(path: Path) -> dict[str, Any]:
     """The config as the tools read it (PyYAML); a UserError for anything that is not a YAML mapping."""
     import yaml
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a config file") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    text = read_text(path, "config")
     try:
         doc = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

@@ -22,6 +22,7 @@ from ruamel.yaml.events import AliasEvent
 from ..errors import UserError
 from .catalog import LIST_SECTIONS, STAGE_SECTIONS, TOP_LEVEL, Catalog, Flag, load_catalog
 from .models import describe_type, section_model
+from .paths import read_text
 
 # Keys a stage entry may hold besides its section's flags: a per-stage executor override, and (train
 # entries only) a data override so that e.g. a `pt` step reads another dataset than the `sft` step.
@@ -540,16 +541,7 @@ def load_spec(path: str | Path, overrides: list[Override] | None = None) -> Reso
     path = Path(path)
     catalog = load_catalog()
     loader = _Loader(str(path), catalog)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such spec file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a spec file") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    text = read_text(path, "spec")
     doc = parse_yaml(text, str(path), loader)
     if loader.diagnostics:
         raise SpecError(loader.diagnostics)

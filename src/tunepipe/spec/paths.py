@@ -38,3 +38,19 @@ def config_file_problems(flag: str, value, spec_dir) -> list[str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [f"{flag}: {path} is not a valid JSON file ({exc})"]
     return []
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 file a user named (`what`: "spec", "config" …), or a UserError saying why not."""
+    from ..errors import UserError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a {what} file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None

@@ -15,7 +15,9 @@ fi
 TORCH="torch==${TUNEPIPE_TORCH:-2.13.0}"
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-echo "$TORCH" >"$constraints"
+# torch pinned, plus the S3 stack at versions known to resolve together: left free, pip backtracks
+# for many minutes between boto3's and aiobotocore's botocore pins (and then fails on fsspec).
+{ echo "$TORCH"; cat scripts/constraints-s3.txt; } >"$constraints"
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
 pip=("$PY" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "$TORCH"

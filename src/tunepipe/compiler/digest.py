@@ -3,7 +3,8 @@
 A file's sha256 is remembered under its (absolute path, size, mtime_ns, inode), as DVC does: an
 unchanged stat means an unchanged file, and a re-hash happens only when one of them moves. The memo
 is a small JSON file in the cache directory; it is only an accelerator, so a missing, corrupt or
-read-only memo just means hashing again.
+read-only memo just means hashing again. Within one memo's life (one plan, or every point of a
+sweep) a directory is walked once: its inputs are a snapshot taken when planning.
 
 What enters a cache key is `{relative name: sha256}` per input role: never an absolute path.
 """
@@ -25,6 +26,7 @@ class DigestMemo:
         self.path = path
         self.entries: dict[str, list] = {}
         self.dirty = False
+        self.trees: dict[tuple, dict[str, str]] = {}  # (root, names) -> tree(): each directory walked once
         if path is not None:
             try:
                 self.entries = json.loads(path.read_text())
@@ -51,6 +53,19 @@ class DigestMemo:
         lock files (`*.lock`: tunepipe.lock is the spec's own output) are never digested. A symlink loop
         is walked once; a dangling link or an unreadable file is a UserError naming it.
         """
+        signature = (str(root), None if names is None else tuple(names))
+        if signature not in self.trees:
+            self.trees[signature] = self._walk(root, names)
+        return dict(self.trees[signature])
+
+    def dataset_tree(self, dataset_dir: Path, datasets) -> dict[str, str]:
+        """tree() of what the data stage reads in `dataset_dir` for `data.dataset` (dataset_files)."""
+        signature = ("datasets", str(dataset_dir), tuple(dataset_names(datasets)))
+        if signature not in self.trees:
+            self.trees[signature] = self.tree(dataset_dir, dataset_files(dataset_dir, datasets))
+        return dict(self.trees[signature])
+
+    def _walk(self, root: Path, names: list[str] | None) -> dict[str, str]:
         digests: dict[str, str] = {}
         for name in names if names is not None else [""]:
             start = file = root / name

@@ -34,7 +34,7 @@ from ..spec.naming import entry_names, step_ids
 from ..spec.paths import is_hub_id, resolve
 from ..stage_table import stage
 from ..store import default_cache_dir
-from .digest import MEMO_NAME, DigestMemo, dataset_files
+from .digest import MEMO_NAME, DigestMemo
 
 # Flags whose value is a local path *or* a hub id; every artifact flag of type `path` is an input too.
 PATH_OR_HUB_ID = {"model_name_or_path": "model", "adapter_name_or_path": "adapter"}
@@ -115,19 +115,24 @@ def compile_plan(
     catalog=None,
     cache_dir: Path | None = None,
     executor_override: str | None = None,
+    memo: DigestMemo | None = None,
 ) -> Plan:
     """Compile a resolved spec (docs/internals.md) into a Plan. Pure Python; reads input files to digest them.
 
     `executor_override` (`run --executor`) replaces every step's executor kind, before the keys are
-    computed: a train step's `world_size` follows the executor that will really run it.
+    computed: a train step's `world_size` follows the executor that will really run it. `memo`: the
+    input digests of several compiles at once (a sweep's points: each input read once), saved by
+    the caller; by default the cache directory's own, saved here.
     """
     if catalog is None:
         from ..spec.catalog import load_catalog
 
         catalog = load_catalog()
     spec_path = Path(spec_path).resolve()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(spec_path.parent)
-    memo = DigestMemo(cache_dir / MEMO_NAME)
+    cache_dir = plan_cache_dir(spec_path, cache_dir)
+    own_memo = memo is None
+    if own_memo:
+        memo = DigestMemo(cache_dir / MEMO_NAME)
     cache = spec.get("cache") or {}
     plan = Plan(
         name=spec.get("name") or spec_path.stem,
@@ -138,8 +143,14 @@ def compile_plan(
         push=cache.get("push") or "on-success",
     )
     _Compiler(spec, plan, catalog, memo, executor_override).build()
-    memo.save()
+    if own_memo:
+        memo.save()
     return plan
+
+
+def plan_cache_dir(spec_path: Path, cache_dir: Path | None = None) -> Path:
+    """The artifact store a spec's plan uses: `cache_dir` when given, else the spec's default."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir(Path(spec_path).resolve().parent)
 
 
 class _Compiler:
@@ -351,7 +362,7 @@ class _Compiler:
             if path.is_file():
                 digests[item_role] = {path.name: self.memo.file(path)}
             elif role == "dataset_dir":
-                digests[item_role] = self.memo.tree(path, dataset_files(path, params.get("dataset")))
+                digests[item_role] = self.memo.dataset_tree(path, params.get("dataset"))
             else:
                 digests[item_role] = self.memo.tree(path)
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .plan import Plan, Step, compile_plan
+from .digest import MEMO_NAME, DigestMemo
+from .plan import Plan, Step, compile_plan, plan_cache_dir
 
 
-def compile_sweep(points: list, specs: list[dict], spec_path: Path, **kwargs) -> Plan:
-    plans = [compile_plan(data, spec_path, **kwargs) for data in specs]
+def compile_sweep(points: list, specs: list[dict], spec_path: Path, *, cache_dir: Path | None = None, **kwargs) -> Plan:
+    cache_dir = plan_cache_dir(spec_path, cache_dir)
+    memo = DigestMemo(cache_dir / MEMO_NAME)  # one snapshot of the inputs for every point: each read once
+    plans = [compile_plan(data, spec_path, cache_dir=cache_dir, memo=memo, **kwargs) for data in specs]
+    memo.save()
     everywhere = set.intersection(*({step.key for step in plan.steps} for plan in plans))
     first = plans[0]
     merged = Plan(

@@ -7,6 +7,7 @@ them at once. The result is the resolved spec of docs/internals.md: snake_case k
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,9 +515,16 @@ def resolve(loader: _Loader, raw: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str) -> Any:
+    """The YAML document of `text`, parsed once per process (a sweep loads its spec once per point).
+    Shared: read it, never change it (the loader copies every value it keeps, with `plain`)."""
+    return bounded_yaml().load(text)
+
+
 def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
     try:
-        return bounded_yaml().load(text)
+        return _parsed(text)
     except AliasExpansionError as exc:
         mark = exc.problem_mark
         loader.error(Location(source, mark.line + 1, mark.column + 1), (), exc.problem)

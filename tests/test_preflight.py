@@ -47,7 +47,7 @@ def host(monkeypatch):
         ({"enable_liger_kernel": True}, "enable_liger_kernel: the liger-kernel package is not installed (pip install liger-kernel) and needs a CUDA GPU"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2: the flash-attn package is not installed (pip install flash-attn) and needs a CUDA GPU"),
         ({"attn_implementation": "flash_attention_2"}, "attn_implementation: flash_attention_2: the flash-attn package is not installed"),
-        ({"quantization_bit": 4, "quantization_method": "bnb"}, "quantization_bit 4 (QLoRA): the bitsandbytes package is not installed (pip install bitsandbytes) and needs a CUDA GPU"),
+        ({"quantization_bit": 4, "quantization_method": "bnb"}, "quantization_bit 4 (QLoRA): the bitsandbytes package is not installed (pip install 'bitsandbytes>=0.50', which also runs on CPU)"),
         ({"quantization_bit": 4, "quantization_method": "gptq"}, "quantization_bit: only bitsandbytes (quantization_method: bnb) quantizes while loading"),
         ({"deepspeed": "/nonexistent/ds.json"}, "deepspeed: the deepspeed package is not installed (pip install deepspeed)"),
         ({"report_to": "wandb"}, "report_to wandb: wandb is not installed (pip install wandb)"),
@@ -185,3 +185,53 @@ def test_a_hub_model_that_cannot_be_had_fails_at_once(tmp_path, monkeypatch):
     )
     assert any("HF_HUB_OFFLINE is set" in p for p in problems), problems
     pf.hub_problems.cache_clear()
+
+
+# ---------------------------------------------------------------- QLoRA: a quantized train base
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_with_bitsandbytes_runs_on_cpu_without_a_device_probe(host, bits):
+    """bitsandbytes >= 0.50 runs NF4 and int8 layers on CPU (tests/test_qlora.py trains on them)."""
+    flags = {"finetuning_type": "lora", "quantization_bit": bits, "quantization_method": "bnb"}
+    assert preflight("train", step_params("train", flags), {"kind": "local"}) == []
+    assert host["probes"] == 0
+
+
+def test_an_older_bitsandbytes_needs_a_gpu_and_says_which_release_runs_on_cpu(host, monkeypatch):
+    monkeypatch.setattr(pf, "_version", lambda name: "0.43.1")
+    flags = {"finetuning_type": "lora", "quantization_bit": 4, "quantization_method": "bnb"}
+    assert preflight("train", step_params("train", flags), {"kind": "local"}) == [
+        "quantization_bit: needs a CUDA GPU, but no CUDA GPU in this environment with bitsandbytes 0.43.1; "
+        "0.50 and later run 4- and 8-bit layers on CPU: pip install -U 'bitsandbytes>=0.50'"
+    ]
+    host["device"] = OLD_GPU
+    assert preflight("train", step_params("train", flags), {"kind": "local"}) == []
+
+
+def test_release_parsing():
+    assert pf._release("0.50.2") == (0, 50) and pf._release("1.0") == (1, 0) and pf._release("0.49.0.dev0") == (0, 49)
+    assert pf._release("0.50.2") >= pf.BNB_CPU > pf._release("0.45.5")
+
+
+def test_hqq_tuner_backend_needs_bits_and_the_hqq_package(host):
+    flags = {"finetuning_type": "lora", "tuner_backend": "hqq"}
+    assert preflight("train", step_params("train", flags), {}) == [
+        "tuner_backend hqq trains LoRA on an HQQ-quantized base: set model.quantization_bit (4 or 8)"
+    ]
+    assert preflight("train", step_params("train", {**flags, "quantization_bit": 4}), {}) == []
+    host["missing"].add("hqq")
+    assert preflight("train", step_params("train", {**flags, "quantization_bit": 4}), {}) == [
+        "tuner_backend hqq (quantization_bit 4): the hqq package is not installed (pip install hqq)"
+    ]
+    assert host["probes"] == 0
+
+
+@pytest.mark.parametrize("flag, fix", [("use_triton", "remove use_triton"), ("use_exllama", "remove use_exllama")])
+def test_gpu_only_kernels_are_refused_on_cpu_with_what_to_do(host, monkeypatch, flag, fix):
+    installed = pf._installed
+    monkeypatch.setattr(pf, "_installed", lambda module: module in ("triton", "gptqmodel") or installed(module))
+    problems = preflight("train", step_params("train", {flag: True}), {"kind": "local"})
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{flag}: needs a CUDA GPU, but no CUDA GPU in this environment; {fix}"
+    ), problems

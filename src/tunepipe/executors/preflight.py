@@ -34,6 +34,12 @@ PACKAGES = {
     "use_exllama": ("gptqmodel", "gptqmodel", GPU),
 }
 FA2 = ("flash_attn", "flash-attn")
+# What to do instead on a host without a CUDA GPU, where there is something.
+GPU_FIXES = {
+    "quantization_bit": " with bitsandbytes {bitsandbytes}; 0.50 and later run 4- and 8-bit layers on CPU: pip install -U 'bitsandbytes>=0.50'",
+    "use_triton": "; remove use_triton (the torch kernels run on CPU)",
+    "use_exllama": "; remove use_exllama (gptqmodel's torch kernel runs on CPU)",
+}
 
 
 def preflight(
@@ -140,16 +146,10 @@ def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
         else:
             needs_gpu.append(flag)
 
-    if params.get("quantization_bit") is not None:
-        method = params.get("quantization_method") or "bnb"
-        if method != "bnb":
-            problems.append(f"quantization_bit: only bitsandbytes (quantization_method: bnb) quantizes while loading; "
-                            f"a {method} model is loaded already quantized, without quantization_bit")  # fmt: skip
-        elif not _installed("bitsandbytes"):
-            problems.append(f"quantization_bit {params['quantization_bit']} (QLoRA): the bitsandbytes package is not "
-                            "installed (pip install bitsandbytes) and needs a CUDA GPU")  # fmt: skip
-        else:
-            needs_gpu.append("quantization_bit")
+    if params.get("quantization_bit") is not None or params.get("tuner_backend") == "hqq":
+        problem, gpu_only = quantized_base_problem(params)
+        problems += [problem] if problem else []
+        needs_gpu += ["quantization_bit"] if gpu_only else []  # an older bitsandbytes: CUDA only
 
     report_to = params["report_to"]  # `all` means every tracker that is installed: nothing to check
     if report_to == "tensorboard" and not (_installed("tensorboard") or _installed("tensorboardX")):
@@ -176,9 +176,10 @@ def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
         ]
     cuda = device["cuda"] and not params.get("no_cuda")
     where = "no_cuda is set" if device["cuda"] and params.get("no_cuda") else "no CUDA GPU in this environment"
+    versions = {"bitsandbytes": _version("bitsandbytes")}
     for flag in needs_gpu:
         if not cuda:
-            problems.append(f"{flag}: needs a CUDA GPU, but {where}")
+            problems.append(f"{flag}: needs a CUDA GPU, but {where}" + GPU_FIXES.get(flag, "").format(**versions))
     if params.get("bf16") and cuda and not device["bf16"]:
         problems.append(f"bf16 requested but the GPU ({device['name']}) has no bfloat16 support; use fp16")
     if params.get("tf32") and not (cuda and (device["capability"] or [0])[0] >= 8):
@@ -191,6 +192,48 @@ def train_problems(params: dict, executor: dict, spec_dir) -> list[str]:
         problems.append(f"executor nproc_per_node {executor['nproc_per_node']}: only {device['count']} CUDA GPU(s) here "
                         "(one process per GPU); lower nproc_per_node or set no_cuda for CPU processes")  # fmt: skip
     return problems
+
+
+# bitsandbytes runs its 4-bit (NF4) and 8-bit (LLM.int8) layers, forward and backward, on CPU from this
+# release on (tested: 0.50.2, QLoRA on a CPU-only host); earlier ones need a CUDA GPU.
+BNB_CPU = (0, 50)
+
+
+def quantized_base_problem(params: dict) -> tuple[str | None, bool]:
+    """(the problem with quantizing the train base while loading, whether it needs a CUDA GPU): bitsandbytes
+    (quantization_method: bnb), or HQQ (tuner_backend: hqq); the mirror of `modeling.quantization`."""
+    bits, method = params.get("quantization_bit"), params.get("quantization_method")
+    if params.get("tuner_backend") == "hqq":
+        if bits is None:
+            return "tuner_backend hqq trains LoRA on an HQQ-quantized base: set model.quantization_bit (4 or 8)", False
+        if not _installed("hqq"):
+            return (
+                f"tuner_backend hqq (quantization_bit {bits}): the hqq package is not installed (pip install hqq)",
+                False,
+            )
+        return None, False
+    if (method or "bnb") != "bnb":
+        return (f"quantization_bit: only bitsandbytes (quantization_method: bnb) quantizes while loading; "
+                f"a {method} model is loaded already quantized, without quantization_bit"), False  # fmt: skip
+    if not _installed("bitsandbytes"):
+        return (f"quantization_bit {bits} (QLoRA): the bitsandbytes package is not installed "
+                f"(pip install 'bitsandbytes>={BNB_CPU[0]}.{BNB_CPU[1]}', which also runs on CPU)"), False  # fmt: skip
+    return None, _release(_version("bitsandbytes")) < BNB_CPU
+
+
+def _version(distribution: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string: "0.50.2" → (0, 50); a part that is not a number counts 0."""
+    parts = (version.split(".") + ["0"])[:2]
+    return tuple(int(part) if part.isdigit() else 0 for part in parts)
 
 
 HUB_PROBE_S = 3.0

@@ -157,16 +157,46 @@ def _moe_aux_loss(config, params: dict) -> None:
     config.output_router_logits = True  # the aux loss is only added when router logits are returned
 
 
-def _quantization_config(params: dict):
-    bits = params.get("quantization_bit")
+def quantization(params: dict) -> tuple[str, int] | None:
+    """(library, bits) the base is quantized with while it loads (QLoRA), None for a full-precision load.
+
+    `quantization_bit` with `quantization_method: bnb` quantizes with bitsandbytes (CUDA, or CPU from
+    bitsandbytes 0.50); `tuner_backend: hqq` with `quantization_bit` quantizes with HQQ, whose LoRA
+    layers are peft's (`peft.tuners.lora.hqq`). Other methods (gptq, awq, …) describe models that are
+    already quantized on disk, loaded without quantization_bit. Only a LoRA trains on a quantized
+    base: its weights are frozen, stored as 4- or 8-bit codes."""
+    bits, hqq = params.get("quantization_bit"), params.get("tuner_backend") == "hqq"
+    method = params.get("quantization_method")
     if bits is None:
+        if hqq:
+            raise UserError(
+                "tuner_backend hqq trains LoRA on an HQQ-quantized base: set model.quantization_bit (4 or 8)"
+            )
         return None
-    method = params.get("quantization_method") or "bnb"
-    if method != "bnb":
+    if hqq and method not in (None, "hqq"):
+        raise UserError(
+            f"tuner_backend hqq quantizes the base with HQQ, but quantization_method is {method}",
+            ["remove quantization_method, or remove tuner_backend: hqq to quantize with bitsandbytes"],
+        )
+    method = "hqq" if hqq else method or "bnb"
+    if method not in ("bnb", "hqq"):
         raise UserError(
             f"quantization_bit with quantization_method {method}: only bitsandbytes (bnb) quantizes on load; "
             f"{method} models are loaded pre-quantized, without quantization_bit"
         )
+    finetuning = params.get("finetuning_type")
+    if finetuning not in (None, "lora"):
+        raise UserError(
+            f"quantization_bit {bits} loads the base quantized (QLoRA), whose weights cannot train: "
+            f"finetuning_type {finetuning} needs a full-precision model",
+            ["use finetuning_type: lora, or remove quantization_bit"],
+        )
+    return method, int(bits)
+
+
+def _bnb_config(bits: int, params: dict):
+    """transformers' BitsAndBytesConfig. 4 bits: NF4 with double quantization, LLaMA-Factory's defaults
+    (its quantization_type / double_quantization flags, which this catalog does not have)."""
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
@@ -177,6 +207,22 @@ def _quantization_config(params: dict):
             bnb_4bit_use_double_quant=True,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _hqq_quantize(model, bits: int, params: dict) -> None:
+    """Every linear layer but the head replaced by an HQQLinear of `bits` (HQQ's own group size).
+    transformers 5.x's HqqConfig path raises NotImplementedError, so the hqq package's API does it."""
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    device = "cpu" if params.get("no_cuda") or not torch.cuda.is_available() else "cuda"
+    config = BaseQuantizeConfig(nbits=bits)
+    AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=compute_dtype(params), device=device)
+
+
+def is_quantized(model) -> bool:
+    """Whether `model`'s linear layers hold quantized codes (bitsandbytes / transformers quantizers, HQQ)."""
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "hqq_quantized", False))
 
 
 def load_config(source: str, params: dict, max_length: int | None = None):
@@ -205,6 +251,11 @@ def load_model(
     config = load_config(source, params, max_length)
     common = {"dtype": load_dtype(params), "attn_implementation": attn_implementation(params)}
     if from_scratch:
+        if quantization(params) is not None:
+            raise UserError(
+                "quantization_bit with train_from_scratch: a random init is not quantized (QLoRA adapts a "
+                "pretrained base); remove quantization_bit or train_from_scratch"
+            )
         # Random init from the config; the caller has seeded the RNGs.
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=bool(params.get("trust_remote_code")), **common
@@ -215,10 +266,12 @@ def load_model(
             extra["use_safetensors"] = True  # refuse pickled .bin weights
         if device_map is not None:
             extra["device_map"] = device_map
-        quant = _quantization_config(params)
-        if quant is not None:
-            extra["quantization_config"] = quant
+        quant = quantization(params)
+        if quant is not None and quant[0] == "bnb":
+            extra["quantization_config"] = _bnb_config(quant[1], params)
         model = _from_hub(AutoModelForCausalLM.from_pretrained, source, params, config=config, **common, **extra)
+        if quant is not None and quant[0] == "hqq":
+            _hqq_quantize(model, quant[1], params)
     apply_model_flags(model, params, tokenizer)
     return model
 
@@ -257,13 +310,19 @@ def resize_vocab(model, params: dict, tokenizer) -> bool:
 
 def linear_module_names(model) -> list[str]:
     """Leaf names of every linear layer but the output head: what `lora_target: all` means.
-    (GPT-2 style models store theirs as transformers' Conv1D, a linear layer with (in, out) weights.)"""
+    (GPT-2 style models store theirs as transformers' Conv1D, a linear layer with (in, out) weights;
+    an HQQ-quantized base as HQQLinear.)"""
     from transformers.pytorch_utils import Conv1D
 
+    kinds = (nn.Linear, Conv1D)  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses
+    if getattr(model, "hqq_quantized", False):
+        from hqq.core.quantize import HQQLinear
+
+        kinds += (HQQLinear,)
     head = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+        if isinstance(module, kinds) and module is not head:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -360,5 +419,15 @@ def _spec_path(value: str, spec_dir: str | Path | None) -> str:
 
 def merge_adapter(model, path: str):
     from peft import PeftModel
+
+    if is_quantized(model):
+        raise UserError(
+            f"cannot merge the LoRA adapter {path} into a quantized base (quantization_bit): the merged "
+            "weights would be rounded back to the quantized codes",
+            [
+                "a train step on a quantized base may continue one adapter (adapter_name_or_path), not merge others",
+                "train the earlier steps with finetuning_type full, or remove quantization_bit",
+            ],
+        )
 
     return PeftModel.from_pretrained(model, path).merge_and_unload()

@@ -352,3 +352,92 @@ def test_preview_tokenizes_as_the_template_stage_does():
     llama3["template"]["template"] = "llama3"
     with pytest.raises(UserError, match="grows to 1418 tokens"):
         preview(llama3, EXAMPLES, 1, Console(file=io.StringIO(), no_color=True, width=160))
+
+
+# ------------------------------------------------------------------ the tokenizer, without torch
+TEXT = "<|im_start|>user\nWho made you?  Numbers 12345 and ünïcode…<|im_end|>\n<|endoftext|>"
+
+
+def _tokenizer_dir(tmp_path: Path, tokenizer_class: str | None, model_type: str) -> Path:
+    d = tmp_path / f"{tokenizer_class or 'unnamed'}-{model_type}"
+    d.mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        (d / name).write_bytes((MODEL / name).read_bytes())
+    config = json.loads((MODEL / "tokenizer_config.json").read_text())
+    config.pop("tokenizer_class")
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return d
+
+
+# Each rule of AutoTokenizer's choice: the named class, the model type's registered class overriding a
+# hub class, model types whose hub class is wrong (qwen2), LlamaTokenizer over a byte-level BPE, no class.
+@pytest.mark.parametrize(
+    "tokenizer_class,model_type",
+    [
+        ("TokenizersBackend", "llama"),
+        ("TokenizersBackend", "qwen2"),
+        ("PreTrainedTokenizerFast", "llama"),
+        ("PreTrainedTokenizerFast", "gemma"),
+        ("Qwen2Tokenizer", "qwen2"),
+        ("Qwen2TokenizerFast", "qwen3"),
+        ("Qwen2Tokenizer", "llama"),
+        ("LlamaTokenizer", "llama"),
+        ("LlamaTokenizerFast", "mistral"),
+        ("GPT2Tokenizer", "gpt2"),
+        ("GemmaTokenizer", "phi3"),
+        (None, "llama"),
+    ],
+)
+def test_tokenizer_loads_as_autotokenizer_does(tmp_path, tokenizer_class, model_type):
+    """The template stage's loader (no AutoTokenizer, no torch) gives AutoTokenizer's tokenizer: the
+    same class (transformers 5 rebuilds a named class's pre-tokenizer, so the ids depend on it), the
+    same ids and special tokens, and the same saved files."""
+    from transformers import AutoTokenizer
+
+    from tunepipe.runtime.autotokenizer import autotokenizer_class
+
+    d = _tokenizer_dir(tmp_path, tokenizer_class, model_type)
+    ours, theirs = template.load_tokenizer(step_defaults("template"), d), AutoTokenizer.from_pretrained(d)
+    assert type(ours) is type(theirs)
+    assert (autotokenizer_class(d) is None) == (tokenizer_class is None)
+    assert ours(TEXT, add_special_tokens=False)["input_ids"] == theirs(TEXT, add_special_tokens=False)["input_ids"]
+    assert ours(TEXT)["input_ids"] == theirs(TEXT)["input_ids"]
+    assert (ours.eos_token, ours.pad_token, ours.bos_token, len(ours)) == (
+        theirs.eos_token,
+        theirs.pad_token,
+        theirs.bos_token,
+        len(theirs),
+    )
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes()
+
+
+def test_template_step_imports_no_torch(tmp_path, data_dirs):
+    """The template stage's whole work (tokenizer, render, tokenize, arrays, save) in a fresh process
+    imports neither torch nor transformers' modeling or configuration code."""
+    script = f"""
+import json, logging, sys
+from pathlib import Path
+sys.path.insert(0, {str(REPO / "tests")!r})
+from test_template_stage import step_defaults
+from tunepipe.runtime.context import StepContext
+from tunepipe.runtime.stages import template
+out = Path({str(tmp_path / "out")!r}); out.mkdir()
+params = {{**step_defaults("template"), "template": "qwen", "cutoff_len": 64, "stage": "sft"}}
+ctx = StepContext(id="template", kind="template", key="k", params=params, inputs={{"data": {str(data_dirs["sft"])!r}}},
+                  files={{"model": {str(MODEL)!r}}}, seed=0, spec_dir=Path("."), out=out, work=out / "w",
+                  log=logging.getLogger("t"))
+template.run(ctx)
+heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "transformers.modeling",
+               "transformers.configuration_utils", "transformers.models.auto")))
+print(json.dumps(heavy))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert np.load(tmp_path / "out" / "train.input_ids.npy").size > 0

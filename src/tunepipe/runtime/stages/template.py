@@ -23,6 +23,7 @@ import numpy as np
 
 from tunepipe.errors import UserError
 from tunepipe.runtime import chat_template as ct
+from tunepipe.runtime.autotokenizer import autotokenizer_class
 from tunepipe.runtime.context import StepContext
 
 SPLITS = ("train", "val")
@@ -31,15 +32,19 @@ HISTOGRAM_BINS = 8
 
 # ------------------------------------------------------------------------------ tokenizer
 def load_tokenizer(params: dict[str, Any], model_dir: Path | str):
-    from transformers import AutoTokenizer
+    """The tokenizer AutoTokenizer gives for `model_dir`, loaded through its class so that this step
+    imports no torch (runtime/autotokenizer.py); remote code and hub ids go through AutoTokenizer."""
+    local = Path(model_dir).is_dir() and not params.get("trust_remote_code")
+    cls = autotokenizer_class(model_dir) if local else None
+    if cls is None:
+        from transformers import AutoTokenizer as cls  # noqa: N813 - the general path (imports torch)
 
+        options = {"use_fast": params["use_fast_tokenizer"], "trust_remote_code": bool(params.get("trust_remote_code"))}
+    else:
+        options = {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(model_dir),
-            use_fast=params["use_fast_tokenizer"],
-            trust_remote_code=bool(params.get("trust_remote_code")),
-            cache_dir=params.get("cache_dir"),
-            revision=params["model_revision"],
+        tokenizer = cls.from_pretrained(
+            str(model_dir), cache_dir=params.get("cache_dir"), revision=params["model_revision"], **options
         )
     except OSError as e:
         raise UserError(

@@ -128,6 +128,9 @@ def main() -> int:
     import fake_stages
 
     env = fake_stages.worker_env()
+    # As a user runs it: Python caches bytecode (an installed package has it; an editable one writes it
+    # on first import, here the check runs below). Without it every module compiles at each start-up.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     with tempfile.TemporaryDirectory(prefix="tunepipe-scale-") as tmp:
         scratch = args.keep or Path(tmp)
         scratch.mkdir(parents=True, exist_ok=True)

@@ -121,8 +121,11 @@ def _write_lock(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None =
             steps[step.id] = step_entry(plan, step, manifest)
         elif step.id in previous:
             steps[step.id] = previous[step.id]
-    specs = {name: section for name, section in lock["specs"].items() if name is not None}  # the others' sections stay
-    specs[spec_file] = {"name": plan.name, "steps": steps}
+    section = {"name": plan.name, "steps": steps}
+    if lock.get("version") == LOCK_VERSION and lock["specs"].get(spec_file) == section:
+        return False  # unchanged (the common case: a cached run); the file is never rewritten as it is
+    specs = {name: other for name, other in lock["specs"].items() if name is not None}  # the others' sections stay
+    specs[spec_file] = section
     text = json.dumps({"version": LOCK_VERSION, "specs": specs}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     try:
         if plan.lock_path.read_text() == text:

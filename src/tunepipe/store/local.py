@@ -37,6 +37,12 @@ if TYPE_CHECKING:
     from filelock import FileLock
 
 
+# manifest.json path -> (its inode, size, mtime_ns; its parsed content), for every store of this process:
+# a run asks for each manifest several times (cached?, metrics, lock, summary, model cards); a manifest
+# is parsed again only once it was replaced.
+_MANIFESTS: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+
 def default_cache_dir(spec_dir: Path) -> Path:
     env = os.environ.get("TUNEPIPE_CACHE")
     return Path(env).expanduser().resolve() if env else (spec_dir / ".tunepipe" / "cache").resolve()
@@ -155,11 +161,24 @@ class LocalStore(ArtifactStore):
         return self.root / key[:2] / key
 
     def manifest(self, key: str) -> dict[str, Any] | None:
+        """The committed manifest of `key`, or None. Shared between callers: read it, never change it."""
+        path = self._path(key) / MANIFEST
         try:
-            manifest = json.loads((self._path(key) / MANIFEST).read_text())
+            stat = path.stat()
+        except OSError:
+            return None
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = _MANIFESTS.get(str(path))
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            manifest = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        return manifest if isinstance(manifest, dict) and manifest.get("key") == key else None
+        if not (isinstance(manifest, dict) and manifest.get("key") == key):
+            return None
+        _MANIFESTS[str(path)] = (signature, manifest)
+        return manifest
 
     def has(self, key: str) -> bool:
         """Built and intact by a cheap check: manifest valid, every file present with its size, and a

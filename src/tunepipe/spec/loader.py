@@ -372,9 +372,15 @@ def _kind(value: Any) -> str:
 # -- overrides -----------------------------------------------------------------------------------
 
 
+@functools.cache
+def _scalar_yaml() -> YAML:
+    """One safe loader for every override value (building a loader costs more than a scalar's parse)."""
+    return bounded_yaml("safe")
+
+
 def _parse_scalar(text: str) -> Any:
     try:
-        value = bounded_yaml("safe").load(text)
+        value = _scalar_yaml().load(text)
     except YAMLError:
         return text
     return value if isinstance(value, (bool, int, float, str)) or value is None else text

@@ -162,22 +162,23 @@ class LocalStore(ArtifactStore):
 
     def manifest(self, key: str) -> dict[str, Any] | None:
         """The committed manifest of `key`, or None. Shared between callers: read it, never change it."""
-        path = self._path(key) / MANIFEST
+        path = os.path.join(self._path(key), MANIFEST)  # str paths: a cached run asks this of every step
         try:
-            stat = path.stat()
+            stat = os.stat(path)
         except OSError:
             return None
         signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        cached = _MANIFESTS.get(str(path))
+        cached = _MANIFESTS.get(path)
         if cached is not None and cached[0] == signature:
             return cached[1]
         try:
-            manifest = json.loads(path.read_text())
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
         except (OSError, ValueError):
             return None
         if not (isinstance(manifest, dict) and manifest.get("key") == key):
             return None
-        _MANIFESTS[str(path)] = (signature, manifest)
+        _MANIFESTS[path] = (signature, manifest)
         return manifest
 
     def has(self, key: str) -> bool:
@@ -186,18 +187,16 @@ class LocalStore(ArtifactStore):
         manifest = self.manifest(key)
         if manifest is None:
             return False
-        base = self._path(key)
+        base = str(self._path(key))
         for name, info in manifest.get("files", {}).items():
+            path = os.path.join(base, name)
             try:
-                stat = (base / name).stat()
+                stat = os.stat(path)
             except OSError:
                 return False
             if stat.st_size != info["size"]:
                 return False
-            if (
-                stat.st_mtime_ns != info.get("mtime_ns", stat.st_mtime_ns)
-                and sha256_file(base / name) != info["sha256"]
-            ):
+            if stat.st_mtime_ns != info.get("mtime_ns", stat.st_mtime_ns) and sha256_file(Path(path)) != info["sha256"]:
                 return False
         return True
 

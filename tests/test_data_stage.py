@@ -264,3 +264,28 @@ def test_hub_dataset_without_a_hub_is_a_clear_error(tmp_path, monkeypatch):
     ) as err:
         run_data(tmp_path, dataset_dir=root, dataset=["remote"])
     assert "dataset_dir" in " ".join(err.value.details)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_files_read_as_datasets_reads_them(tmp_path, suffix):
+    """The json-module reader gives `datasets.load_dataset("json")`'s rows: file order, every top-level
+    column in every row (None where one lacks it), nested values as written; and no `datasets` import."""
+    import datasets as hf_datasets
+
+    from tunepipe.runtime import datasets as registry
+
+    rows = [
+        {"instruction": "a", "output": "b", "system": "s", "history": [["q", "r"]]},
+        {"instruction": "c", "output": "d"},
+        {"instruction": "é ✓", "output": "f", "input": "x", "history": []},
+    ]
+    path = tmp_path / f"rows{suffix}"
+    text = "\n".join(json.dumps(r) for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    path.write_text(text, encoding="utf-8")
+    ours = registry._json_rows([path])
+    theirs = list(
+        hf_datasets.load_dataset("json", data_files=[str(path)], split="train", cache_dir=str(tmp_path / "c"))
+    )
+    assert ours == theirs
+    (tmp_path / "obj.json").write_text('{"a": [1, 2]}')
+    assert registry._json_rows([tmp_path / "obj.json"]) is None  # a top-level object: datasets reads it

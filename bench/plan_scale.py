@@ -8,9 +8,11 @@ so N points give 2 + 2N steps (4, 24 and 99 points for 10, 50 and 200 steps). Th
 once with the test suite's fast stand-in stages (tests/fake_stages.py, through
 $TUNEPIPE_STAGE_MODULES): the points of the smaller sweeps are the first points of the largest, so
 one build caches all three. Each timed command is a fresh process, as a user runs it (start-up,
-loading and validating every point, planning, the cache checks all count); the figure is the median
-of --repeat runs. The script checks that the cached run built nothing and that none of the three
-commands imported torch, numpy or transformers (`python -X importtime`).
+loading and validating every point, planning, the cache checks all count); the figures are medians
+of --repeat runs, of the wall clock and of the CPU time (user + system of the process: on a shared
+machine the wall clock also counts waiting for a core, the CPU time much less). The script checks
+that the cached run built nothing and that none of the three commands imported torch, numpy or
+transformers (`python -X importtime`).
 
 Printed: the seconds per size and command, the per-step slope between sizes, and two linearity
 figures: the measured time at the largest size over the time the two smallest sizes predict on a
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -64,13 +67,18 @@ def tunepipe_argv(command: str, spec: Path) -> list[str]:
     return [str(Path(sys.executable).with_name("tunepipe")), command, str(spec)]
 
 
-def median_seconds(argv: list[str], repeat: int, env: dict, cwd: Path | None = None) -> float:
-    times = []
+def median_seconds(argv: list[str], repeat: int, env: dict, cwd: Path | None = None) -> tuple[float, float]:
+    """Median wall-clock seconds of `repeat` runs, and median CPU seconds (the child's user + system):
+    on a shared machine the wall time includes waiting for a core, the CPU time much less so."""
+    walls, cpus = [], []
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def heavy_imports(argv: list[str], env: dict) -> list[str]:
@@ -152,24 +160,28 @@ def main() -> int:
                 raise SystemExit(f"tunepipe {command} imported {', '.join(found)}: the light paths must not")
         print(f"none of {', '.join(COMMANDS)} imported {', '.join(HEAVY)} (python -X importtime)")
 
-        figures: dict[str, list[float]] = {}
+        timed: dict[str, list[tuple[float, float]]] = {}
         for command in COMMANDS:
-            figures[command] = [median_seconds(tunepipe_argv(command, specs[n]), args.repeat, env) for n in sizes]
+            timed[command] = [median_seconds(tunepipe_argv(command, specs[n]), args.repeat, env) for n in sizes]
         for n in sizes:
             cached_run_check(specs[n], n, env)  # still a no-op after the timed runs
         if args.dvc:
-            figures["dvc repro"] = [dvc_seconds(specs[n], args.dvc, args.repeat, scratch) for n in sizes]
+            timed["dvc repro"] = [dvc_seconds(specs[n], args.dvc, args.repeat, scratch) for n in sizes]
 
-        print(f"\nseconds, fresh process, median of {args.repeat} (validate / plan / fully cached run):")
-        print(f"  {'steps':<9} " + "".join(f"{n:>9}" for n in sizes))
-        for name, seconds in figures.items():
-            print(f"  {name:<9} " + "".join(f"{s:9.3f}" for s in seconds))
-        print("per-step cost:")
-        for name, seconds in figures.items():
-            print(slope_report(name, sizes, seconds))
+        figures = {}
+        for clock, index in (("wall", 0), ("cpu", 1)):
+            figures[clock] = {name: [pair[index] for pair in pairs] for name, pairs in timed.items()}
+            print(f"\n{clock} seconds, fresh process, median of {args.repeat} (validate / plan / fully cached run):")
+            print(f"  {'steps':<9} " + "".join(f"{n:>9}" for n in sizes))
+            for name, seconds in figures[clock].items():
+                print(f"  {name:<9} " + "".join(f"{s:9.3f}" for s in seconds))
+            print(f"per-step cost ({clock}):")
+            for name, seconds in figures[clock].items():
+                print(slope_report(name, sizes, seconds))
         if args.dvc:
-            ratios = ", ".join(f"{n}: {d / r:.1f}x" for n, d, r in zip(sizes, figures["dvc repro"], figures["run"]))
-            print(f"dvc repro no-op / tunepipe cached run: {ratios}")
+            wall = figures["wall"]
+            ratios = ", ".join(f"{n}: {d / r:.1f}x" for n, d, r in zip(sizes, wall["dvc repro"], wall["run"]))
+            print(f"dvc repro no-op / tunepipe cached run (wall): {ratios}")
         else:
             print("dvc is not installed: no dvc repro baseline (pip install dvc, or pass --dvc PATH)")
         print(json.dumps({"steps": sizes, "seconds": figures}))

@@ -356,11 +356,12 @@ def load_trained(
     artifacts: dict[str, Path] | None = None,
     **model_kwargs,
 ):
-    """(model, tokenizer) of a train or merge artifact, LoRA adapters merged in.
+    """(model, tokenizer) of a train, merge or quantize artifact, LoRA adapters merged in.
 
     A LoRA artifact's train.json says how its base was built (see docs/internals.md):
     an upstream artifact (loaded recursively), a model directory or hub id with the
-    model flags replayed, or the artifact's own `base/` (a from-scratch init).
+    model flags replayed, or the artifact's own `base/` (a from-scratch init). A quantize
+    artifact (quantize.json) is loaded quantized, by its method's library (`quantize.load`).
 
     train.json records the base model and merged adapters as the spec wrote them, not
     where they lay on the machine that trained: `model_dir` is the local directory of the
@@ -376,6 +377,12 @@ def load_trained(
         artifact / "tokenizer" if (artifact / "tokenizer").is_dir() else artifact / "model"
     )  # merge: one HF dir
     tokenizer = load_tokenizer(tokenizer_dir, params or {})
+    if (artifact / "quantize.json").is_file():  # a quantize artifact: the library that wrote it reads it
+        from tunepipe.runtime import quantize
+
+        model = quantize.load(json.loads((artifact / "quantize.json").read_text())["method"], artifact / "model")
+        apply_model_flags(model, model_flags(params), tokenizer)
+        return model, tokenizer
     if (artifact / "model").is_dir():
         model = load_model(str(artifact / "model"), params or {}, tokenizer, **model_kwargs)
         return model, tokenizer

@@ -3,8 +3,8 @@
 The template artifact stores each split as flat int32 arrays plus sample offsets
 (docs/internals.md). Samples are sliced out lazily (memory-mapped), batches are
 padded to their longest sample only, and `group_by_length` orders samples so that
-a batch holds samples of similar length: together that is most of the padding a
-pad-to-cutoff_len baseline wastes.
+a batch holds samples of similar length: together that removes most of the padding
+that random batches of long-tailed chat data carry (bench/train.py measures it).
 """
 
 from __future__ import annotations
@@ -60,17 +60,18 @@ class TokenizedSplit(Dataset):
 class PadCollator:
     """Right-pads a batch to its longest sample.
 
-    Plain rows get an attention_mask. Packed rows get none: transformers then
+    Plain rows get an attention_mask (the Trainer counts non-padding tokens with it;
+    the train stage drops it before a causal model's forward pass, see
+    stages/train.py `without_padding_mask`). Packed rows get none: transformers then
     derives a block-diagonal mask from the position_ids resets, so packed samples
     never attend to each other, and the padding tail is one more (ignored) block.
     """
 
-    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.pad_to = pad_to  # only the pad-to-cutoff baseline of bench/train.py sets it
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        width = self.pad_to or max(len(item["input_ids"]) for item in items)
+        width = max(len(item["input_ids"]) for item in items)
         n = len(items)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, width), IGNORE, dtype=torch.long)

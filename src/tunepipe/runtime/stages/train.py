@@ -415,11 +415,15 @@ def _config_file(ctx, flag: str) -> str | None:
 
 
 class RecipeTrainer(Trainer):
-    """The stock Trainer; only the length-grouped sampler is ours (seeded per epoch, see collate.py)."""
+    """The stock Trainer with two changes: the length-grouped sampler is ours (seeded per epoch, see
+    collate.py), and right-padded batches reach a causal model without their padding mask."""
 
     def __init__(self, *args, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, without_padding_mask(self.model, inputs), *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -427,6 +431,23 @@ class RecipeTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(dataset.lengths, batch, self.args.data_seed)
         return super()._get_train_sampler(train_dataset)
+
+
+def without_padding_mask(model, inputs: dict) -> dict:
+    """The batch without its attention_mask when the mask only marks right padding of a causal model.
+
+    In a causal model a real token never attends to the padding after it, so the loss on the real
+    tokens is the same without the mask, and the attention gets no mask to build and apply: sdpa
+    takes its causal fast path (the Trainer has already counted the non-padding tokens from the
+    mask). The mask stays when it feeds more than attention: MoE routing statistics
+    (output_router_logits), or padding on the left.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or getattr(model.config, "output_router_logits", False):
+        return inputs
+    lengths = mask.sum(dim=1, keepdim=True)
+    right_padded = torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < lengths)
+    return {k: v for k, v in inputs.items() if k != "attention_mask"} if right_padded else inputs
 
 
 class TokenProgress(ProgressCallback):

@@ -136,8 +136,9 @@ def validate(
 
             overrides = parse_overrides(list(ctx.args), sets)
             chosen = sweep.points(resolved.sweep)
+            file_facts: dict = {}  # the points' input files, read once
             for point in chosen:
-                load_spec(spec, [*overrides, *sweep.overrides(point, resolved.data)])
+                load_spec(spec, [*overrides, *sweep.overrides(point, resolved.data)], file_facts=file_facts)
             swept = f"; a sweep of {len(chosen)} points"
         typer.echo(f"{spec}: ok ({', '.join(stages) or 'no stages'}{swept})")
 

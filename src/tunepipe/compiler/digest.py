@@ -27,11 +27,18 @@ class DigestMemo:
         self.entries: dict[str, list] = {}
         self.dirty = False
         self.trees: dict[tuple, dict[str, str]] = {}  # (root, names) -> tree(): each directory walked once
+        self.located: dict[str, tuple[Path, bool] | None] = {}  # locate(): each input path resolved once
         if path is not None:
             try:
                 self.entries = json.loads(path.read_text())
             except (OSError, ValueError):
                 self.entries = {}
+
+    def locate(self, path: Path) -> tuple[Path, bool] | None:
+        """(its real path, whether it is a file) for an input path that exists, else None."""
+        if str(path) not in self.located:
+            self.located[str(path)] = (path.resolve(), path.is_file()) if path.exists() else None
+        return self.located[str(path)]
 
     def file(self, path: Path) -> str:
         """sha256 of a file's content."""

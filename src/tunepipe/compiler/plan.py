@@ -162,10 +162,7 @@ class _Compiler:
         self.plan = plan
         self.memo = memo
         self.chains: dict[str, list[str]] = {}  # train step id -> the earlier train steps it builds on
-        self.flags_by_kind: dict[str, list] = {}
-        for flag in catalog.flags.values():
-            for kind in flag.used_by:
-                self.flags_by_kind.setdefault(kind, []).append(flag)
+        self.flags_by_kind = catalog.flags_by_kind
 
     def build(self) -> None:
         spec = self.spec
@@ -349,17 +346,17 @@ class _Compiler:
         values = value if isinstance(value, list) else [value]
         for i, item in enumerate(values):
             item_role = role if len(values) == 1 else f"{role}.{i}"
-            path = resolve(spec_dir, str(item))
-            if not path.exists():
+            found = self.memo.locate(resolve(spec_dir, str(item)))
+            if found is None:
                 if flag.name in PATH_OR_HUB_ID and is_hub_id(spec_dir, str(item)):
                     digests[item_role] = {"hub": str(item)}  # a hub id: its name (and revision param) is the input
                     continue
                 raise UserError(
                     f"{flag.section}.{flag.name}: {item}: no such file or directory (needed by step {kind})"
                 )
-            path = path.resolve()
+            path, is_file = found
             files[item_role] = path
-            if path.is_file():
+            if is_file:
                 digests[item_role] = {path.name: self.memo.file(path)}
             elif role == "dataset_dir":
                 digests[item_role] = self.memo.dataset_tree(path, params.get("dataset"))

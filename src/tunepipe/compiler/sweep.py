@@ -65,7 +65,11 @@ def compile_resolved(resolved, overrides: list, *, point: int | None = None, **k
         if not 1 <= point <= len(chosen):
             raise UserError(f"--point {point}: the sweep has points 1 to {len(chosen)}")
         chosen = [chosen[point - 1]]
-    specs = [load_spec(resolved.path, [*overrides, *sweep.overrides(p, resolved.data)]).data for p in chosen]
+    file_facts: dict = {}  # the points' input files, read once
+    specs = [
+        load_spec(resolved.path, [*overrides, *sweep.overrides(p, resolved.data)], file_facts=file_facts).data
+        for p in chosen
+    ]
     if point is not None:
         return compile_plan(specs[0], resolved.path, **kwargs)
     return compile_sweep(chosen, specs, resolved.path, **kwargs)

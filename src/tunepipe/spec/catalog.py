@@ -6,7 +6,7 @@ import difflib
 import os
 import pickle
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,15 @@ class Catalog:
 
     def section_flags(self, section: str) -> list[Flag]:
         return self.by_section.get(section, [])
+
+    @cached_property
+    def flags_by_kind(self) -> dict[str, list[Flag]]:
+        """Step kind -> the flags its steps read (their `used_by` names it), in catalog order."""
+        by_kind: dict[str, list[Flag]] = {}
+        for flag in self.flags.values():
+            for kind in flag.used_by:
+                by_kind.setdefault(kind, []).append(flag)
+        return by_kind
 
     def resolve_name(self, key: str) -> tuple[str, bool] | None:
         """Map a spelling (snake, kebab, no_X) to (flag name, negated) or None."""

@@ -548,8 +548,13 @@ def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
     return None
 
 
-def load_spec(path: str | Path, overrides: list[Override] | None = None) -> ResolvedSpec:
-    """Load, validate and resolve a spec; raises SpecError listing every problem."""
+def load_spec(
+    path: str | Path, overrides: list[Override] | None = None, *, file_facts: dict | None = None
+) -> ResolvedSpec:
+    """Load, validate and resolve a spec; raises SpecError listing every problem.
+
+    `file_facts`: one dict shared by several loads of one command (a sweep's points, each loaded with
+    its own overrides): what the rules read from input files is read once (rules.RuleContext)."""
     from .rules import check_rules, resolve_interactions
 
     path = Path(path)
@@ -575,7 +580,7 @@ def load_spec(path: str | Path, overrides: list[Override] | None = None) -> Reso
     )
     if not any(d.severity == "error" for d in loader.diagnostics):
         resolve_interactions(spec)
-        for diagnostic in check_rules(spec, catalog):
+        for diagnostic in check_rules(spec, catalog, file_facts):
             loader.diagnostics.append(diagnostic)
     errors = [d for d in loader.diagnostics if d.severity == "error"]
     if errors:

@@ -11,6 +11,7 @@ import difflib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import UserError
 from .catalog import Catalog
@@ -24,6 +25,15 @@ class RuleContext:
     spec: ResolvedSpec
     catalog: Catalog
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    # What rules read from input files, by what they asked: shared by the loads of one command (a
+    # sweep's points), so that each file is read once, as the compiler digests each input once.
+    file_facts: dict = field(default_factory=dict)
+
+    def read_once(self, question: tuple, read: Callable[..., Any], *args: Any) -> Any:
+        """`read(*args)`, unless an earlier load sharing `file_facts` asked the same `question`."""
+        if question not in self.file_facts:
+            self.file_facts[question] = read(*args)
+        return self.file_facts[question]
 
     @property
     def data(self) -> dict:
@@ -184,9 +194,6 @@ def train_stages_need_data(ctx: RuleContext) -> None:
 
 def datasets_known(ctx: RuleContext) -> None:
     """Every dataset resolves as the data stage will resolve it (LLaMA-Factory's dataset_info.json)."""
-    from ..runtime.datasets import check_files, load_info  # light: `datasets` loads lazily
-    from ..runtime.datasets import resolve as resolve_dataset
-
     top = ctx.data.get("data") or {}
     configs = [(("data", "dataset"), top)] if top else []
     configs += [
@@ -196,19 +203,30 @@ def datasets_known(ctx: RuleContext) -> None:
     ]
     for path, config in configs:
         base = resolve(ctx.spec.spec_dir, config.get("dataset_dir") or ".")  # unset: the spec's own directory
-        if not base.is_dir():
-            continue  # input_files_exist reports the directory
+        question = ("datasets", str(base), json.dumps(config, sort_keys=True, default=str))
+        for message in ctx.read_once(question, _dataset_problems, base, config):
+            ctx.error(path, message)
+
+
+def _dataset_problems(base, config: dict) -> list[str]:
+    """Why the datasets of a data config would not load from `base` (a directory), as messages."""
+    from ..runtime.datasets import check_files, load_info  # light: `datasets` loads lazily
+    from ..runtime.datasets import resolve as resolve_dataset
+
+    if not base.is_dir():
+        return []  # input_files_exist reports the directory
+    try:
+        registry = load_info(base)
+    except UserError as exc:
+        return [exc.message]
+    problems = []
+    for name in config.get("dataset") or []:
         try:
-            registry = load_info(base)
+            check_files(resolve_dataset(name, base, registry, config))
         except UserError as exc:
-            ctx.error(path, exc.message)
-            continue
-        for name in config.get("dataset") or []:
-            try:
-                check_files(resolve_dataset(name, base, registry, config))
-            except UserError as exc:
-                close = difflib.get_close_matches(name, list(registry), n=1) if name not in registry else []
-                ctx.error(path, exc.message + (f" (did you mean {close[0]}?)" if close else ""))
+            close = difflib.get_close_matches(name, list(registry), n=1) if name not in registry else []
+            problems.append(exc.message + (f" (did you mean {close[0]}?)" if close else ""))
+    return problems
 
 
 def template_known(ctx: RuleContext) -> None:
@@ -402,17 +420,22 @@ def executor_options_fit_kind(ctx: RuleContext) -> None:
 MAX_CUTOFF = 1 << 20  # a million tokens per sample: beyond any model's context, and beyond any host's memory
 
 
+def _context_length(config) -> Any:
+    """max_position_embeddings of a model's config.json (a Path, or None), or None."""
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+
+
 def cutoff_len_fits_the_model(ctx: RuleContext) -> None:
     """cutoff_len within the model's context (its local config.json), unless RoPE scaling extends it."""
     model = ctx.data.get("model") or {}
-    limit = None
     source = model.get("model_name_or_path")
     config = resolve(ctx.spec.spec_dir, source) / "config.json" if source else None
-    if config is not None and config.is_file():
-        try:
-            limit = json.loads(config.read_text()).get("max_position_embeddings")
-        except (OSError, ValueError):
-            limit = None
+    limit = ctx.read_once(("max_position_embeddings", str(config)), _context_length, config)
     top = ctx.data.get("data") or {}
     configs = [(("data", "cutoff_len"), top)] + [
         ((*p, "data", "cutoff_len"), {**top, **e["data"]})
@@ -511,8 +534,9 @@ def _resolve_exports(spec: ResolvedSpec) -> None:
             entry["type"] = by_format[entry["format"]][0]
 
 
-def check_rules(spec: ResolvedSpec, catalog: Catalog) -> list[Diagnostic]:
-    ctx = RuleContext(spec, catalog)
+def check_rules(spec: ResolvedSpec, catalog: Catalog, file_facts: dict | None = None) -> list[Diagnostic]:
+    """Every rule's diagnostics. `file_facts`: shared by the loads of one command (RuleContext)."""
+    ctx = RuleContext(spec, catalog, file_facts=file_facts if file_facts is not None else {})
     for rule in RULES:
         rule(ctx)
     return ctx.diagnostics

@@ -236,3 +236,29 @@ def test_an_adapter_is_not_merged_into_a_quantized_base(nf4, base):
     artifact, _, _, _, flags = nf4
     with pytest.raises(UserError, match="cannot merge the LoRA adapter .* into a quantized base"):
         modeling.merge_adapter(fresh(base, flags), str(artifact / "adapter"))
+
+
+def test_a_recorded_quantized_base_is_named_in_merge_json(nf4, base, tmp_path):
+    """train.json's `quantized_base` (modeling.quantization_record) reaches the adapter's merge.json record;
+    the merge is the same full-precision merge."""
+    import shutil
+
+    artifact, _, _, _, flags = nf4
+    record = modeling.quantization_record(train_params(**flags))
+    assert record == {"method": "bnb", "bits": 4, "quant_type": "nf4", "double_quant": True}
+    assert modeling.quantization_record(train_params()) is None
+    assert modeling.quantization_record(train_params(quantization_bit=8, tuner_backend="hqq")) == {
+        "method": "hqq",
+        "bits": 8,
+    }
+    copy = tmp_path / artifact.name
+    shutil.copytree(artifact, copy)
+    info = json.loads((copy / "train.json").read_text())
+    (copy / "train.json").write_text(json.dumps({**info, "quantized_base": record}))
+    (tmp_path / "recorded").mkdir()
+    (tmp_path / "plain").mkdir()
+    out, _ = merge(tmp_path / "recorded", copy, base)
+    merged = json.loads((out / "merge.json").read_text())
+    assert merged["adapters"] == [{"artifact": copy.name, "path": "adapter", "quantized_base": record}]
+    plain, _ = merge(tmp_path / "plain", artifact, base)
+    assert (out / "model" / "model.safetensors").read_bytes() == (plain / "model" / "model.safetensors").read_bytes()

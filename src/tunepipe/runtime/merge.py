@@ -15,6 +15,10 @@
 base weights and every adapter in the order the chain applied them: per step, the adapters it
 merged before training (`merged_adapters`, resolved against the spec directory) then the one it
 trained; plus the model flags the chain replays (the last step's win, as in `modeling.load_trained`).
+An adapter trained on a quantized base (QLoRA; train.json's `quantized_base`) is merged into the
+full-precision base weights like any other, as LLaMA-Factory's export does; the merged model then
+differs from the function it trained as by the base's quantization error only (tests/test_qlora.py).
+Its adapter record in merge.json carries `quantized_base`.
 
 **The streaming merge** writes a complete HF directory: config.json (the base's, with the chain's
 model flags applied by `modeling.load_config`), generation_config.json when the base has one, and
@@ -152,7 +156,10 @@ def resolve_chain(
             if spec["kind"] == "own"
             else [_listed_adapter(v, spec_dir, key) for v in spec.get("merged_adapters", [])]
         )
-        own = Adapter(artifact / "adapter", {"artifact": key, "path": "adapter"})
+        # An adapter trained on a quantized base (QLoRA) is merged into the full-precision base weights, as
+        # LLaMA-Factory's export does; merge.json says what it was trained on.
+        quantized = {"quantized_base": info["quantized_base"]} if info.get("quantized_base") else {}
+        own = Adapter(artifact / "adapter", {"artifact": key, "path": "adapter", **quantized})
         links.insert(0, Link(key, artifact / "tokenizer", (*merged, own)))
         if spec["kind"] == "artifact":
             key = spec["key"]

@@ -194,6 +194,20 @@ def quantization(params: dict) -> tuple[str, int] | None:
     return method, int(bits)
 
 
+def quantization_record(params: dict) -> dict | None:
+    """What train.json records of a quantized train base (`quantized_base`), None for a full-precision
+    one: provenance only — a merge always merges into the full-precision weights of the base."""
+    quant = quantization(params)
+    if quant is None:
+        return None
+    method, bits = quant
+    if method != "bnb" or bits != 4:
+        return {"method": method, "bits": bits}
+    config = _bnb_config(bits, params)
+    return {"method": method, "bits": bits, "quant_type": config.bnb_4bit_quant_type,
+            "double_quant": config.bnb_4bit_use_double_quant}  # fmt: skip
+
+
 def _bnb_config(bits: int, params: dict):
     """transformers' BitsAndBytesConfig. 4 bits: NF4 with double quantization, LLaMA-Factory's defaults
     (its quantization_type / double_quantization flags, which this catalog does not have)."""

@@ -262,3 +262,12 @@ def test_a_recorded_quantized_base_is_named_in_merge_json(nf4, base, tmp_path):
     assert merged["adapters"] == [{"artifact": copy.name, "path": "adapter", "quantized_base": record}]
     plain, _ = merge(tmp_path / "plain", artifact, base)
     assert (out / "model" / "model.safetensors").read_bytes() == (plain / "model" / "model.safetensors").read_bytes()
+
+
+def test_a_quantized_base_is_placed_on_the_device_this_process_trains_on(monkeypatch):
+    """The Trainer does not move a bitsandbytes model: it loads on this rank's GPU, or the CPU."""
+    assert modeling.quantized_device({}) == "cpu"  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert modeling.quantized_device({}) == "cuda:1"
+    assert modeling.quantized_device({"no_cuda": True}) == "cpu"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +230,18 @@ def _hqq_quantize(model, bits: int, params: dict) -> None:
     from hqq.core.quantize import BaseQuantizeConfig
     from hqq.models.hf.base import AutoHQQHFModel
 
-    device = "cpu" if params.get("no_cuda") or not torch.cuda.is_available() else "cuda"
     config = BaseQuantizeConfig(nbits=bits)
+    device = quantized_device(params)
     AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=compute_dtype(params), device=device)
+
+
+def quantized_device(params: dict) -> str:
+    """Where a quantized base lives: the Trainer does not move one (bitsandbytes layers have no `.to`),
+    so it is placed at load time on the device this process trains on — its own GPU (LOCAL_RANK under
+    torchrun, as LLaMA-Factory does), or the CPU with no_cuda or without CUDA."""
+    if params.get("no_cuda") or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def is_quantized(model) -> bool:
@@ -283,6 +293,7 @@ def load_model(
         quant = quantization(params)
         if quant is not None and quant[0] == "bnb":
             extra["quantization_config"] = _bnb_config(quant[1], params)
+            extra.setdefault("device_map", {"": quantized_device(params)})
         model = _from_hub(AutoModelForCausalLM.from_pretrained, source, params, config=config, **common, **extra)
         if quant is not None and quant[0] == "hqq":
             _hqq_quantize(model, quant[1], params)

@@ -204,7 +204,8 @@ def plan(
     from .runner import open_remote_cache, remote_url
 
     compiled = compile_spec(spec, ctx, sets, executor, point)
-    cache = open_remote_cache(remote_url(compiled, remote), _console(stderr=True))
+    url = remote_url(compiled, remote)
+    cache = open_remote_cache(url, _console(stderr=True)) if url else None
     typer.echo(render(compiled, annotate(compiled, remote=cache), fmt.value), nl=False)
     if compiled.points and fmt == PlanFormat.text:
         for sweep_point, _ in compiled.points:
@@ -664,28 +665,30 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _print_error(*parts: str | tuple[str, str]) -> None:
+    """One line on stderr, parts styled as `rich.text.Text.assemble` takes them: as text, never as
+    markup (messages may hold [brackets]). rich is imported here: a command that succeeds needs none."""
+    from rich.text import Text
+
+    _console(stderr=True).print(Text.assemble(*parts))
+
+
 def main() -> None:
     """Entry point: user errors print a clear message and exit 2 (frozen plan: 3), never a traceback."""
-    from rich.text import Text  # messages may hold [brackets]: print them as text, never as markup
-
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code in this mode
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as exc:
-        err = _console(stderr=True)
-        err.print(Text.assemble(("error: ", "bold red"), exc.message))
+        _print_error(("error: ", "bold red"), exc.message)
         for line in exc.details:
-            err.print(line, markup=False)
+            _console(stderr=True).print(line, markup=False)
         sys.exit(exc.exit_code)
     except StepFailed as exc:
-        err = _console(stderr=True)
-        err.print(
-            Text.assemble(
-                (f"step {exc.step_id} failed", "bold red"), f" (exit status {exc.returncode}); last lines of its log:"
-            )
+        _print_error(
+            (f"step {exc.step_id} failed", "bold red"), f" (exit status {exc.returncode}); last lines of its log:"
         )
-        err.print(exc.log_tail, markup=False)
+        _console(stderr=True).print(exc.log_tail, markup=False)
         sys.exit(2 if exc.returncode == 2 else exc.exit_code)  # a stage's user error (bad input) stays exit 2
     except OSError as exc:  # the runner's own resource errors (a full disk writing STEP.json, …)
         from .resources import describe_os_error
@@ -693,14 +696,14 @@ def main() -> None:
         line = describe_os_error(exc)
         if line is None:
             raise
-        _console(stderr=True).print(Text.assemble(("error: ", "bold red"), line))
+        _print_error(("error: ", "bold red"), line)
         sys.exit(1)
     except KeyboardInterrupt:
-        _console(stderr=True).print(
-            Text(
+        _print_error(
+            (
                 "interrupted: the running steps were stopped and nothing half-built was kept; "
                 "run the same command again to continue (finished steps stay cached)",
-                style="yellow",
+                "yellow",
             )
         )
         sys.exit(130)

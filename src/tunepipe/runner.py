@@ -23,9 +23,8 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
 from rich.text import Text
 
 from .compiler.lockfile import keys_in_lock, output_digest, read_lock, write_lock
@@ -38,6 +37,9 @@ from .resources import describe_exit
 from .stage_table import stage
 from .store import LocalStore, open_store
 from .store.remote import RemoteCorrupt, RemoteError, RemoteReadOnly, RemoteUnavailable
+
+if TYPE_CHECKING:
+    from rich.console import Console  # the caller's (`tunepipe plan` needs none without a remote)
 
 PULLED, REMOTE = "pulled", "remote"  # outcomes of steps the remote cache had
 POLL_S = 0.1
@@ -155,7 +157,10 @@ def run_plan(
     push: str = "on-success",
 ) -> RunResult:
     started = time.monotonic()
-    console = console or Console(stderr=True)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
     store = open_store(plan.cache_dir)
     lock = read_lock(plan.lock_path, plan.spec_path.name)
     if frozen:

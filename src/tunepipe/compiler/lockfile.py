@@ -23,8 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from ..errors import UserError
 from ..store import STEP_LOG, ArtifactStore, tree_digest
 from .plan import Plan, Step
@@ -101,17 +99,23 @@ def write_lock(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None = 
 
     Returns whether the file changed (it is not rewritten when identical).
     """
+    lock = read_lock_file(plan.lock_path) or {"specs": {}}
+    if lock.get("version") == LOCK_VERSION and lock["specs"].get(plan.spec_path.name) == _section(
+        plan, store, remote, lock
+    ):
+        return False  # unchanged (a cached run): nothing to write, no file lock to take
     # Two specs of one directory may finish at once: the read-modify-write of the file is serialised,
     # by a lock in the temp directory (the cache may be read-only: a team cache, a login node).
+    from filelock import FileLock
+
     name = hashlib.sha256(str(plan.lock_path).encode()).hexdigest()[:16]
     with FileLock(str(Path(tempfile.gettempdir()) / f"tunepipe-lockfile-{name}.lock")):
         return _write_lock(plan, store, remote)
 
 
-def _write_lock(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None = None) -> bool:
-    spec_file = plan.spec_path.name
-    lock = read_lock_file(plan.lock_path) or {"specs": {}}
-    previous = (lock["specs"].get(spec_file) or lock["specs"].get(None) or {}).get("steps", {})
+def _section(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None, lock: dict[str, Any]) -> dict[str, Any]:
+    """The plan's section of the lock file `lock` (as read) once this run is recorded."""
+    previous = (lock["specs"].get(plan.spec_path.name) or lock["specs"].get(None) or {}).get("steps", {})
     steps = {}
     for step in plan.steps:
         manifest = store.manifest(step.key)
@@ -121,11 +125,13 @@ def _write_lock(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None =
             steps[step.id] = step_entry(plan, step, manifest)
         elif step.id in previous:
             steps[step.id] = previous[step.id]
-    section = {"name": plan.name, "steps": steps}
-    if lock.get("version") == LOCK_VERSION and lock["specs"].get(spec_file) == section:
-        return False  # unchanged (the common case: a cached run); the file is never rewritten as it is
+    return {"name": plan.name, "steps": steps}
+
+
+def _write_lock(plan: Plan, store: ArtifactStore, remote: ArtifactStore | None = None) -> bool:
+    lock = read_lock_file(plan.lock_path) or {"specs": {}}  # again, under the file lock
     specs = {name: other for name, other in lock["specs"].items() if name is not None}  # the others' sections stay
-    specs[spec_file] = section
+    specs[plan.spec_path.name] = _section(plan, store, remote, lock)
     text = json.dumps({"version": LOCK_VERSION, "specs": specs}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     try:
         if plan.lock_path.read_text() == text:

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,14 +131,18 @@ class Row:
         return self.tokens / self.seconds
 
 
-def run_stage(root: Path, name: str, data: Path, model: Path, args) -> Row:
+def run_stage(root: Path, name: str, data: Path, model: Path, args, overrides: dict) -> Row:
     from tunepipe.runtime.stages import train
 
     params = {
         **defaults("train"), **hyperparameters(args), "save_steps": 10_000, "disable_tqdm": True,
-        "report_to": "none", **args.overrides,
+        "report_to": "none", **args.overrides, **overrides,
     }  # fmt: skip
-    ctx = context(root, name.split()[0], "train", params, {"template": data}, {"model": model})
+    if overrides:
+        name += " " + " ".join(f"{k}={v}" for k, v in overrides.items())
+    ctx = context(
+        root, f"stage-{len(list(root.glob('stage-*')))}", "train", params, {"template": data}, {"model": model}
+    )
     metrics = train.run(ctx)
     state = json.loads((ctx.out / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e and e.get("step", 0) > 1]
@@ -242,7 +247,9 @@ def run_lf(root: Path, data: Path, model_dir: Path, args) -> Row:
         "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "do_eval": True,
         "finetuning_type": "lora", "lora_target": "all", "lora_rank": h["lora_rank"], "lora_alpha": h["lora_alpha"],
         "lora_dropout": h["lora_dropout"], "template": "chatml", "cutoff_len": args.cutoff_len,
-        "tokenized_path": str(lf_dataset(root, data)), "output_dir": str(out), "overwrite_output_dir": True,
+        "tokenized_path": str(lf_dataset(root, data)),
+        "dataset": "tokenized", "eval_dataset": "tokenized",  # names LF requires; tokenized_path wins
+        "output_dir": str(out), "overwrite_output_dir": True,
         "per_device_train_batch_size": h["per_device_train_batch_size"],
         "per_device_eval_batch_size": h["per_device_eval_batch_size"], "learning_rate": h["learning_rate"],
         "lr_scheduler_type": h["lr_scheduler_type"], "warmup_steps": h["warmup_steps"], "max_steps": h["max_steps"],
@@ -254,7 +261,7 @@ def run_lf(root: Path, data: Path, model_dir: Path, args) -> Row:
     yaml_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     env = {"PATH": "/usr/bin:/bin", "HOME": str(root), "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([str(LF_CLI), "train", str(yaml_path)], env=env, capture_output=True, text=True)
-    if done.returncode:
+    if done.returncode or not (out / "trainer_state.json").is_file():
         raise SystemExit(f"llamafactory-cli failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     state = json.loads((out / "trainer_state.json").read_text())
     train_metrics = json.loads((out / "train_results.json").read_text())
@@ -284,7 +291,9 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--val", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--rows", default="baseline,train,packed", help="comma list of baseline, lf, train, packed")
+    parser.add_argument("--rows", default="baseline,train,packed",
+                        help="comma list of baseline, lf, train, packed; a train or packed row may take its own "
+                             "flags: 'train[attn_implementation=sdpa;group_by_length=false]'")  # fmt: skip
     parser.add_argument("--lf", action="store_true", help="add a row for real LLaMA-Factory (from /tmp/lfvenv)")
     parser.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
                         help="a train flag for the train-step rows (JSON value), e.g. --set group_by_length=false")  # fmt: skip
@@ -292,6 +301,7 @@ def main() -> int:
     args.overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     rows_wanted = args.rows.split(",") + (["lf"] if args.lf and "lf" not in args.rows else [])
     logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renames (gradient checkpointing)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -310,24 +320,31 @@ def main() -> int:
               f"{stats['truncated']} truncated at cutoff_len {args.cutoff_len}); {args.steps} steps × batch "
               f"{args.batch}, LoRA all, hidden {args.hidden}; train-step flags {args.overrides or 'as the catalog'}")  # fmt: skip
         rows = []
-        for kind in rows_wanted:
+        for wanted in rows_wanted:
+            kind, _, flags = wanted.partition("[")
+            overrides = {k: parse_value(v) for k, v in (f.split("=", 1) for f in flags.rstrip("]").split(";") if f)}
             if kind == "baseline":
                 rows.append(run_baseline(root, plain, model, args))
             elif kind == "lf":
                 rows.append(run_lf(root, plain, model, args))
             elif kind == "train":
-                rows.append(run_stage(root, "train step", plain, model, args))
+                rows.append(run_stage(root, "train step", plain, model, args, overrides))
             elif kind == "packed":
-                packed = tokenize(root, model, records[: args.samples], records[args.samples :], args.cutoff_len, True)
-                rows.append(run_stage(root, "packed train step (packing: true)", packed, model, args))
+                packed = root / "template-True" / "out"
+                packed = (
+                    packed
+                    if packed.is_dir()
+                    else tokenize(root, model, records[: args.samples], records[args.samples :], args.cutoff_len, True)
+                )
+                rows.append(run_stage(root, "train step, packing", packed, model, args, overrides))
             else:
                 raise SystemExit(f"unknown row {kind!r}")
     base = rows[0]
-    print(f"{'':36} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'ratio':>6} {'mean loss':>9} {'last loss':>9} {'eval loss':>9}")  # fmt: skip
+    print(f"{'':56} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'ratio':>6} {'mean loss':>9} {'last loss':>9} {'eval loss':>9}")  # fmt: skip
     for row in rows:
-        eval_loss = f"{row.eval_loss:9.4f}" if row.eval_loss is not None else f"{'-':>9}"
-        print(f"{row.name:36} {row.tokens:8d} {row.seconds:8.2f} {row.rate:9.0f} {row.rate / base.rate:6.2f} "
-              f"{sum(row.losses) / len(row.losses):9.4f} {row.losses[-1]:9.4f} {eval_loss}")  # fmt: skip
+        losses = [sum(row.losses) / len(row.losses), row.losses[-1]] if row.losses else [None, None]
+        figures = " ".join(f"{x:9.4f}" if x is not None else f"{'-':>9}" for x in [*losses, row.eval_loss])
+        print(f"{row.name:56} {row.tokens:8d} {row.seconds:8.2f} {row.rate:9.0f} {row.rate / base.rate:6.2f} {figures}")
     print(f"ratios are effective tokens/s over the first row's ({base.name})")
     return 0
 

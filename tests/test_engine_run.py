@@ -447,3 +447,39 @@ def test_a_read_only_cache_serves_a_cached_run_and_refuses_to_build(project, mon
     with pytest.raises(UserError) as error:
         run(project)
     assert "is read-only" in error.value.message and "train" in error.value.message
+
+
+def test_steps_run_in_workers_started_ahead(project, monkeypatch):
+    """Every step of a run is handed to a worker the local executor started before the step was
+    submitted (its standby, which imported the stage while earlier steps ran): one process per step
+    still, and the same artifacts; a launch that is not the plain worker command gets a fresh one."""
+    from tunepipe.executors import local
+
+    standbys, real_popen = {}, subprocess.Popen
+
+    def popen(argv, *args, **kwargs):
+        process = real_popen(argv, *args, **kwargs)
+        if "--standby" in argv:
+            standbys[process.pid] = argv[-1]
+        return process
+
+    monkeypatch.setattr(local.subprocess, "Popen", popen)
+    run(project)
+    ran = [line.split() for line in (project.parent / "builds.log").read_text().splitlines()]
+    plan = compile_project(project)
+    assert [step for step, *_ in ran] == ALL
+    assert {int(pid): plan.step(step).kind for step, pid, *_ in ran}.items() <= standbys.items()
+    assert len({pid for _, pid, *_ in ran}) == len(ALL)
+
+    executor = local.LocalExecutor()
+    executor.expect([plan.step("data")])
+    [standby] = executor.standbys.values()
+    run_dir = project.parent / "run"
+    launch = executor.prepare(plan.step("data"), run_dir / "STEP.json", run_dir / "step.log")
+    launch.env = {"EXTRA": "1"}  # the standby's environment would lack it: a fresh worker runs this launch
+    (run_dir).mkdir()
+    (run_dir / "STEP.json").write_text("{}")
+    handle = executor.submit(launch)
+    assert handle.process.pid != standby.process.pid and standby.process.wait(10) is not None
+    handle.process.wait(30)
+    executor.close()

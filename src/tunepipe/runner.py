@@ -375,13 +375,14 @@ def print_sweep(result: RunResult, store: LocalStore, console: Console) -> None:
     for column in ("point", "values", "train loss", "eval loss", *extra):
         table.add_column(column)
     for row in rows:
-        table.add_row(
+        cells = [
             row["point"],
             row["values"],
             _short(row.get("train_loss") or "—"),
             _short(row.get("eval_loss") or "—"),
             *(_short(row.get(k) if row.get(k) is not None else "—") for k in extra),
-        )
+        ]
+        table.add_row(*map(Text, cells))  # as text: a value's [brackets] are no markup (and rich skips parsing)
     console.print(table)
     picture = sweep_plot(result.plan, store, rows)
     if picture is not None:
@@ -506,7 +507,12 @@ class _Runner:
         self.failures: list[StepFailed] = []
         self.progress = None  # created when the first step starts: a fully cached run needs none
         self.started_count = 0
-        self.to_build = sum(1 for step in steps if step.id in forced or not self.store.has(step.key))
+        stale = [step for step in steps if step.id in forced or not self.store.has(step.key)]
+        self.to_build = len(stale)
+        for step in stale:  # each executor hears what it will run, in order (the local one starts workers ahead)
+            self.executor(step)
+        for executor in self.executors.values():
+            executor.expect([step for step in stale if self.executor(step) is executor])
         pending = list(steps)
         try:
             while pending or self.running:
@@ -528,6 +534,8 @@ class _Runner:
                 self.finish(job.step, "cancelled", command=job.command)
             raise
         finally:
+            for executor in self.executors.values():
+                executor.close()
             if self.progress is not None:
                 self.progress.stop()
         if self.failures and not self.keep_going:

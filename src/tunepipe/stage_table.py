@@ -9,6 +9,8 @@ are versioned per format (a GGUF writer change does not invalidate ONNX exports)
 `format` to version.
 `packages`: (import name, pip name) the stage always needs; a format's own packages are declared by
 its export module (`REQUIRES`) and checked by preflight.
+`preload`: modules the stage's run imports lazily; a worker started ahead of its step (the local
+executor's standby, executors/local.py) imports them, with the stage module, while earlier steps run.
 `check`: the name of the function in `executors/preflight.py` with the flag-specific host checks.
 `summary`: what the run summary shows of a built step: "model" (losses, steps, where it is),
 "answer" (an infer answer), "report" (verify figures against thresholds), or None.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TRAIN_PACKAGES = (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"))
+MODEL_PRELOAD = ("torch", "transformers", "transformers.modeling_utils")
 EXPORT_FORMATS = ("gguf", "onnx", "mlc", "openvino", "executorch")
 # (import name, pip name) a quantize method needs.
 METHOD_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -44,6 +47,7 @@ class Stage:
     section: str
     version: int | dict[str, int]
     packages: tuple[tuple[str, str], ...] = ()
+    preload: tuple[str, ...] = ()
     check: str | None = None
     summary: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -62,20 +66,34 @@ STAGES: dict[str, Stage] = {
     stage.kind: stage
     for stage in (
         Stage("data", "data", 1, (("datasets", "datasets"),)),
-        Stage("template", "template", 1, (("transformers", "transformers"), ("numpy", "numpy"))),
-        Stage("train", "train", 4, TRAIN_PACKAGES, check="train_problems", summary="model"),
-        Stage("merge", "merge", 1, TRAIN_PACKAGES + (("safetensors", "safetensors"),), summary="model"),
-        Stage("quantize", "quantize", 1, TRAIN_PACKAGES, check="quantize_problems", summary="model"),
-        Stage("export", "export", {f: 1 for f in EXPORT_FORMATS}, check="export_problems", summary="model"),
+        Stage(
+            "template",
+            "template",
+            1,
+            (("transformers", "transformers"), ("numpy", "numpy")),
+            ("transformers.tokenization_utils_tokenizers",),
+        ),
+        Stage("train", "train", 4, TRAIN_PACKAGES, (*MODEL_PRELOAD, "peft"), check="train_problems", summary="model"),
+        Stage("merge", "merge", 1, TRAIN_PACKAGES + (("safetensors", "safetensors"),), MODEL_PRELOAD, summary="model"),
+        Stage("quantize", "quantize", 1, TRAIN_PACKAGES, MODEL_PRELOAD, check="quantize_problems", summary="model"),
+        Stage(
+            "export",
+            "export",
+            {f: 1 for f in EXPORT_FORMATS},
+            preload=MODEL_PRELOAD,
+            check="export_problems",
+            summary="model",
+        ),
         Stage(
             "verify",
             "export",
             {f: 1 for f in EXPORT_FORMATS},
             TRAIN_PACKAGES,
+            MODEL_PRELOAD,
             check="export_problems",
             summary="report",
         ),
-        Stage("infer", "infer", 1, TRAIN_PACKAGES, check="infer_problems", summary="answer"),
+        Stage("infer", "infer", 1, TRAIN_PACKAGES, MODEL_PRELOAD, check="infer_problems", summary="answer"),
     )
 }
 

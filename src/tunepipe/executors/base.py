@@ -9,6 +9,9 @@ how that command runs. The runner drives every executor the same way:
     executor.logs(handle, since) -> (text written to the log after byte `since`, new offset)
     executor.cancel(handle)      # stop it and wait until it is gone (Ctrl-C, --keep-going off)
 
+and, around a run, `executor.expect(steps)` (what it will be asked to submit, in order) and
+`executor.close()` at its end.
+
 The step's stdout and stderr go to `launch.log_path` (the default `logs` reads that file); the worker
 copies it into the artifact. An executor module `tunepipe.executors.<kind>` defines `EXECUTOR`, a
 subclass of `Executor`; `get_executor(kind)` imports it on first use, so the CLI only pays for the
@@ -50,6 +53,13 @@ class Executor:
 
     def prepare(self, step: Any, step_json: Path, log_path: Path) -> Launch:
         raise NotImplementedError
+
+    def expect(self, steps: list[Any]) -> None:
+        """The steps this run will submit to this executor, in order (the local one starts their
+        workers ahead). Optional: a run may submit fewer of them."""
+
+    def close(self) -> None:
+        """The run is over: release whatever `expect` started."""
 
     def submit(self, launch: Launch) -> Any:
         raise NotImplementedError

@@ -27,6 +27,7 @@ WORKER_MODULE = "tunepipe.runtime.worker"
 
 class TorchrunExecutor(LocalExecutor):
     kind = "torchrun"
+    standby_ahead = 0  # torchrun starts the workers itself
 
     def prepare(self, step, step_json: Path, log_path: Path) -> Launch:
         return Launch(step.id, torchrun_argv(step.executor, step.key, step_json), log_path)

@@ -57,11 +57,15 @@ LIBRARIES = (
 )
 
 
-def stage_module(kind: str):
+def stage_module_name(kind: str) -> str:
     overrides = dict(
         item.split("=", 1) for item in os.environ.get("TUNEPIPE_STAGE_MODULES", "").split(",") if "=" in item
     )
-    return importlib.import_module(overrides.get(kind) or overrides.get("*") or f"tunepipe.runtime.stages.{kind}")
+    return overrides.get(kind) or overrides.get("*") or f"tunepipe.runtime.stages.{kind}"
+
+
+def stage_module(kind: str):
+    return importlib.import_module(stage_module_name(kind))
 
 
 def library_versions() -> dict[str, str]:
@@ -172,13 +176,45 @@ def run_step(step: dict[str, Any]) -> None:
         store.abort(out)  # a no-op after a commit moved it away
 
 
+def standby(kind: str) -> Path | None:
+    """`worker --standby KIND`: import the stage module of KIND and the libraries its run imports
+    (the stage table's `preload`) now, then wait for the step. The local executor starts a worker
+    like this while the steps before it run, so that a training step does not begin with seconds of
+    importing torch: it writes one line, `STEP.json<TAB>LOG`, to our stdin when the step is
+    submitted. From then on the process is that step's worker, exactly as if started for it (stdout
+    and stderr go to LOG). EOF instead (the run ended or failed first): None, exit quietly."""
+    from ..stage_table import STAGES
+
+    module = stage_module_name(kind)
+    preload = STAGES[kind].preload if kind in STAGES and module == STAGES[kind].module else ()
+    for name in (*preload, module):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the step itself reports what is missing, in its log
+    line = sys.stdin.readline().rstrip("\n")
+    if not line:
+        return None
+    step_json, log_path = line.split("\t")
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return Path(step_json)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m tunepipe.runtime.worker STEP.json", file=sys.stderr)
+    if not (len(argv) == 1 or (len(argv) == 2 and argv[0] == "--standby")):
+        print("usage: python -m tunepipe.runtime.worker STEP.json | --standby KIND", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     _exit_with_parent()
+    if argv[0] == "--standby":
+        step_json = standby(argv[1])
+        if step_json is None:
+            return 0
+        argv = [str(step_json)]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     step = json.loads(Path(argv[0]).read_text())
     try:

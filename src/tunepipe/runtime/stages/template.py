@@ -103,14 +103,17 @@ def _run_shard(bounds: tuple[int, int]):
 
 
 def parallel_map(fn: Callable[[list], list], items: list, workers: int) -> list:
-    """fn over contiguous shards of items, in `workers` forked processes; results rejoined in order."""
+    """fn over contiguous shards of items, in `workers` forked processes; results rejoined in order.
+
+    `preprocessing_num_workers` is the number of cores that tokenize: each worker tokenizes on one
+    thread (the tokenizer's own thread pool would spread one worker over every core, and a forked
+    worker must not use it anyway)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if workers <= 1 or len(items) < 2 * workers:
         return fn(items)
     step = -(-len(items) // workers)
     bounds = [(i, min(i + step, len(items))) for i in range(0, len(items), step)]
     _WORK.update(fn=fn, items=items)
-    # The forked workers may not use the tokenizer's own threads anyway; this silences its warning.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         with multiprocessing.get_context("fork").Pool(len(bounds)) as pool:
             parts = pool.map(_run_shard, bounds)

@@ -219,7 +219,8 @@ class _Loader:
         return Location(self.source)
 
     # -- the document ----------------------------------------------------------------------------
-    def document(self, doc: Any) -> dict[str, Any]:
+    def document(self, doc: Any, sweep: Any = None) -> dict[str, Any]:
+        """The spec's sections as plain values; `sweep`: its sweep section, already plain (`_parsed`)."""
         raw: dict[str, Any] = {TOP_LEVEL: {}}
         if doc is None:
             self.error(Location(self.source, 1, 1), (), "the spec is empty; start from examples/quickstart.yaml")
@@ -238,7 +239,7 @@ class _Loader:
                 raw[name] = self.section(name, value, where)
                 continue
             if name == "sweep":  # several points of one spec: spec/sweep.py
-                self.sweep = plain(value)
+                self.sweep = sweep
                 continue
             resolved = self.catalog.resolve_name(key)
             if resolved and self.catalog.flags[resolved[0]].section == TOP_LEVEL:
@@ -522,13 +523,17 @@ def resolve(loader: _Loader, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4)
-def _parsed(text: str) -> Any:
-    """The YAML document of `text`, parsed once per process (a sweep loads its spec once per point).
-    Shared: read it, never change it (the loader copies every value it keeps, with `plain`)."""
-    return bounded_yaml().load(text)
+def _parsed(text: str) -> tuple[Any, Any]:
+    """The YAML document of `text` and its `sweep:` section as plain values, once per process: a
+    sweep loads its spec once per point, and its points are the sweep section's size (so reading it
+    at each load would grow with the square of the points). Shared: read them, never change them (the
+    loader copies every other value it keeps, with `plain`)."""
+    doc = bounded_yaml().load(text)
+    return doc, plain(doc.get("sweep")) if isinstance(doc, CommentedMap) else None
 
 
-def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
+def parse_yaml(text: str, source: str, loader: _Loader) -> tuple[Any, Any]:
+    """The document and its plain sweep section (`_parsed`); (None, None) with the YAML's errors reported."""
     try:
         return _parsed(text)
     except AliasExpansionError as exc:
@@ -545,7 +550,7 @@ def parse_yaml(text: str, source: str, loader: _Loader) -> Any:
         )
     except RecursionError:
         loader.error(Location(source), (), "the YAML nests too deeply")
-    return None
+    return None, None
 
 
 def load_spec(
@@ -561,11 +566,11 @@ def load_spec(
     catalog = load_catalog()
     loader = _Loader(str(path), catalog)
     text = read_text(path, "spec")
-    doc = parse_yaml(text, str(path), loader)
+    doc, sweep = parse_yaml(text, str(path), loader)
     if loader.diagnostics:
         raise SpecError(loader.diagnostics)
     try:
-        raw = loader.document(doc)
+        raw = loader.document(doc, sweep)
     except RecursionError:
         raise SpecError([Diagnostic(Location(str(path)), "", "the YAML nests too deeply")]) from None
     apply_overrides(loader, raw, overrides or [])

@@ -157,12 +157,16 @@ class LocalStore(ArtifactStore):
         self.scratch = Scratch(self.root)
 
     # -- reading -------------------------------------------------------------------------------
+    def _dir(self, key: str) -> str:
+        """The artifact directory of `key` as a str: a cached run asks for each step's several times."""
+        return os.path.join(self.location, key[:2], key)
+
     def _path(self, key: str) -> Path:
-        return self.root / key[:2] / key
+        return Path(self._dir(key))
 
     def manifest(self, key: str) -> dict[str, Any] | None:
         """The committed manifest of `key`, or None. Shared between callers: read it, never change it."""
-        path = os.path.join(self._path(key), MANIFEST)  # str paths: a cached run asks this of every step
+        path = os.path.join(self._dir(key), MANIFEST)
         try:
             stat = os.stat(path)
         except OSError:
@@ -187,7 +191,7 @@ class LocalStore(ArtifactStore):
         manifest = self.manifest(key)
         if manifest is None:
             return False
-        base = str(self._path(key))
+        base = self._dir(key)
         for name, info in manifest.get("files", {}).items():
             path = os.path.join(base, name)
             try:

@@ -210,8 +210,8 @@ RULE_CASES = [
     ("flags_not_integrated", "", "model.use_unsloth: not supported by this version of tunepipe: Unsloth"),
     (
         "flags_not_integrated",
-        "  tuner_backend: hqq\n",
-        "train.tuner_backend: not supported by this version of tunepipe: HQQ",
+        "  quant_lora: true\n",
+        "train.quant_lora: not supported by this version of tunepipe: no maintained library",
     ),
     ("warmup_ratio_below_one", "  warmup_ratio: 1\n", "train.warmup_ratio: 1 would warm up for the whole run"),
     ("infer_needs_prompt", "infer: {}\n", "infer needs a prompt"),

@@ -7,7 +7,7 @@ transformers, peft: seconds) while the steps before it run, then waits on its st
 the step to its standby — one line, STEP.json and the log path — or, when there is none or it died,
 starts a fresh worker as before. Either way the step runs in its own process, started for it alone:
 a standby only imported modules early. Standbys left when the run ends are stopped (`close`), and
-one whose runner dies sees EOF on its stdin and exits.
+one whose runner dies sees EOF on its stdin and exits. TUNEPIPE_STANDBY=0 turns them off.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class LocalExecutor(Executor):
         return Launch(step.id, worker_argv(step_json, step.executor.get("python")), log_path)
 
     def expect(self, steps: list) -> None:
-        self.upcoming = list(steps)
+        # TUNEPIPE_STANDBY=0: no worker ahead, a fresh process per step (bench/cold_job.py compares both)
+        self.upcoming = list(steps) if os.environ.get("TUNEPIPE_STANDBY", "1") != "0" else []
         self._start_standbys()
 
     def submit(self, launch: Launch) -> LocalHandle:

@@ -203,12 +203,16 @@ def read_records(attr: DatasetAttr, cache_dir: Path) -> list[dict[str, Any]]:
                 ["no hub is reachable from here? download the dataset, put it inside dataset_dir and use file_name"],
             ) from None
         return list(ds)
-    check_files(attr)
     files = _data_files(attr)
     kind = FILE_TYPES[files[0].suffix]
-    rows = _json_rows(files) if kind == "json" else None
-    if rows is not None:
-        return rows
+    if kind == "json":
+        try:
+            rows = _json_rows(files)
+        except ValueError:  # malformed: check_files says where
+            rows = []
+        if rows:
+            return rows
+    check_files(attr)  # located errors for a malformed or empty file, before datasets reports them less clearly
     datasets = _datasets()
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir))

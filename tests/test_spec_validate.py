@@ -190,6 +190,8 @@ RULE_CASES = [
     ("evaluation_needs_validation_split", "  evaluation_strategy: epoch\n", "needs a validation split"),
     ("unsloth_gc_needs_unsloth", "", "model.use_unsloth_gc: needs use_unsloth"),
     ("quantization_bit_needs_method", "", "model.quantization_bit: needs quantization_method"),
+    ("hqq_tuner_needs_bits", "  tuner_backend: hqq\n", "train.tuner_backend: hqq trains LoRA on an HQQ-quantized base"),
+    ("quantized_base_needs_lora", "", "train.finetuning_type: full on a quantized base"),
     (
         "gradient_checkpointing_contradiction",
         "  gradient_checkpointing: true\n  disable_gradient_checkpointing: true\n",
@@ -259,12 +261,16 @@ RULE_CASES = [
 ]
 
 
-# How each rule's case edits BASE before appending its extra lines: (old, new) replacements.
+# How each rule's case edits BASE before appending its extra lines: an (old, new) replacement, or a list of them.
 RULE_EDITS = {
     "evaluation_needs_validation_split": ("dataset_dir:", "val_size: 0, dataset_dir:"),
     "unsloth_gc_needs_unsloth": ("model: {", "model: {use_unsloth_gc: true, "),
     "flags_not_integrated": ("model: {", "model: {use_unsloth: true, "),
     "quantization_bit_needs_method": ("model: {", "model: {quantization_bit: 4, "),
+    "quantized_base_needs_lora": [
+        ("model: {", "model: {quantization_bit: 4, quantization_method: bnb, "),
+        ("finetuning_type: lora", "finetuning_type: full"),
+    ],
     "train_needs_a_method": ("finetuning_type: lora", "finetuning_type: none"),
     "lora_flags_need_lora": ("finetuning_type: lora", "finetuning_type: full\n  lora_rank: 4"),
     "merge_needs_lora": ("finetuning_type: lora", "finetuning_type: full"),
@@ -277,8 +283,10 @@ RULE_EDITS = {
 
 
 def _rule_spec(rule: str, extra: str) -> str:
-    old, new = RULE_EDITS.get(rule, ("", ""))
-    spec = BASE.replace(old, new) if old else BASE
+    edits = RULE_EDITS.get(rule, [])
+    spec = BASE
+    for old, new in [edits] if isinstance(edits, tuple) else edits:
+        spec = spec.replace(old, new)
     return spec + ("merge: {}\n" if rule == "merge_needs_lora" else "") + extra
 
 

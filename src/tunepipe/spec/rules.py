@@ -107,8 +107,35 @@ def unsloth_gc_needs_unsloth(ctx: RuleContext) -> None:
 
 def quantization_bit_needs_method(ctx: RuleContext) -> None:
     model = ctx.data.get("model") or {}
-    if model.get("quantization_bit") is not None and model.get("quantization_method") is None:
-        ctx.error(("model", "quantization_bit"), "needs quantization_method (gptq, awq, bnb, cpm or mlc)")
+    hqq = any(entry.get("tuner_backend") == "hqq" for _, entry in ctx.train_entries())
+    if model.get("quantization_bit") is not None and model.get("quantization_method") is None and not hqq:
+        ctx.error(
+            ("model", "quantization_bit"),
+            "needs quantization_method (gptq, awq, bnb, cpm or mlc), or a train entry with tuner_backend: hqq",
+        )
+
+
+def hqq_tuner_needs_bits(ctx: RuleContext) -> None:
+    model = ctx.data.get("model") or {}
+    for prefix, entry in ctx.train_entries():
+        if entry.get("tuner_backend") == "hqq" and model.get("quantization_bit") is None:
+            ctx.error(
+                (*prefix, "tuner_backend"),
+                "hqq trains LoRA on an HQQ-quantized base: set model.quantization_bit (4 or 8)",
+            )
+
+
+def quantized_base_needs_lora(ctx: RuleContext) -> None:
+    model = ctx.data.get("model") or {}
+    if model.get("quantization_bit") is None:
+        return
+    for prefix, entry in ctx.train_entries():
+        if entry.get("finetuning_type", "lora") != "lora":
+            ctx.error(
+                (*prefix, "finetuning_type"),
+                f"{entry['finetuning_type']} on a quantized base (model.quantization_bit): only LoRA adapters "
+                "train on quantized weights (QLoRA); use finetuning_type: lora, or drop quantization_bit",
+            )
 
 
 def gradient_checkpointing_contradiction(ctx: RuleContext) -> None:
@@ -477,6 +504,8 @@ RULES: list[Callable[[RuleContext], None]] = [
     evaluation_needs_validation_split,
     unsloth_gc_needs_unsloth,
     quantization_bit_needs_method,
+    hqq_tuner_needs_bits,
+    quantized_base_needs_lora,
     gradient_checkpointing_contradiction,
     train_needs_a_method,
     lora_flags_need_lora,

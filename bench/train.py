@@ -24,6 +24,10 @@ each row's mean and last logged train loss, and its eval loss on the same held-o
 (a packed row sees more samples per step: its losses are not comparable step for step). The
 conversations have a long-tailed length mix, like real chat data: mostly short, a few past cutoff_len.
 Timings on a shared machine are noisy; the ratios (rows run back to back) much less so.
+
+Steps: length grouping draws megabatches of 50 batches and runs each longest batch first, so a
+run of a multiple of 50 steps sees whole megabatches (a random sample of the data's lengths); a
+run of 20 steps would see only the longest batches of its first megabatch, and other tokens/s.
 """
 
 from __future__ import annotations
@@ -285,7 +289,7 @@ def parse_value(text: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per row (a multiple of 50)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cutoff-len", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=3000)
@@ -298,6 +302,8 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
                         help="a train flag for the train-step rows (JSON value), e.g. --set group_by_length=false")  # fmt: skip
     args = parser.parse_args()
+    if args.steps % 50:
+        print(f"note: --steps {args.steps} is not a multiple of 50: the grouped rows see a biased share of lengths")
     args.overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     rows_wanted = args.rows.split(",") + (["lf"] if args.lf and "lf" not in args.rows else [])
     logging.disable(logging.WARNING)

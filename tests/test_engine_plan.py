@@ -58,6 +58,7 @@ def test_the_dag_follows_the_spec(project):
         "train",
         "merge",
         "quantize",
+        "verify.quantize",
         "export.gguf",
         "verify.gguf",
         "export.onnx",
@@ -68,6 +69,7 @@ def test_the_dag_follows_the_spec(project):
     assert plan.step("export.gguf").inputs == {"quantize": "quantize"}
     assert plan.step("export.onnx").inputs == {"model": "merge"}
     assert plan.step("verify.gguf").inputs == {"export": "export.gguf", "reference": "quantize", "probes": "template"}
+    assert plan.step("verify.quantize").inputs == {"quantized": "quantize", "reference": "merge", "probes": "template"}
     assert plan.step("infer").inputs == {"model": "merge"}
     # params: every flag the step reads; key params: the artifact ones, path flags left to digests
     train = plan.step("train")
@@ -217,7 +219,7 @@ def test_renderings(project):
     plan = compile_project(project)
     statuses = annotate(plan)
     text = render(plan, statuses, "text")
-    assert text.splitlines()[0] == "fake: 10 steps, 0 cached, 10 stale"
+    assert text.splitlines()[0] == "fake: 11 steps, 0 cached, 11 stale"
     assert "└─ template" in text and "verify.gguf" in text and "(also after quantize, template)" in text
     rows = json.loads(render(plan, statuses, "json"))
     assert {"id", "kind", "key", "deps", "status", "reason"} <= set(rows[0])

@@ -32,6 +32,7 @@ ALL = [
     "train",
     "merge",
     "quantize",
+    "verify.quantize",
     "export.gguf",
     "verify.gguf",
     "export.onnx",

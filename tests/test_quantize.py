@@ -283,3 +283,51 @@ def test_infer_answers_with_the_quantized_model(tmp_path, merged, method, bits, 
     if bits == 4:  # measured: 4-bit rounding changes the tiny model's greedy answer (8-bit may keep it)
         reference = AutoModelForCausalLM.from_pretrained(merged / "model").eval()
         assert answer["token_ids"] != greedy(reference, answer["prompt_ids"], 8, stop)
+
+
+@needs_bnb
+def test_verify_judges_a_quantized_model_on_the_pipelines_probes(tmp_path, merged, calibration):
+    """The verify step of a quantize step loads it with its method's library and compares it with the
+    merged model on the pipeline's probes: figures equal `compare`'s, thresholds by type (`bnb8`)
+    from the flags, a breach fails the step (exit status 1) with the figure in the message."""
+    from tunepipe.runtime.stages import verify
+
+    quantized, _ = run_stage(tmp_path / "q", merged, "bnb", 8)
+    # the pipeline's data as probes: a val split whose samples train on their answers
+    ids, offsets = (np.load(calibration / f"train.{n}.npy") for n in ("input_ids", "offsets"))
+    labels = ids.copy()
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        labels[a : a + (b - a) // 2] = -100
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    for name, array in (("input_ids", ids), ("labels", labels), ("offsets", offsets)):
+        np.save(probes / f"train.{name}.npy", array)
+
+    def run_verify(out, **params):
+        out.mkdir()
+        ctx = StepContext(
+            id="verify.quantize-bnb8",
+            kind="verify",
+            key="v" * 64,
+            params={**step_params("verify"), **params},
+            inputs={"quantized": quantized, "reference": merged, "probes": probes},
+            files={},
+            seed=0,
+            spec_dir=tmp_path,
+            out=out,
+            work=tmp_path / "vwork",
+        )
+        return verify.run(ctx)
+
+    metrics = run_verify(tmp_path / "v1", max_rel_logit_error=0.5, min_greedy_agreement=0.5)
+    report = json.loads((tmp_path / "v1" / "report.json").read_text())
+    assert report["format"] == "quantize" and report["type"] == "bnb8" and report["passed"]
+    prompts = verify.probes(probes, int(step_params("verify")["verify_prompts"]), 0)
+    reference = AutoModelForCausalLM.from_pretrained(merged / "model").eval()
+    expected = quantize.compare(reference, quantize.load("bnb", quantized / "model"), prompts, greedy_steps=8)
+    assert metrics["greedy_agreement"] == expected["greedy_agreement"] == report["figures"]["greedy_agreement"]
+    assert metrics["max_rel_logit_error"] == pytest.approx(expected["max_rel_logit_error"], rel=1e-6)
+    assert metrics["probes"] == len(prompts) and metrics["threshold_min_greedy_agreement"] == 0.5
+    with pytest.raises(verify.VerifyFailed, match="the quantized model does not compute") as failed:
+        run_verify(tmp_path / "v2", max_rel_logit_error=1e-6)
+    assert failed.value.exit_code == 1 and "max relative logit error" in failed.value.details[0]

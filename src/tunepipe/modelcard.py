@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .spec.naming import verify_id
+
 HOW_TO_RUN = {
     "gguf": """### llama.cpp
 
@@ -83,11 +85,7 @@ def render(plan, export_step, manifests: dict[str, dict[str, Any]], model_path: 
                 f"| {_num(m.get('eval_loss'))} | {m.get('steps', '')} |"
             )
     verify = next(
-        (
-            m
-            for sid, m in manifests.items()
-            if m.get("kind") == "verify" and sid == "verify" + export_step.id[len("export") :]
-        ),
+        (m for sid, m in manifests.items() if m.get("kind") == "verify" and sid == verify_id(export_step.id)),
         None,
     )
     lines += ["", "## Verification", ""]

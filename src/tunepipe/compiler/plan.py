@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..spec.naming import entry_names, step_ids
+from ..spec.naming import entry_names, step_ids, verify_id
 from ..spec.paths import is_hub_id, resolve
 from ..stage_table import stage
 from ..store import default_cache_dir
@@ -194,19 +194,25 @@ class _Compiler:
             inputs = self.model_inputs("train", model_step) if model_step else {}
             model_step = self.add("merge", "merge", {"train": last_train}, inputs, merge)
 
+        probes = template_for_entry[-1] if template_for_entry else None  # the pipeline's own tokenized data
         quantize_entries = spec.get("quantize") or []
         quantize_names = entry_names("quantize", quantize_entries)
         quantize_steps = {}
         for name, step_id, entry in zip(quantize_names, step_ids("quantize", quantize_names), quantize_entries):
-            inputs = self.model_inputs("model", self.require(model_step, step_id))
-            if entry.get("method") == "gptq" and template_for_entry:  # calibrated on the pipeline's own data
-                inputs["calibration"] = template_for_entry[-1].id
+            source = self.require(model_step, step_id)
+            inputs = self.model_inputs("model", source)
+            if entry.get("method") == "gptq" and probes is not None:  # calibrated on the pipeline's own data
+                inputs["calibration"] = probes.id
             sections = {"train": last_train, "quantize": entry}
-            quantize_steps[name] = (self.add("quantize", step_id, sections, inputs, entry), entry)
+            quantize_step = self.add("quantize", step_id, sections, inputs, entry)
+            quantize_steps[name] = (quantize_step, entry)
+            verify_inputs = {"quantized": quantize_step.id, **self.model_inputs("reference", source)}
+            if probes is not None:
+                verify_inputs["probes"] = probes.id
+            self.add("verify", verify_id(step_id), sections, verify_inputs, entry)
 
         export_entries = spec.get("export") or []
         export_names = entry_names("export", export_entries)
-        probes = template_for_entry[-1] if template_for_entry else None
         exports: dict[str, Step] = {}  # format -> its first export step
         for step_id, entry in zip(step_ids("export", export_names), export_entries):
             sections = {"train": last_train, "export": entry}
@@ -223,8 +229,8 @@ class _Compiler:
             verify_sections = {**sections, "verify": spec.get("verify") or {}}
             verify_inputs = {"export": export_step.id, **self.model_inputs("reference", source)}
             if probes is not None:
-                verify_inputs["probes"] = probes.id  # the pipeline's own tokenized data
-            self.add("verify", "verify" + step_id[len("export") :], verify_sections, verify_inputs, entry)
+                verify_inputs["probes"] = probes.id
+            self.add("verify", verify_id(step_id), verify_sections, verify_inputs, entry)
 
         if spec.get("infer") is not None:
             inputs = self.model_inputs("model", self.require(model_step, "infer"))

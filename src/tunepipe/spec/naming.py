@@ -5,7 +5,8 @@ A list section's entries are named by their `name:`, else by a default per kind 
 `stage`, a quantize entry's `method` and `bits`, an export entry's `format`); a name given twice or
 missing is numbered by position (`gguf-1`, `gguf-2`); exports of one format take their type first
 (`gguf-f16`, `gguf-q8_0`). A kind with one entry has the kind as step id
-(`export`); several have `kind.name` (`export.gguf`, `export.onnx`).
+(`export`); several have `kind.name` (`export.gguf`, `export.onnx`). Each export and quantize step has
+a verify step (`verify_id`): `verify.gguf`, `verify.quantize-bnb4`.
 """
 
 from __future__ import annotations
@@ -43,3 +44,12 @@ def unique_names(raw: list[str | None]) -> list[str]:
 
 def step_ids(kind: str, names: list[str]) -> list[str]:
     return [kind] if len(names) == 1 else [f"{kind}.{name}" for name in names]
+
+
+def verify_id(step_id: str) -> str:
+    """The verify step of an export or quantize step: `export[.X]` → `verify[.X]`, `quantize[.X]` →
+    `verify.quantize[-X]`."""
+    kind, _, name = step_id.partition(".")
+    if kind == "export":
+        return f"verify.{name}" if name else "verify"
+    return f"verify.{kind}-{name}" if name else f"verify.{kind}"

@@ -1,13 +1,14 @@
-"""Verify stage: does an export compute what the model it came from computes?
+"""Verify stage: does an export — or a quantized model — compute what the model it came from computes?
 
-Inputs: `export` (the export artifact), `reference` (the merged or fully trained model it was made
+Inputs: `export` (the export artifact) or `quantized` (a quantize artifact, loaded by its method's
+library and compared in torch), `reference` (the merged or fully trained model it was made
 from) and `probes` (the pipeline's tokenized data: the validation split, else the training split).
 `verify_prompts` probes are drawn, seeded, from that data: each is a sample's prompt (its tokens
 before the first trained label; the first tokens of a `pt` sample). The format's module runs them
 through the export in its own runtime and through the HF model (`verify(export_dir, model_dir,
 probes, ...)` → figures); this stage compares the figures with the thresholds — the flags
 `max_rel_logit_error` / `min_greedy_agreement` when set, else the catalog's value for the export's
-type — and writes `report.json` (figures, thresholds, pass/fail). A failed check fails the step.
+type (a quantized model's type is `<method><bits>`, e.g. bnb4) — and writes `report.json` (figures, thresholds, pass/fail). A failed check fails the step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tunepipe.errors import UserError
 from tunepipe.runtime.stages.export import format_module, model_dir, template_of
 
 MAX_PROBE_TOKENS = 48
+GREEDY_STEPS = 8  # greedy tokens appended to each probe of a quantized model
 MIN_PROBE_TOKENS = 2
 
 
@@ -65,6 +67,20 @@ def thresholds(params: dict, kind: str) -> dict[str, float]:
     return chosen
 
 
+def quantized_figures(quantized: Path, reference_dir: Path, prompts: list[list[int]]) -> tuple[str, str, dict]:
+    """("quantize", "<method><bits>", figures) of a quantize artifact against the model it was made from,
+    on the probes each extended by greedy tokens (runtime/quantize.py `compare`)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunepipe.runtime import quantize
+
+    record = json.loads((quantized / "quantize.json").read_text())
+    reference = AutoModelForCausalLM.from_pretrained(reference_dir).eval()
+    model = quantize.load(record["method"], quantized / "model")
+    figures = quantize.compare(reference, model, prompts, greedy_steps=GREEDY_STEPS)
+    return "quantize", f"{record['method']}{record['bits']}", figures
+
+
 def judge(figures: dict, limits: dict[str, float]) -> list[str]:
     failures = []
     if "max_rel_logit_error" in limits and figures.get("max_rel_logit_error", 0.0) > limits["max_rel_logit_error"]:
@@ -79,18 +95,20 @@ def judge(figures: dict, limits: dict[str, float]) -> list[str]:
 
 
 def run(ctx) -> dict:
-    fmt, kind = ctx.params["format"], ctx.params["type"]
-    module = format_module(fmt)
     reference = Path(ctx.inputs["reference"])
     prompts = probes(Path(ctx.inputs["probes"]), int(ctx.params["verify_prompts"]), int(ctx.seed))
-    figures = module.verify(
-        Path(ctx.inputs["export"]),
-        model_dir(reference, ctx.work),
-        prompts,
-        type=kind,
-        template=template_of(reference),
-        log=ctx.log,
-    )
+    if "quantized" in ctx.inputs:  # a quantize step's model, in the library that reads its format
+        fmt, kind, figures = quantized_figures(Path(ctx.inputs["quantized"]), model_dir(reference, ctx.work), prompts)
+    else:
+        fmt, kind = ctx.params["format"], ctx.params["type"]
+        figures = format_module(fmt).verify(
+            Path(ctx.inputs["export"]),
+            model_dir(reference, ctx.work),
+            prompts,
+            type=kind,
+            template=template_of(reference),
+            log=ctx.log,
+        )
     limits = thresholds(ctx.params, kind)
     failures = judge(figures, limits)
     report = {
@@ -104,7 +122,8 @@ def run(ctx) -> dict:
     (ctx.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False))
     ctx.log.info("verify %s %s: %s", fmt, kind, json.dumps(report, sort_keys=True))
     if failures:
-        raise VerifyFailed(f"verify {fmt} {kind}: the export does not compute what the model computes", failures)
+        what = "the quantized model" if fmt == "quantize" else "the export"
+        raise VerifyFailed(f"verify {fmt} {kind}: {what} does not compute what the model computes", failures)
     return {
         "format": fmt,
         "type": kind,

@@ -289,6 +289,7 @@ def print_summary(result: RunResult, console: Console) -> None:
             if outcome.kind == "merge" and "method" in m
             else []
         )
+        found += [f"{m['method']} {m['bits']}-bit"] if outcome.kind == "quantize" and "bits" in m else []
         found += [f"train loss {_short(m['train_loss'])}"] if "train_loss" in m else []
         found += [f"eval loss {_short(m['eval_loss'])}"] if "eval_loss" in m else []
         found += [f"{m['steps']} steps"] if "steps" in m else []
@@ -808,8 +809,9 @@ class _Runner:
     def done(self, step: Step, status: str, wall_s: float | None = None, command: str | None = None) -> None:
         manifest = self.store.manifest(step.key) or {}
         answer = None
-        if stage(step.kind).summary == "answer" and (self.store.fetch(step.key) / "answer.txt").is_file():
-            answer = (self.store.fetch(step.key) / "answer.txt").read_text()
+        if stage(step.kind).summary == "answer":
+            answer_file = self.store.fetch(step.key) / "answer.txt"
+            answer = answer_file.read_text() if answer_file.is_file() else None
         if step.deliver is not None:
             self.store.materialise(step.key, step.deliver)
         if self.frozen_lock is not None:

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,10 @@ def dvc_seconds(spec: Path, dvc: str, repeat: int, scratch: Path) -> float:
     from tunepipe.spec import load_spec
 
     root = scratch / f"dvc-{spec.stem}"
-    dvc_project(compile_resolved(load_spec(spec), []), root)
+    plan = compile_resolved(load_spec(spec), [])
+    # `train@p3`: dvc reads `@` in a stage name as its foreach syntax, so the points are spelled `train-p3`
+    steps = [replace(s, id=s.id.replace("@", "-"), deps=[d.replace("@", "-") for d in s.deps]) for s in plan.steps]
+    dvc_project(replace(plan, steps=steps), root)
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=root, check=True)
     subprocess.run([dvc, "repro", "-q"], cwd=root, check=True, stdout=subprocess.DEVNULL)
     return median_seconds([dvc, "repro"], repeat, dict(os.environ), cwd=root)

@@ -11,6 +11,8 @@ No timings here: only content.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,5 @@ def test_padding_mask_stays_when_it_is_more_than_right_padding(model_dir):
     assert "attention_mask" not in without_padding_mask(model, right)
     model.config.output_router_logits = True  # MoE load balancing excludes padding through the mask
     assert without_padding_mask(model, right) is right
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    assert without_padding_mask(flash, right) is right  # its varlen kernel skips the padding with the mask

@@ -440,10 +440,17 @@ def without_padding_mask(model, inputs: dict) -> dict:
     tokens is the same without the mask, and the attention gets no mask to build and apply: sdpa
     takes its causal fast path (the Trainer has already counted the non-padding tokens from the
     mask). The mask stays when it feeds more than attention: MoE routing statistics
-    (output_router_logits), or padding on the left.
+    (output_router_logits), flash-attention kernels (they skip the padding's compute with it), or
+    padding on the left.
     """
     mask = inputs.get("attention_mask")
-    if mask is None or mask.dim() != 2 or getattr(model.config, "output_router_logits", False):
+    config = model.config
+    if (
+        mask is None
+        or mask.dim() != 2
+        or getattr(config, "output_router_logits", False)
+        or "flash" in str(getattr(config, "_attn_implementation", ""))
+    ):
         return inputs
     lengths = mask.sum(dim=1, keepdim=True)
     right_padded = torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < lengths)

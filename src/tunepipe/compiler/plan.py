@@ -78,6 +78,9 @@ class Plan:
     points: list = field(default_factory=list)  # a sweep's (point, {its step id: id here}); empty otherwise
     remote: str | None = None  # the spec's cache.remote, as written
     push: str = "on-success"  # the spec's cache.push
+    # step id -> its index in `steps`, rebuilt when it no longer matches: `step()` is asked for every
+    # step (and its inputs) by the runner, the lock and the summary; a scan each time is quadratic.
+    _positions: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def spec_dir(self) -> Path:
@@ -88,10 +91,15 @@ class Plan:
         return self.spec_dir / "tunepipe.lock"
 
     def step(self, step_id: str) -> Step:
-        for step in self.steps:
-            if step.id == step_id:
-                return step
-        raise KeyError(step_id)
+        index = self._positions.get(step_id)
+        if index is None or index >= len(self.steps) or self.steps[index].id != step_id:
+            self._positions = {}
+            for i, step in enumerate(self.steps):
+                self._positions.setdefault(step.id, i)  # the first step of an id, as a scan finds it
+            index = self._positions.get(step_id)
+            if index is None:
+                raise KeyError(step_id)
+        return self.steps[index]
 
     def ancestors(self, step_id: str) -> set[str]:
         seen: set[str] = set()

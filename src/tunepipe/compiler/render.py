@@ -78,21 +78,20 @@ def render_json(plan: Plan, statuses: dict[str, StepStatus], commands: dict[str,
     return json.dumps(rows, indent=2, ensure_ascii=False)
 
 
-def _node(plan: Plan, step_id: str) -> str:
-    return f"n{[s.id for s in plan.steps].index(step_id)}"
-
-
 def render_mermaid(plan: Plan, statuses: dict[str, StepStatus], commands: dict[str, str]) -> str:
     lines = ["flowchart TD"]
+    node = {}  # step id -> its mermaid node name: n<position in the plan>
+    for i, step in enumerate(plan.steps):
+        node.setdefault(step.id, f"n{i}")
     for step in plan.steps:
         status = statuses[step.id]
         label = f"{step.id}<br/>{status.state}"
         if status.state != CACHED:
             label += f"<br/><small>{status.reason}</small>"
-        lines.append(f'    {_node(plan, step.id)}["{_escape_mermaid(label)}"]:::{status.state}')
+        lines.append(f'    {node[step.id]}["{_escape_mermaid(label)}"]:::{status.state}')
     for step in plan.steps:
         for dep in step.deps:
-            lines.append(f"    {_node(plan, dep)} --> {_node(plan, step.id)}")
+            lines.append(f"    {node[dep]} --> {node[step.id]}")
     lines.append("    classDef cached fill:#d4edda,stroke:#28a745")
     lines.append("    classDef stale fill:#fff3cd,stroke:#d39e00")
     lines.append("    classDef remote fill:#d1ecf1,stroke:#17a2b8")

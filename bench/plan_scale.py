@@ -98,7 +98,7 @@ def cached_run_check(spec: Path, steps: int, env: dict) -> None:
         raise SystemExit(f"{spec.name}: the run is not fully cached:\n{done.stderr[-2000:]}")
 
 
-def dvc_seconds(spec: Path, dvc: str, repeat: int, scratch: Path) -> float:
+def dvc_seconds(spec: Path, dvc: str, repeat: int, scratch: Path) -> tuple[float, float]:
     """`dvc repro`'s no-op on a dvc.yaml whose stages mirror the plan's steps (bench/noop_run.py)."""
     from noop_run import dvc_project
 

@@ -9,7 +9,6 @@ import functools
 from importlib import resources
 from typing import Any
 
-import yaml
 
 # Every slot a template may define, and its default.
 SLOTS: dict[str, Any] = {
@@ -36,6 +35,8 @@ AUTO = "auto"
 
 @functools.lru_cache(maxsize=1)
 def _registry() -> dict[str, dict[str, Any]]:
+    import yaml  # here: validate and plan of a spec that names no template never pay for it
+
     text = resources.files("tunepipe.runtime").joinpath("templates.yaml").read_text(encoding="utf-8")
     data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C loader: validate stays fast
     return {name: dict(entry) for name, entry in data.items()}

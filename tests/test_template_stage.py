@@ -441,3 +441,22 @@ print(json.dumps(heavy))
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert np.load(tmp_path / "out" / "train.input_ids.npy").size > 0
+
+
+def test_nfc_text_skips_the_nfc_normalizer_with_the_same_ids(tmp_path):
+    """Qwen2's tokenizer normalizes to NFC; batches of text already in NFC are encoded without the
+    normalizer (faster), a batch holding decomposed text with it: the ids and labels are the same."""
+    d = _tokenizer_dir(tmp_path, "Qwen2Tokenizer", "qwen2")
+    tokenizer = template.load_tokenizer(step_defaults("template"), d)
+    assert type(tokenizer.backend_tokenizer.normalizer).__name__ == "NFC"
+    renderer, _ = ct.resolve({"template": "qwen"}, tokenizer, None)
+    records = [
+        {"messages": [{"role": "user", "content": f"Q{i} café"}, {"role": "assistant", "content": f"A{i} naïve"}]}
+        for i in range(40)
+    ]
+    records[25]["messages"][1]["content"] = "decomposed: cafe\u0301"  # NFC changes this text
+    fast = ct.encode(tokenizer, renderer, records, 64, batch_size=10)  # 4 batches, one not in NFC
+    plain = ct.encode(tokenizer, renderer, records, 64, batch_size=100)  # fewer records than a batch: no copy
+    assert [e.input_ids.tolist() for e in fast] == [e.input_ids.tolist() for e in plain]
+    assert [e.labels.tolist() for e in fast] == [e.labels.tolist() for e in plain]
+    assert ct._without_nfc(tokenizer.backend_tokenizer) is not None

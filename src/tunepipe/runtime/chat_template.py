@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,6 +490,7 @@ def encode(
     """Conversations → ids and labels; one tokenizer call per batch of whole conversations, and the
     labels of a batch computed in one pass over its tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    plain = _without_nfc(backend) if backend is not None and len(records) >= batch_size else None
     out = []
     for b in range(0, len(records), batch_size):
         batch = records[b : b + batch_size]
@@ -496,7 +498,9 @@ def encode(
         if backend is None:
             out += [_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]
             continue
-        encodings = backend.encode_batch(["".join(t for t, _ in segs) for segs in segments], add_special_tokens=False)
+        texts = ["".join(t for t, _ in segs) for segs in segments]
+        nfc = plain is not None and all(unicodedata.is_normalized("NFC", text) for text in texts)
+        encodings = (plain if nfc else backend).encode_batch(texts, add_special_tokens=False)
         lengths = [len(e) for e in encodings]
         ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, count=sum(lengths))
         counts = [c for e, segs in zip(encodings, segments) for c in _segment_counts(e, segs)]
@@ -510,6 +514,21 @@ def encode(
                 out.append(Encoded(ids[start : start + n], labels[start : start + n], False))
             start, seg = start + n, seg + len(segs)
     return out
+
+
+def _without_nfc(backend):
+    """A copy of `backend` without its normalizer, when that normalizer is NFC alone (Qwen2's, for one),
+    else None. On text already in NFC — nearly all text, checked per batch by `unicodedata` in C — NFC
+    changes nothing, and the copy skips its per-character alignment bookkeeping: the same ids and
+    offsets, ~15% less encoding time (bench/preprocess.py)."""
+    from tokenizers import Tokenizer
+
+    if type(backend.normalizer).__name__ != "NFC":
+        return None
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.normalizer = None
+    plain.encode_special_tokens = backend.encode_special_tokens  # a runtime setting, not serialised
+    return plain
 
 
 def _encode_slow(tokenizer, segments: Segments, cutoff_len: int) -> Encoded:

@@ -132,6 +132,7 @@ def test_nf4_base_weights_are_unchanged_and_every_adapter_trained(nf4, base):
     assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
     info = json.loads((artifact / "train.json").read_text())
     assert info["finetuning_type"] == "lora" and info["base"]["kind"] == "model"
+    assert info["quantized_base"] == {"method": "bnb", "bits": 4, "quant_type": "nf4", "double_quant": True}
 
 
 def test_nf4_adapter_merges_into_the_full_precision_base(nf4, base, tmp_path):

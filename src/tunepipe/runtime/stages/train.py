@@ -525,6 +525,9 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
         if base["kind"] == "own":  # a from-scratch init exists nowhere else: keep it beside the adapter
             model.unload().save_pretrained(out / "base")
         info.update(base=base, model_flags={k: p.get(k) for k in MODEL_FLAGS})
+        quantized = modeling.quantization_record(p)
+        if quantized is not None:  # QLoRA provenance; merge and infer use the full-precision base
+            info["quantized_base"] = quantized
     else:
         model.save_pretrained(out / "model")
         info["base"] = base

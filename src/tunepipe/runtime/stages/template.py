@@ -200,7 +200,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, Any]) -> tuple[dict, dict]:
     cutoff_len = int(params["cutoff_len"])
-    workers = int(params.get("preprocessing_num_workers") or 1)
+    workers = int(params["preprocessing_num_workers"] or 1)  # null: one
     if (params["stage"]) == "pt":
         bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else ""
         eos = tokenizer.eos_token or ""

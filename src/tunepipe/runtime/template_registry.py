@@ -9,7 +9,6 @@ import functools
 from importlib import resources
 from typing import Any
 
-
 # Every slot a template may define, and its default.
 SLOTS: dict[str, Any] = {
     "prefix": "",

@@ -512,8 +512,8 @@ class _Runner:
         self.to_build = len(stale)
         for step in stale:  # each executor hears what it will run, in order (the local one starts workers ahead)
             self.executor(step)
-        for executor in self.executors.values():
-            executor.expect([step for step in stale if self.executor(step) is executor])
+        for executor in self.executors.values():  # (a step the remote cache holds is pulled, not run)
+            executor.expect([s for s in stale if self.executor(s) is executor and s.id not in self.from_remote])
         pending = list(steps)
         try:
             while pending or self.running:

@@ -72,6 +72,22 @@ CATALOG = Catalog(
 
 
 # -- a project on disk ---------------------------------------------------------------------------
+# The step ids of make_project's spec, in plan order (test_engine_plan checks the compiler makes them).
+PROJECT_STEPS = [
+    "data",
+    "template",
+    "train",
+    "merge",
+    "quantize",
+    "verify.quantize",
+    "export.gguf",
+    "verify.gguf",
+    "export.onnx",
+    "verify.onnx",
+    "infer",
+]
+
+
 def make_project(root: Path, **spec_changes) -> Path:
     """A spec (PROJECT/spec.json) with its inputs: dataset dir, model dir, template file."""
     root.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fake_stages import compile_project, make_project, read_spec, write_spec
+from fake_stages import PROJECT_STEPS, compile_project, make_project, read_spec, write_spec
 
 from tunepipe.compiler import digest as digest_module
 from tunepipe.compiler.lockfile import read_lock, write_lock
@@ -52,19 +52,7 @@ def project(tmp_path):
 
 def test_the_dag_follows_the_spec(project):
     plan = compile_project(project)
-    assert [s.id for s in plan.steps] == [
-        "data",
-        "template",
-        "train",
-        "merge",
-        "quantize",
-        "verify.quantize",
-        "export.gguf",
-        "verify.gguf",
-        "export.onnx",
-        "verify.onnx",
-        "infer",
-    ]
+    assert [s.id for s in plan.steps] == PROJECT_STEPS
     assert plan.step("train").inputs == {"template": "template"}
     assert plan.step("export.gguf").inputs == {"quantize": "quantize"}
     assert plan.step("export.onnx").inputs == {"model": "merge"}

@@ -19,26 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_stages import HERE, compile_project, make_project, read_spec, worker_env, write_spec
+from fake_stages import HERE, PROJECT_STEPS, compile_project, make_project, read_spec, worker_env, write_spec
 from rich.console import Console
 
 from tunepipe.errors import StepFailed, UserError
 from tunepipe.runner import cache_verify, run_plan
 from tunepipe.store import open_store
 
-ALL = [
-    "data",
-    "template",
-    "train",
-    "merge",
-    "quantize",
-    "verify.quantize",
-    "export.gguf",
-    "verify.gguf",
-    "export.onnx",
-    "verify.onnx",
-    "infer",
-]
+ALL = PROJECT_STEPS
 
 
 @pytest.fixture

@@ -510,10 +510,14 @@ class _Runner:
         self.started_count = 0
         stale = [step for step in steps if step.id in forced or not self.store.has(step.key)]
         self.to_build = len(stale)
-        for step in stale:  # each executor hears what it will run, in order (the local one starts workers ahead)
-            self.executor(step)
-        for executor in self.executors.values():  # (a step the remote cache holds is pulled, not run)
-            executor.expect([s for s in stale if self.executor(s) is executor and s.id not in self.from_remote])
+        # Each executor hears what it will run, in order (the local one starts workers ahead); a step
+        # the remote cache holds is pulled, not run.
+        expected: dict[Executor, list[Step]] = {}
+        for step in stale:
+            if step.id not in self.from_remote:
+                expected.setdefault(self.executor(step), []).append(step)
+        for executor, its_steps in expected.items():
+            executor.expect(its_steps)
         pending = list(steps)
         try:
             while pending or self.running:

@@ -7,7 +7,8 @@ builds give identical artifacts. Knobs, by environment variable:
     FAKE_SLOW=train:0.05      write the artifact as 5 files with that many seconds between them
     FAKE_FAIL=train           exit with an error in that kind
     FAKE_BIG=train:BYTES      write a file of that many bytes into the artifact
-    FAKE_BUILDS=/path/file    append "<step id> <pid> <start time>" each time a stage runs
+    FAKE_BUILDS=/path/file    append "<step id> <pid> <start time> hidden:<packages|->" each time a
+                              stage runs (the stage table's OPTIONAL_IMPORTS the worker hid: Step.without)
 
 `python tests/fake_stages.py run PROJECT [run_plan keyword=JSON ...]` compiles PROJECT/spec.json
 with the fixture catalog and runs it: the entry point of the tests that kill or race runners.
@@ -16,6 +17,7 @@ with the fixture catalog and runs it: the entry point of the tests that kill or 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -162,7 +164,10 @@ def run(ctx) -> dict:
     builds = os.environ.get("FAKE_BUILDS")
     if builds:
         with open(builds, "a") as f:
-            f.write(f"{ctx.id} {os.getpid()} {time.time()}\n")
+            from tunepipe.stage_table import OPTIONAL_IMPORTS
+
+            hidden = ",".join(name for name in OPTIONAL_IMPORTS if importlib.util.find_spec(name) is None) or "-"
+            f.write(f"{ctx.id} {os.getpid()} {time.time()} hidden:{hidden}\n")
     if kind in os.environ.get("FAKE_FAIL", "").split(","):
         print(f"fake {kind} is failing on purpose", flush=True)
         raise RuntimeError(f"fake failure in {kind}")

@@ -384,3 +384,28 @@ def test_a_version_1_lock_reads_as_the_spec_section_and_is_upgraded(project):
     assert frozen_violations(plan, read_lock(plan.lock_path, "spec.json")) == {}
     assert write_lock(plan, open_store(plan.cache_dir)) is True
     assert json.loads(plan.lock_path.read_text()) == {"version": 2, "specs": {"spec.json": section}}
+
+
+NONE = ("hqq", "bitsandbytes")
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "input_kinds", "hidden"),
+    [
+        ("train", {"tuner_backend": "peft", "quantization_bit": None}, ["template"], NONE),
+        ("train", {"tuner_backend": "hqq", "quantization_bit": 4}, ["template"], ()),
+        ("train", {"quantization_bit": 4, "quantization_method": "bnb"}, ["template"], ()),
+        ("train", {"quantization_method": "gptq"}, ["template"], ()),  # a model loaded already quantized
+        ("merge", {"quantization_bit": 4}, ["train"], ()),  # a QLoRA chain
+        ("quantize", {"method": "mlc"}, ["merge"], ()),
+        ("verify", {"format": "gguf"}, ["export", "quantize", "template"], ()),  # its reference is quantized
+        ("export", {"format": "onnx"}, ["merge", "train"], NONE),
+        ("infer", {}, ["merge"], NONE),
+    ],
+)
+def test_a_step_hides_the_quantization_libraries_unless_it_quantizes_or_reads_a_quantized_model(
+    kind, params, input_kinds, hidden
+):
+    from tunepipe.stage_table import unused_imports
+
+    assert unused_imports(kind, params, input_kinds) == hidden

@@ -449,7 +449,7 @@ def test_steps_run_in_workers_started_ahead(project, monkeypatch):
     def popen(argv, *args, **kwargs):
         process = real_popen(argv, *args, **kwargs)
         if "--standby" in argv:
-            standbys[process.pid] = argv[-1]
+            standbys[process.pid] = argv[argv.index("--standby") + 1]
         return process
 
     monkeypatch.setattr(local.subprocess, "Popen", popen)
@@ -472,3 +472,51 @@ def test_steps_run_in_workers_started_ahead(project, monkeypatch):
     assert handle.process.pid != standby.process.pid and standby.process.wait(10) is not None
     handle.process.wait(30)
     executor.close()
+
+
+# Steps of the fake project that neither quantize nor read a quantize artifact: their workers hide the
+# quantization libraries. quantize, verify.quantize, export.gguf (quantized: bnb8) and verify.gguf
+# (whose reference is that quantize artifact) see them.
+UNQUANTIZED = {"data", "template", "train", "merge", "export.onnx", "verify.onnx", "infer"}
+
+
+@pytest.mark.parametrize("standby", ["1", "0"])
+def test_workers_hide_the_quantization_libraries_their_step_never_uses(project, tmp_path, monkeypatch, standby):
+    """transformers and peft import hqq and bitsandbytes (and with them torch._inductor, seconds) whenever
+    they are installed; a step that never uses them runs with them hidden, in a standby and in a fresh
+    worker alike."""
+    from tunepipe.stage_table import OPTIONAL_IMPORTS
+
+    site = tmp_path / "site"
+    for name in OPTIONAL_IMPORTS:  # installed, whatever this environment has
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ["PYTHONPATH"]]))
+    monkeypatch.setenv("TUNEPIPE_STANDBY", standby)
+    plan = compile_project(project)
+    assert {step.id: step.without for step in plan.steps} == {
+        step: OPTIONAL_IMPORTS if step in UNQUANTIZED else () for step in ALL
+    }
+    run(project)
+    seen = dict(line.split()[::3] for line in (tmp_path / "builds.log").read_text().splitlines())
+    hidden = f"hidden:{','.join(OPTIONAL_IMPORTS)}"
+    assert seen == {step: hidden if step in UNQUANTIZED else "hidden:-" for step in ALL}
+
+
+def test_a_worker_exits_without_teardown_but_joins_threads_runs_atexit_and_flushes(tmp_path):
+    """exit_now skips the interpreter's teardown (seconds after a model step) and keeps what an exit
+    owes: a non-daemon thread finishes, atexit handlers run, buffered stdout reaches the pipe."""
+    script = f"""
+import atexit, threading, time
+from pathlib import Path
+from tunepipe.runtime.worker import exit_now
+out = Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("joined"))).start()
+print("buffered", end="")
+exit_now(3)
+raise SystemExit("not reached")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "buffered", "")
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"

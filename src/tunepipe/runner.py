@@ -137,6 +137,7 @@ def step_payload(plan: Plan, step: Step, store: LocalStore, log_path: Path, forc
         "cache_dir": str(store.root),
         "log": str(log_path),
         "force": force,
+        "without": list(step.without),  # packages the worker hides (stage_table.unused_imports)
     }
 
 

@@ -71,7 +71,8 @@ STAGES: dict[str, Stage] = {
             "template",
             1,
             (("transformers", "transformers"), ("numpy", "numpy")),
-            ("transformers.tokenization_utils_tokenizers",),
+            # + the package of every tokenizer class (its __init__ scans the model directories: ~0.5 s)
+            ("transformers.tokenization_utils_tokenizers", "transformers.models"),
         ),
         Stage("train", "train", 4, TRAIN_PACKAGES, (*MODEL_PRELOAD, "peft"), check="train_problems", summary="model"),
         Stage("merge", "merge", 1, TRAIN_PACKAGES + (("safetensors", "safetensors"),), MODEL_PRELOAD, summary="model"),
@@ -100,3 +101,28 @@ STAGES: dict[str, Stage] = {
 
 def stage(kind: str) -> Stage:
     return STAGES[kind]
+
+
+# Quantization libraries that transformers and peft import whenever they are installed, at a cost,
+# though a step uses them only when it quantizes or reads a quantized model. hqq: transformers'
+# cache_utils imports hqq.core.quantize; bitsandbytes: peft's LoRA injection imports peft.tuners.lora.bnb.
+# Each pulls in torch._dynamo and torch._inductor (bitsandbytes also compiles its torch.compile'd ops'
+# templates): ~1.7 s and ~1.9 s of a model step's start on 2 cores. The compiler lists those a step does
+# not use (`Step.without`) and its worker hides them (runtime/worker.py `hide`), so that transformers
+# and peft take their paths for a host without them.
+OPTIONAL_IMPORTS = ("hqq", "bitsandbytes")
+
+
+def unused_imports(kind: str, params: dict[str, Any], input_kinds: Any) -> tuple[str, ...]:
+    """The OPTIONAL_IMPORTS a step of `kind` with these params, reading artifacts of `input_kinds`,
+    never imports: all of them, unless the step quantizes (a quantize step, quantization_bit,
+    quantization_method, tuner_backend hqq) or reads a quantize artifact (loaded by its method's
+    library) — then none (the optimizer is always torch's AdamW: no catalog flag picks bitsandbytes')."""
+    quantizes = (
+        kind == "quantize"
+        or params.get("quantization_bit") is not None
+        or params.get("quantization_method") is not None
+        or params.get("tuner_backend") == "hqq"
+        or "quantize" in input_kinds
+    )
+    return () if quantizes else OPTIONAL_IMPORTS

@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import UserError
 from ..spec.naming import entry_names, step_ids, verify_id
 from ..spec.paths import is_hub_id, resolve
-from ..stage_table import stage
+from ..stage_table import stage, unused_imports
 from ..store import default_cache_dir
 from .digest import MEMO_NAME, DigestMemo
 
@@ -61,6 +61,7 @@ class Step:
     executor: dict[str, Any]
     stage_version: int
     deliver: Path | None = None  # where the user asked for this step's result (output_dir/export_dir)
+    without: tuple[str, ...] = ()  # installed packages its worker hides: it never uses them (stage_table)
 
     @property
     def key_inputs(self) -> dict[str, str]:
@@ -351,6 +352,7 @@ class _Compiler:
             executor=executor,
             stage_version=version,
             deliver=self.delivery(kind, own),
+            without=unused_imports(kind, params, [self.plan.step(dep).kind for dep in inputs.values()]),
         )
         self.plan.steps.append(step)
         return step

@@ -96,8 +96,9 @@ class LocalExecutor(Executor):
         while self.upcoming and len(self.standbys) < self.standby_ahead:
             step = self.upcoming.pop(0)
             command = worker_argv(Path("STEP.json"), step.executor.get("python"))[:-1]
+            without = ("--without", ",".join(step.without)) if step.without else ()
             process = subprocess.Popen(
-                [*command, "--standby", step.kind],
+                [*command, "--standby", step.kind, *without],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -13,6 +13,7 @@ unwind through the `finally` that removes the temporary directory; SIGKILL leave
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import logging
@@ -176,15 +177,26 @@ def run_step(step: dict[str, Any]) -> None:
         store.abort(out)  # a no-op after a commit moved it away
 
 
-def standby(kind: str) -> Path | None:
-    """`worker --standby KIND`: import the stage module of KIND and the libraries its run imports
-    (the stage table's `preload`) now, then wait for the step. The local executor starts a worker
+def hide(packages: tuple[str, ...] | list[str]) -> None:
+    """Make installed packages look absent to this process: `import` fails and `find_spec` answers
+    None (sys.modules[name] = None), which is what transformers' and peft's availability checks ask.
+    For the packages STEP.json's `without` names (the stage table's OPTIONAL_IMPORTS that the step
+    never uses): set before the libraries that probe them are imported."""
+    for name in packages:
+        sys.modules.setdefault(name, None)
+
+
+def standby(kind: str, without: list[str]) -> Path | None:
+    """`worker --standby KIND [--without PKG,...]`: import the stage module of KIND and the libraries its
+    run imports (the stage table's `preload`) now, with the step's `without` packages hidden (`hide`;
+    a fresh worker reads them from STEP.json), then wait for the step. The local executor starts a worker
     like this while the steps before it run, so that a training step does not begin with seconds of
     importing torch: it writes one line, `STEP.json<TAB>LOG`, to our stdin when the step is
     submitted. From then on the process is that step's worker, exactly as if started for it (stdout
     and stderr go to LOG). EOF instead (the run ended or failed first): None, exit quietly."""
     from ..stage_table import STAGES
 
+    hide(without)
     module = stage_module_name(kind)
     preload = STAGES[kind].preload if kind in STAGES and module == STAGES[kind].module else ()
     for name in (*preload, module):
@@ -205,18 +217,22 @@ def standby(kind: str) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not (len(argv) == 1 or (len(argv) == 2 and argv[0] == "--standby")):
-        print("usage: python -m tunepipe.runtime.worker STEP.json | --standby KIND", file=sys.stderr)
+    standby_form = len(argv) in (2, 4) and argv[0] == "--standby" and (len(argv) == 2 or argv[2] == "--without")
+    if not (len(argv) == 1 or standby_form):
+        print(
+            "usage: python -m tunepipe.runtime.worker STEP.json | --standby KIND [--without PKG,...]", file=sys.stderr
+        )
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     _exit_with_parent()
     if argv[0] == "--standby":
-        step_json = standby(argv[1])
+        step_json = standby(argv[1], argv[3].split(",") if len(argv) == 4 else [])
         if step_json is None:
             return 0
         argv = [str(step_json)]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     step = json.loads(Path(argv[0]).read_text())
+    hide(step.get("without", []))
     try:
         run_step(step)
     except UserError as e:
@@ -237,5 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the worker without the interpreter's teardown. Once the step has committed (or reported its
+    error) nothing is left but to exit, and finalizing what a model step imported (torch, transformers,
+    sympy: hundreds of thousands of objects) takes ~1.5 s on 2 cores, longer than many steps run.
+    What a normal exit does that matters still happens, in its order: other non-daemon threads are
+    joined, atexit handlers run, logging and stdio are flushed. The artifact needs none of it: its
+    commit fsynced it."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging.shutdown is one of them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # a bug's traceback propagates from main() and exits the usual way

@@ -504,8 +504,6 @@ def last_checkpoint(directory: Path) -> str | None:
 def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics: dict) -> None:
     from peft import PeftModel
 
-    from tunepipe.runtime import plots
-
     p, out = ctx.params, Path(ctx.out)
     model = trainer.model
     model.config.use_cache = bool(p["use_cache"])  # training may have turned it off
@@ -521,6 +519,8 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
         model.save_pretrained(out / "adapter", save_embedding_layers=False)
         (out / "adapter" / "README.md").unlink(missing_ok=True)  # peft's model-card stub
         if p.get("plot_lora_matrix"):
+            from tunepipe.runtime import plots  # matplotlib: ~1 s to import, only for a plot
+
             plots.plot_lora_matrix(model, out / "lora_matrix.png", out / "lora_matrix.json")
         if base["kind"] == "own":  # a from-scratch init exists nowhere else: keep it beside the adapter
             model.unload().save_pretrained(out / "base")
@@ -548,6 +548,8 @@ def _save(ctx, trainer: Trainer, tokenizer, data_dir: Path, base: dict, metrics:
     (out / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if p.get("plot_loss"):
+        from tunepipe.runtime import plots
+
         # Titled by what is in the cache key (never the step id: renaming an entry keeps the key).
         plots.plot_loss(
             state["log_history"], out / "loss.png", title=f"loss ({info['stage']}, {info['finetuning_type']})"

@@ -460,3 +460,42 @@ def test_nfc_text_skips_the_nfc_normalizer_with_the_same_ids(tmp_path):
     assert [e.input_ids.tolist() for e in fast] == [e.input_ids.tolist() for e in plain]
     assert [e.labels.tolist() for e in fast] == [e.labels.tolist() for e in plain]
     assert ct._without_nfc(tokenizer.backend_tokenizer) is not None
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_build_sft_gathers_what_the_per_sample_definition_gives(packing):
+    """build_sft works on the samples back to back (ct.Encodings) with index arithmetic; its arrays and
+    stats equal the definition sample by sample: samples without a trained token dropped (empty ones
+    too), the others in order or packed best-fit, positions restarting per sample."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(300):
+        n = int(rng.integers(0, 40)) if i % 17 else 0
+        ids = rng.integers(0, 1000, n).astype(np.int32)
+        labels = np.where(rng.random(n) < (0.0 if i % 5 == 0 else 0.6), ids, ct.IGNORE).astype(np.int32)
+        samples.append(ct.Encoded(ids, labels, bool(i % 7 == 0)))
+    arrays, stats = template.build_sft(ct.Encodings.of(samples), 64, packing)
+
+    kept = [e for e in samples if (e.labels != ct.IGNORE).any()]
+    lengths = [len(e.input_ids) for e in kept]
+    rows = template.pack(lengths, 64) if packing else [[i] for i in range(len(kept))]
+    order = [kept[i] for row in rows for i in row]
+    expected = {
+        "input_ids": np.concatenate([e.input_ids for e in order]).astype(np.int32),
+        "labels": np.concatenate([e.labels for e in order]).astype(np.int32),
+        "offsets": np.cumsum([0] + [sum(lengths[i] for i in row) for row in rows]).astype(np.int64),
+    }
+    if packing:
+        expected["position_ids"] = np.concatenate([np.arange(len(e.input_ids)) for e in order]).astype(np.int32)
+    assert arrays.keys() == expected.keys()
+    for name, array in expected.items():
+        assert arrays[name].dtype == array.dtype and arrays[name].tolist() == array.tolist(), name
+    assert 0 < len(kept) < len(samples) and stats == {
+        "samples": 300,
+        "rows": len(rows),
+        "tokens": sum(lengths),
+        "trained_tokens": int(sum((e.labels != ct.IGNORE).sum() for e in kept)),
+        "truncated": sum(e.truncated for e in samples),
+        "dropped": 300 - len(kept),
+        "length_histogram": template.histogram(lengths, 64),
+    }

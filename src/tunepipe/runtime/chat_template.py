@@ -425,6 +425,50 @@ class Encoded:
     truncated: bool
 
 
+@dataclass
+class Encodings:
+    """Encoded samples back to back: sample i is `input_ids[offsets[i]:offsets[i + 1]]`, its labels
+    likewise. The template stage builds its arrays from these without a Python object per sample."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE where masked
+    offsets: np.ndarray  # int64, one more than samples
+    truncated: np.ndarray  # bool, per sample
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+    def __getitem__(self, i: int) -> Encoded:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return Encoded(self.input_ids[start:end], self.labels[start:end], bool(self.truncated[i]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def of(cls, samples: list[Encoded]) -> Encodings:
+        return cls.join(
+            [
+                cls(e.input_ids, e.labels, np.array([0, len(e.input_ids)], np.int64), np.array([e.truncated]))
+                for e in samples
+            ]
+        )
+
+    @classmethod
+    def join(cls, parts: list[Encodings]) -> Encodings:
+        ends = np.cumsum([0] + [len(p.input_ids) for p in parts])
+        return cls(
+            np.concatenate([p.input_ids for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32, copy=False),
+            np.concatenate([p.labels for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32, copy=False),
+            np.concatenate([[0]] + [p.offsets[1:] + end for p, end in zip(parts, ends)]).astype(np.int64),
+            np.concatenate([p.truncated for p in parts] or [np.zeros(0, bool)]).astype(bool, copy=False),
+        )
+
+
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
     """How much of a (prompt, answer) pair fits in `cutoff_len`, keeping the two in proportion."""
     if target_len * 2 < cutoff_len:  # a short answer is kept whole
@@ -484,19 +528,17 @@ def _segment_counts(encoding, segments: Segments) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def encode(
-    tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, batch_size: int = 1024
-) -> list[Encoded]:
+def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, batch_size: int = 1024) -> Encodings:
     """Conversations → ids and labels; one tokenizer call per batch of whole conversations, and the
     labels of a batch computed in one pass over its tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     plain = _without_nfc(backend) if backend is not None and len(records) >= batch_size else None
-    out = []
+    parts = []
     for b in range(0, len(records), batch_size):
         batch = records[b : b + batch_size]
         segments = [renderer.segments(r["messages"], r.get("tools")) for r in batch]
         if backend is None:
-            out += [_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]
+            parts.append(Encodings.of([_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]))
             continue
         texts = ["".join(t for t, _ in segs) for segs in segments]
         nfc = plain is not None and all(unicodedata.is_normalized("NFC", text) for text in texts)
@@ -506,14 +548,22 @@ def encode(
         counts = [c for e, segs in zip(encodings, segments) for c in _segment_counts(e, segs)]
         flags = np.fromiter((trained for segs in segments for _, trained in segs), bool, count=len(counts))
         labels = np.where(np.repeat(flags, counts), ids, IGNORE).astype(np.int32)
-        start, seg = 0, 0
-        for segs, n in zip(segments, lengths):
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if max(lengths, default=0) <= cutoff_len:
+            parts.append(Encodings(ids, labels, offsets, np.zeros(len(batch), bool)))
+            continue
+        samples, seg = [], 0  # some conversation is too long: truncate it, keep the others as they are
+        for i, (segs, n) in enumerate(zip(segments, lengths)):
+            start = offsets[i]
             if n > cutoff_len:
-                out.append(_assemble(ids[start : start + n], np.array(counts[seg : seg + len(segs)]), segs, cutoff_len))
+                samples.append(
+                    _assemble(ids[start : start + n], np.array(counts[seg : seg + len(segs)]), segs, cutoff_len)
+                )
             else:
-                out.append(Encoded(ids[start : start + n], labels[start : start + n], False))
-            start, seg = start + n, seg + len(segs)
-    return out
+                samples.append(Encoded(ids[start : start + n], labels[start : start + n], False))
+            seg += len(segs)
+        parts.append(Encodings.of(samples))
+    return Encodings.join(parts)
 
 
 def _without_nfc(backend):

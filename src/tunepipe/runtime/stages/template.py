@@ -102,24 +102,23 @@ def _run_shard(bounds: tuple[int, int]):
     return _WORK["fn"](_WORK["items"][start:end])
 
 
-def parallel_map(fn: Callable[[list], list], items: list, workers: int) -> list:
-    """fn over contiguous shards of items, in `workers` forked processes; results rejoined in order.
+def parallel_map(fn: Callable[[list], Any], items: list, workers: int) -> list:
+    """fn over contiguous shards of items, in `workers` forked processes: the shards' results, in order.
 
     `preprocessing_num_workers` is the number of cores that tokenize: each worker tokenizes on one
     thread (the tokenizer's own thread pool would spread one worker over every core, and a forked
     worker must not use it anyway)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if workers <= 1 or len(items) < 2 * workers:
-        return fn(items)
+        return [fn(items)]
     step = -(-len(items) // workers)
     bounds = [(i, min(i + step, len(items))) for i in range(0, len(items), step)]
     _WORK.update(fn=fn, items=items)
     try:
         with multiprocessing.get_context("fork").Pool(len(bounds)) as pool:
-            parts = pool.map(_run_shard, bounds)
+            return pool.map(_run_shard, bounds)
     finally:
         _WORK.clear()
-    return [x for part in parts for x in part]
 
 
 # ------------------------------------------------------------------------------ building
@@ -139,34 +138,57 @@ def pack(lengths: list[int], cutoff_len: int) -> list[list[int]]:
     return rows
 
 
-def histogram(lengths: list[int], cutoff_len: int) -> dict[str, list[int]]:
+def histogram(lengths: list[int] | np.ndarray, cutoff_len: int) -> dict[str, list[int]]:
     edges = np.linspace(0, cutoff_len, HISTOGRAM_BINS + 1).round().astype(int)
     counts, _ = np.histogram(np.asarray(lengths, dtype=np.int64), bins=edges)
     return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
-def build_sft(encoded: list[ct.Encoded], cutoff_len: int, packing: bool) -> tuple[dict[str, np.ndarray], dict]:
-    kept = [e for e in encoded if (e.labels != ct.IGNORE).any()]
-    lengths = [len(e.input_ids) for e in kept]
-    rows = pack(lengths, cutoff_len) if packing else [[i] for i in range(len(kept))]
-    order = [i for row in rows for i in row]
+def build_sft(encoded: ct.Encodings, cutoff_len: int, packing: bool) -> tuple[dict[str, np.ndarray], dict]:
+    """The split's arrays from its encoded samples: samples without a trained token dropped, the rest
+    in order (or packed into rows), gathered with index arithmetic rather than a Python loop per sample."""
+    lengths = encoded.lengths
+    trained = encoded.labels != ct.IGNORE
+    has_label = np.zeros(len(encoded), bool)
+    nonempty = lengths > 0
+    if nonempty.any():
+        has_label[nonempty] = np.logical_or.reduceat(trained, encoded.offsets[:-1][nonempty])
+    kept = np.flatnonzero(has_label)
+    kept_lengths = lengths[kept]
+    if packing:
+        rows = pack(kept_lengths.tolist(), cutoff_len)
+        order = kept[[i for row in rows for i in row]]
+        row_tokens = [int(kept_lengths[row].sum()) for row in rows]
+    else:  # a row per sample
+        order, row_tokens = kept, kept_lengths
+    if not packing and len(kept) == len(encoded):  # every sample kept, in order: the arrays as they are
+        input_ids, labels = encoded.input_ids, encoded.labels
+    else:
+        take = _sample_tokens(encoded.offsets[order], lengths[order])
+        input_ids, labels = encoded.input_ids[take], encoded.labels[take]
     arrays = {
-        "input_ids": _concat([kept[i].input_ids for i in order], np.int32),
-        "labels": _concat([kept[i].labels for i in order], np.int32),
-        "offsets": np.concatenate([[0], np.cumsum([sum(lengths[i] for i in row) for row in rows])]).astype(np.int64),
+        "input_ids": input_ids.astype(np.int32, copy=False),
+        "labels": labels.astype(np.int32, copy=False),
+        "offsets": np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int64),
     }
     if packing:
-        arrays["position_ids"] = _concat([np.arange(lengths[i], dtype=np.int32) for i in order], np.int32)
+        arrays["position_ids"] = _sample_tokens(np.zeros(len(order), np.int64), lengths[order]).astype(np.int32)
     stats = {
         "samples": len(encoded),
-        "rows": len(rows),
-        "tokens": int(sum(lengths)),
+        "rows": len(row_tokens),
+        "tokens": int(kept_lengths.sum()),
         "trained_tokens": int((arrays["labels"] != ct.IGNORE).sum()),
-        "truncated": sum(e.truncated for e in encoded),
+        "truncated": int(encoded.truncated.sum()),
         "dropped": len(encoded) - len(kept),
-        "length_histogram": histogram(lengths, cutoff_len),
+        "length_histogram": histogram(kept_lengths, cutoff_len),
     }
     return arrays, stats
+
+
+def _sample_tokens(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Token positions `starts[k], …, starts[k] + lengths[k] - 1` for each k, back to back."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(ends - lengths - starts, lengths)
 
 
 def build_pt(docs: list[np.ndarray], cutoff_len: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -205,14 +227,15 @@ def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, A
         bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else ""
         eos = tokenizer.eos_token or ""
         texts = [bos + r["text"] + eos for r in records]
-        return build_pt(parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers), cutoff_len)
+        docs = parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers)
+        return build_pt([doc for shard in docs for doc in shard], cutoff_len)
     if records and "messages" not in records[0]:
         raise UserError(
             "the data artifact holds plain texts (stage: pt) but this step tokenizes conversations",
             ["set the train entry's stage to pt, or use a conversation dataset"],
         )
-    encoded = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers)
-    return build_sft(encoded, cutoff_len, bool(params.get("packing")))
+    shards = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers)
+    return build_sft(ct.Encodings.join(shards), cutoff_len, bool(params.get("packing")))
 
 
 def template_file_path(params: dict[str, Any], spec_dir: Path, files: dict[str, Any]) -> Path | None:

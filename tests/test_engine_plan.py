@@ -386,26 +386,29 @@ def test_a_version_1_lock_reads_as_the_spec_section_and_is_upgraded(project):
     assert json.loads(plan.lock_path.read_text()) == {"version": 2, "specs": {"spec.json": section}}
 
 
-NONE = ("hqq", "bitsandbytes")
+ALL_THREE = ("datasets", "hqq", "bitsandbytes")
+QUANTIZATION = ("hqq", "bitsandbytes")
 
 
 @pytest.mark.parametrize(
     ("kind", "params", "input_kinds", "hidden"),
     [
-        ("train", {"tuner_backend": "peft", "quantization_bit": None}, ["template"], NONE),
-        ("train", {"tuner_backend": "hqq", "quantization_bit": 4}, ["template"], ()),
-        ("train", {"quantization_bit": 4, "quantization_method": "bnb"}, ["template"], ()),
-        ("train", {"quantization_method": "gptq"}, ["template"], ()),  # a model loaded already quantized
-        ("merge", {"quantization_bit": 4}, ["train"], ()),  # a QLoRA chain
-        ("quantize", {"method": "mlc"}, ["merge"], ()),
-        ("verify", {"format": "gguf"}, ["export", "quantize", "template"], ()),  # its reference is quantized
-        ("export", {"format": "onnx"}, ["merge", "train"], NONE),
-        ("infer", {}, ["merge"], NONE),
+        ("data", {}, [], QUANTIZATION),
+        ("template", {}, ["data"], ALL_THREE),
+        ("train", {"tuner_backend": "peft", "quantization_bit": None}, ["template"], ALL_THREE),
+        ("train", {"tuner_backend": "hqq", "quantization_bit": 4}, ["template"], ("datasets",)),
+        ("train", {"quantization_bit": 4, "quantization_method": "bnb"}, ["template"], ("datasets",)),
+        ("train", {"quantization_method": "gptq"}, ["template"], ("datasets",)),  # loaded already quantized
+        ("merge", {"quantization_bit": 4}, ["train"], ("datasets",)),  # a QLoRA chain
+        ("quantize", {"method": "mlc"}, ["merge"], ("datasets",)),
+        ("verify", {"format": "gguf"}, ["export", "quantize", "template"], ("datasets",)),  # a quantized reference
+        ("export", {"format": "onnx"}, ["merge", "train"], ALL_THREE),
+        ("infer", {}, ["merge"], ALL_THREE),
     ],
 )
-def test_a_step_hides_the_quantization_libraries_unless_it_quantizes_or_reads_a_quantized_model(
-    kind, params, input_kinds, hidden
-):
+def test_a_step_hides_the_libraries_it_never_uses(kind, params, input_kinds, hidden):
+    """datasets is the data step's; hqq and bitsandbytes are for a step that quantizes or reads a
+    quantized model."""
     from tunepipe.stage_table import unused_imports
 
     assert unused_imports(kind, params, input_kinds) == hidden

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from tunepipe.errors import StepFailed, UserError
 from tunepipe.runner import cache_verify, run_plan
+from tunepipe.stage_table import OPTIONAL_IMPORTS
 from tunepipe.store import open_store
 
 ALL = PROJECT_STEPS
@@ -474,19 +475,21 @@ def test_steps_run_in_workers_started_ahead(project, monkeypatch):
     executor.close()
 
 
-# Steps of the fake project that neither quantize nor read a quantize artifact: their workers hide the
-# quantization libraries. quantize, verify.quantize, export.gguf (quantized: bnb8) and verify.gguf
-# (whose reference is that quantize artifact) see them.
-UNQUANTIZED = {"data", "template", "train", "merge", "export.onnx", "verify.onnx", "infer"}
+# The fake project's steps by what their workers hide: the data step reads datasets; quantize,
+# verify.quantize, export.gguf (quantized: bnb8) and verify.gguf (whose reference is that quantize
+# artifact) load quantized models; the rest use none of the stage table's OPTIONAL_IMPORTS.
+QUANTIZED = {"quantize", "verify.quantize", "export.gguf", "verify.gguf"}
+
+
+def expected_hidden(step: str) -> tuple[str, ...]:
+    return ("hqq", "bitsandbytes") if step == "data" else ("datasets",) if step in QUANTIZED else OPTIONAL_IMPORTS
 
 
 @pytest.mark.parametrize("standby", ["1", "0"])
-def test_workers_hide_the_quantization_libraries_their_step_never_uses(project, tmp_path, monkeypatch, standby):
-    """transformers and peft import hqq and bitsandbytes (and with them torch._inductor, seconds) whenever
-    they are installed; a step that never uses them runs with them hidden, in a standby and in a fresh
-    worker alike."""
-    from tunepipe.stage_table import OPTIONAL_IMPORTS
-
+def test_workers_hide_the_libraries_their_step_never_uses(project, tmp_path, monkeypatch, standby):
+    """transformers and peft import datasets, hqq and bitsandbytes (the last two with torch._inductor:
+    seconds) whenever they are installed; a step that never uses one runs with it hidden, in a
+    standby and in a fresh worker alike."""
     site = tmp_path / "site"
     for name in OPTIONAL_IMPORTS:  # installed, whatever this environment has
         (site / name).mkdir(parents=True)
@@ -494,13 +497,10 @@ def test_workers_hide_the_quantization_libraries_their_step_never_uses(project, 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ["PYTHONPATH"]]))
     monkeypatch.setenv("TUNEPIPE_STANDBY", standby)
     plan = compile_project(project)
-    assert {step.id: step.without for step in plan.steps} == {
-        step: OPTIONAL_IMPORTS if step in UNQUANTIZED else () for step in ALL
-    }
+    assert {step.id: step.without for step in plan.steps} == {step: expected_hidden(step) for step in ALL}
     run(project)
     seen = dict(line.split()[::3] for line in (tmp_path / "builds.log").read_text().splitlines())
-    hidden = f"hidden:{','.join(OPTIONAL_IMPORTS)}"
-    assert seen == {step: hidden if step in UNQUANTIZED else "hidden:-" for step in ALL}
+    assert seen == {step: f"hidden:{','.join(expected_hidden(step))}" for step in ALL}
 
 
 def test_a_worker_exits_without_teardown_but_joins_threads_runs_atexit_and_flushes(tmp_path):

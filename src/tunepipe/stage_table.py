@@ -103,21 +103,24 @@ def stage(kind: str) -> Stage:
     return STAGES[kind]
 
 
-# Quantization libraries that transformers and peft import whenever they are installed, at a cost,
-# though a step uses them only when it quantizes or reads a quantized model. hqq: transformers'
-# cache_utils imports hqq.core.quantize; bitsandbytes: peft's LoRA injection imports peft.tuners.lora.bnb.
-# Each pulls in torch._dynamo and torch._inductor (bitsandbytes also compiles its torch.compile'd ops'
-# templates): ~1.7 s and ~1.9 s of a model step's start on 2 cores. The compiler lists those a step does
-# not use (`Step.without`) and its worker hides them (runtime/worker.py `hide`), so that transformers
-# and peft take their paths for a host without them.
-OPTIONAL_IMPORTS = ("hqq", "bitsandbytes")
+# Libraries that transformers and peft import whenever they are installed, at a cost, though a step
+# uses them only in some cases: `datasets` (transformers' Trainer imports it; only the data step reads
+# a dataset with it), and the quantization libraries hqq (transformers' cache_utils imports it) and
+# bitsandbytes (peft's LoRA injection imports peft.tuners.lora.bnb), used only by a step that
+# quantizes or reads a quantized model. hqq and bitsandbytes each pull in torch._dynamo and
+# torch._inductor (bitsandbytes also compiles its torch.compile'd ops' templates): ~1.7 s and ~1.9 s of
+# a model step's start on 2 cores; datasets ~0.4 s. The compiler lists those a step does not use
+# (`Step.without`) and its worker hides them (runtime/worker.py `hide`), so that transformers and peft
+# take their paths for a host without them.
+OPTIONAL_IMPORTS = ("datasets", "hqq", "bitsandbytes")
 
 
 def unused_imports(kind: str, params: dict[str, Any], input_kinds: Any) -> tuple[str, ...]:
     """The OPTIONAL_IMPORTS a step of `kind` with these params, reading artifacts of `input_kinds`,
-    never imports: all of them, unless the step quantizes (a quantize step, quantization_bit,
-    quantization_method, tuner_backend hqq) or reads a quantize artifact (loaded by its method's
-    library) — then none (the optimizer is always torch's AdamW: no catalog flag picks bitsandbytes')."""
+    never imports. `datasets` is the data step's. hqq and bitsandbytes are a step's that quantizes (a
+    quantize step, quantization_bit, quantization_method, tuner_backend hqq) or reads a quantize
+    artifact, loaded by its method's library (the optimizer is always torch's AdamW: no catalog flag
+    picks bitsandbytes')."""
     quantizes = (
         kind == "quantize"
         or params.get("quantization_bit") is not None
@@ -125,4 +128,5 @@ def unused_imports(kind: str, params: dict[str, Any], input_kinds: Any) -> tuple
         or params.get("tuner_backend") == "hqq"
         or "quantize" in input_kinds
     )
-    return () if quantizes else OPTIONAL_IMPORTS
+    uses = {"datasets": kind == "data", "hqq": quantizes, "bitsandbytes": quantizes}
+    return tuple(name for name in OPTIONAL_IMPORTS if not uses[name])

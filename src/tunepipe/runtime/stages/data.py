@@ -59,10 +59,12 @@ def load(params: dict[str, Any], root: Path, seed: int, cache_dir: Path) -> tupl
     return train, val, stats
 
 
+RECORD_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False)  # one encoder for every record
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+        f.writelines(RECORD_JSON.encode(record) + "\n" for record in records)
 
 
 def run(ctx: StepContext) -> dict:

@@ -15,7 +15,9 @@ Qwen2Tokenizer, model_type qwen2), then times whole processes, as a user runs th
 
 Before any timing counts, one run of each writes its input_ids and labels and the bench checks they
 are identical, sample by sample (LF keeps the corpus order; so does tunepipe with val_size 0).
-Prints each figure's median and the ratios: LF / tunepipe (1 worker), and tunepipe 1 / 2 workers.
+Prints each figure's median and the ratios: LF / tunepipe (1 worker), and tunepipe 1 / 2 workers, as
+the median of the rounds' ratios (each round runs the contenders back to back, so a ratio holds while
+a shared machine's speed drifts between rounds) and as the ratio of the medians.
 LLaMA-Factory is looked for at --lf (default /tmp/lfvenv/bin/python, see bench/README or issue 16
 for the side venv); without it the bench says so and times tunepipe alone.
 """
@@ -210,6 +212,14 @@ def run_lf(python: str, args: dict, dump: str = "") -> float:
     return finished - start  # up to the tokenized dataset; the dump for the check does not count
 
 
+def report_ratio(label: str, a: list[float], b: list[float]) -> None:
+    paired = [x / y for x, y in zip(a, b)]
+    print(
+        f"ratio {label}: {statistics.median(paired):.2f}x (median of {len(paired)} rounds, "
+        f"{min(paired):.2f}-{max(paired):.2f}; ratio of medians {statistics.median(a) / statistics.median(b):.2f}x)"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversations", type=int, default=20_000)
@@ -265,10 +275,10 @@ def main() -> int:
         med = {label: statistics.median(values) for label, values in times.items()}
         for label, values in times.items():
             print(f"  {label:<28} median {med[label]:6.2f} s  (min {min(values):.2f}, max {max(values):.2f})")
-        one, two = med["tunepipe, 1 worker"], med["tunepipe, 2 workers"]
+        one, two = times["tunepipe, 1 worker"], times["tunepipe, 2 workers"]
         if lf:
-            print(f"ratio LLaMA-Factory / tunepipe (1 worker): {med['LLaMA-Factory get_dataset'] / one:.2f}x")
-        print(f"ratio tunepipe 1 worker / 2 workers: {one / two:.2f}x")
+            report_ratio("LLaMA-Factory / tunepipe (1 worker)", times["LLaMA-Factory get_dataset"], one)
+        report_ratio("tunepipe 1 worker / 2 workers", one, two)
     return 0
 
 

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,9 @@ def main(argv: list[str]) -> int:
 
     command, root, *options = argv
     assert command == "run"
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal's foreground command, even when the tests were
+    # started from a background shell (which starts its jobs with SIGINT ignored, and children inherit it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     kwargs = {k: json.loads(v) for k, v in (o.split("=", 1) for o in options)}
     try:
         result = run_plan(compile_project(Path(root)), **kwargs)

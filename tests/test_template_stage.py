@@ -499,3 +499,18 @@ def test_build_sft_gathers_what_the_per_sample_definition_gives(packing):
         "dropped": 300 - len(kept),
         "length_histogram": template.histogram(lengths, 64),
     }
+
+
+@pytest.mark.parametrize(
+    ("sizes", "shards", "bounds"),
+    [
+        ([1] * 10, 2, [(0, 5), (5, 10)]),
+        ([1] * 10, 3, [(0, 4), (4, 7), (7, 10)]),
+        ([100, 1, 1, 1], 2, [(0, 1), (1, 4)]),  # by work, not by count
+        ([1, 1, 1, 97], 2, [(0, 3), (3, 4)]),
+        ([1] * 7 + [100], 3, [(0, 6), (6, 7), (7, 8)]),  # no shard empty, even when one item is most work
+        ([5, 5], 2, [(0, 1), (1, 2)]),
+    ],
+)
+def test_shards_hold_equal_work_in_order(sizes, shards, bounds):
+    assert template.shard_bounds(sizes, shards) == bounds

@@ -102,8 +102,10 @@ def _run_shard(bounds: tuple[int, int]):
     return _WORK["fn"](_WORK["items"][start:end])
 
 
-def parallel_map(fn: Callable[[list], Any], items: list, workers: int) -> list:
+def parallel_map(fn: Callable[[list], Any], items: list, workers: int, sizes: list[int] | None = None) -> list:
     """fn over contiguous shards of items, in `workers` forked processes: the shards' results, in order.
+    With `sizes` (the work each item is, e.g. its characters) the shards hold equal work, not equal
+    counts: a corpus sorted by length would otherwise leave one worker with most of it.
 
     `preprocessing_num_workers` is the number of cores that tokenize: each worker tokenizes on one
     thread (the tokenizer's own thread pool would spread one worker over every core, and a forked
@@ -111,14 +113,23 @@ def parallel_map(fn: Callable[[list], Any], items: list, workers: int) -> list:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if workers <= 1 or len(items) < 2 * workers:
         return [fn(items)]
-    step = -(-len(items) // workers)
-    bounds = [(i, min(i + step, len(items))) for i in range(0, len(items), step)]
+    bounds = shard_bounds(sizes or [1] * len(items), workers)
     _WORK.update(fn=fn, items=items)
     try:
         with multiprocessing.get_context("fork").Pool(len(bounds)) as pool:
             return pool.map(_run_shard, bounds)
     finally:
         _WORK.clear()
+
+
+def shard_bounds(sizes: list[int], shards: int) -> list[tuple[int, int]]:
+    """`shards` contiguous, non-empty (start, end) ranges over len(sizes) items, the sums of their
+    sizes as equal as cutting between items allows."""
+    total = np.cumsum(sizes)
+    cuts = np.searchsorted(total, [total[-1] * k / shards for k in range(1, shards)], side="left") + 1
+    cuts = np.clip(cuts, np.arange(1, shards), len(sizes) - np.arange(shards - 1, 0, -1))  # none empty
+    edges = [0, *np.maximum.accumulate(cuts).tolist(), len(sizes)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 # ------------------------------------------------------------------------------ building
@@ -229,14 +240,15 @@ def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, A
         bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else ""
         eos = tokenizer.eos_token or ""
         texts = [bos + r["text"] + eos for r in records]
-        docs = parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers)
+        docs = parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers, [len(t) for t in texts])
         return build_pt([doc for shard in docs for doc in shard], cutoff_len)
     if records and "messages" not in records[0]:
         raise UserError(
             "the data artifact holds plain texts (stage: pt) but this step tokenizes conversations",
             ["set the train entry's stage to pt, or use a conversation dataset"],
         )
-    shards = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers)
+    sizes = [sum(len(m["content"] or "") for m in r["messages"]) for r in records]
+    shards = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers, sizes)
     return build_sft(ct.Encodings.join(shards), cutoff_len, bool(params.get("packing")))
 
 

@@ -351,7 +351,7 @@ def test_a_distributed_train_step_runs_torchrun_under_srun_and_requeues(project,
     runs = [
         line.split() for line in (project.parent / "builds.log").read_text().splitlines() if line.startswith("train")
     ]
-    assert len(runs) == 4 and len({pid for _, pid, _ in runs}) == 4  # 2 ranks, twice
+    assert len(runs) == 4 and len({pid for _, pid, *_ in runs}) == 4  # 2 ranks, twice
     store = open_store(plan.cache_dir)
     reference = tmp_store_build(project.parent / "reference", until="train")
     key = plan.step("train").key

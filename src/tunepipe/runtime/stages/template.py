@@ -15,6 +15,7 @@ import bisect
 import json
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -298,19 +299,26 @@ def run(ctx: StepContext) -> dict:
         "added_tokens": added,
     }
     data_dir = Path(ctx.inputs["data"])
+    tokenizing_s = 0.0  # a run's timing: in the returned metrics (the manifest), never in the artifact
     for split in SPLITS:
-        arrays, split_stats = tokenize_split(read_jsonl(data_dir / f"{split}.jsonl"), tokenizer, renderer, params)
+        records = read_jsonl(data_dir / f"{split}.jsonl")
+        started = time.perf_counter()
+        arrays, split_stats = tokenize_split(records, tokenizer, renderer, params)
+        seconds = time.perf_counter() - started
+        tokenizing_s += seconds
         for name, array in arrays.items():
             np.save(ctx.out / f"{split}.{name}.npy", array, allow_pickle=False)
         stats[split] = split_stats
         ctx.log.info(
-            "template: %s: %d samples → %d rows, %d tokens (%d truncated, %d dropped)",
+            "template: %s: %d samples → %d rows, %d tokens (%d truncated, %d dropped) in %.1f s (%s tokens/s)",
             split,
             split_stats["samples"],
             split_stats["rows"],
             split_stats["tokens"],
             split_stats["truncated"],
             split_stats["dropped"],
+            seconds,
+            f"{split_stats['tokens'] / seconds:,.0f}" if seconds > 0 else "-",
         )
 
     # The saved tokenizer carries the template it was trained with, for exports and apply_chat_template.
@@ -321,9 +329,15 @@ def run(ctx: StepContext) -> dict:
     tokenizer.save_pretrained(ctx.out / "tokenizer")
     _dump(ctx.out / "template.json", info)
     _dump(ctx.out / "stats.json", stats)
-    return {k: stats[k] for k in ("template", "vocab_size")} | {
-        f"{split}_{k}": stats[split][k] for split in SPLITS for k in ("samples", "rows", "tokens")
-    }
+    tokens = sum(stats[split]["tokens"] for split in SPLITS)
+    return (
+        {k: stats[k] for k in ("template", "vocab_size")}
+        | {f"{split}_{k}": stats[split][k] for split in SPLITS for k in ("samples", "rows", "tokens")}
+        | {
+            "tokenizing_s": round(tokenizing_s, 3),
+            "tokens_per_s": round(tokens / tokenizing_s) if tokenizing_s else None,
+        }
+    )
 
 
 def _dump(path: Path, obj: Any) -> None:

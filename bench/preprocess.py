@@ -44,11 +44,21 @@ args, dump = json.loads(sys.argv[1]), sys.argv[2]
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
 from llamafactory.hparams import get_train_args
 from llamafactory.model import load_tokenizer
+import llamafactory.data.loader as loader
+preprocess = loader._get_preprocessed_dataset  # the "Running tokenizer on dataset" map: LF's tokenizing phase
+tokenizing = []
+def timed_preprocess(*a, **k):
+    start = time.perf_counter()
+    try:
+        return preprocess(*a, **k)
+    finally:
+        tokenizing.append(time.perf_counter() - start)
+loader._get_preprocessed_dataset = timed_preprocess
 model_args, data_args, training_args, finetuning_args, _ = get_train_args(args)
 tokenizer_module = load_tokenizer(model_args)
 template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
 dataset = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)["train_dataset"]
-print("DONE", time.time(), flush=True)
+print("DONE", time.time(), sum(tokenizing), flush=True)
 if dump:
     with open(dump, "w") as f:
         for row in dataset:
@@ -161,7 +171,8 @@ def write_spec(root: Path, cutoff_len: int, workers: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------- the runs
-def run_tunepipe(spec: Path, cache: Path) -> float:
+def run_tunepipe(spec: Path, cache: Path) -> tuple[float, float]:
+    """(process wall, the template step's tokenizing seconds from its manifest)."""
     env = {**os.environ, "TUNEPIPE_CACHE": str(cache)}
     start = time.time()
     done = subprocess.run(
@@ -170,7 +181,8 @@ def run_tunepipe(spec: Path, cache: Path) -> float:
     wall = time.time() - start
     if done.returncode != 0:
         sys.exit(f"tunepipe failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return wall
+    manifests = (json.loads(m.read_text()) for m in cache.rglob("manifest.json"))
+    return wall, next(m["metrics"]["tokenizing_s"] for m in manifests if m["kind"] == "template")
 
 
 def tunepipe_rows(cache: Path) -> list[tuple[list[int], list[int]]]:
@@ -199,7 +211,8 @@ def lf_args(root: Path, cutoff_len: int, out: Path) -> dict:
     }
 
 
-def run_lf(python: str, args: dict, dump: str = "") -> float:
+def run_lf(python: str, args: dict, dump: str = "") -> tuple[float, float]:
+    """(process wall up to the tokenized dataset, its tokenizing phase's seconds)."""
     with tempfile.TemporaryDirectory() as hf_cache:
         env = {**os.environ, "HF_DATASETS_CACHE": hf_cache, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1"}
         start = time.time()
@@ -208,8 +221,8 @@ def run_lf(python: str, args: dict, dump: str = "") -> float:
         )
     if done.returncode != 0:
         sys.exit(f"LLaMA-Factory failed:\n{done.stderr[-3000:]}")
-    finished = next(float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("DONE "))
-    return finished - start  # up to the tokenized dataset; the dump for the check does not count
+    _, finished, tokenizing = next(line.split() for line in done.stdout.splitlines() if line.startswith("DONE "))
+    return float(finished) - start, float(tokenizing)  # the dump for the check does not count
 
 
 def report_ratio(label: str, a: list[float], b: list[float]) -> None:
@@ -262,23 +275,34 @@ def main() -> int:
         else:
             print(f"LLaMA-Factory not found at {args.lf}: timing tunepipe alone (see issue 16 for the side venv)")
 
-        times: dict[str, list[float]] = {"tunepipe, 1 worker": [], "tunepipe, 2 workers": []}
-        if lf:
-            times["LLaMA-Factory get_dataset"] = []
+        labels = ["tunepipe, 1 worker", "tunepipe, 2 workers"] + (["LLaMA-Factory get_dataset"] if lf else [])
+        walls: dict[str, list[float]] = {label: [] for label in labels}
+        tokenizing: dict[str, list[float]] = {label: [] for label in labels}
         for r in range(args.repeat):  # rounds interleave the contenders
-            for workers in (1, 2):
-                times[f"tunepipe, {workers} worker{'s' if workers > 1 else ''}"].append(
-                    run_tunepipe(specs[workers], root / f"cache-{workers}-{r}")
-                )
-            if lf:
-                times["LLaMA-Factory get_dataset"].append(run_lf(lf, lf_args(root, args.cutoff_len, root / "lf-out")))
-        med = {label: statistics.median(values) for label, values in times.items()}
-        for label, values in times.items():
-            print(f"  {label:<28} median {med[label]:6.2f} s  (min {min(values):.2f}, max {max(values):.2f})")
-        one, two = times["tunepipe, 1 worker"], times["tunepipe, 2 workers"]
+            for label in labels:
+                if label.startswith("tunepipe"):
+                    workers = int(label.split(", ")[1][0])
+                    wall, tok = run_tunepipe(specs[workers], root / f"cache-{workers}-{r}")
+                else:
+                    wall, tok = run_lf(lf, lf_args(root, args.cutoff_len, root / "lf-out"))
+                walls[label].append(wall)
+                tokenizing[label].append(tok)
+        print("process wall (tokenizing phase: tunepipe's template step, LLaMA-Factory's tokenizer map):")
+        for label in labels:
+            w, t = walls[label], tokenizing[label]
+            print(
+                f"  {label:<28} median {statistics.median(w):6.2f} s  (min {min(w):.2f}, max {max(w):.2f})"
+                f"   tokenizing {statistics.median(t):6.2f} s ({tokens / statistics.median(t) / 1e3:,.0f}k tokens/s)"
+            )
+        one, two = walls["tunepipe, 1 worker"], walls["tunepipe, 2 workers"]
         if lf:
-            report_ratio("LLaMA-Factory / tunepipe (1 worker)", times["LLaMA-Factory get_dataset"], one)
-        report_ratio("tunepipe 1 worker / 2 workers", one, two)
+            report_ratio("LLaMA-Factory / tunepipe (1 worker), process wall", walls["LLaMA-Factory get_dataset"], one)
+            report_ratio(
+                "LLaMA-Factory / tunepipe (1 worker), tokenizing phase",
+                tokenizing["LLaMA-Factory get_dataset"],
+                tokenizing["tunepipe, 1 worker"],
+            )
+        report_ratio("tunepipe 1 worker / 2 workers, process wall", one, two)
     return 0
 
 

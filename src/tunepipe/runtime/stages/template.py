@@ -318,7 +318,7 @@ def run(ctx: StepContext) -> dict:
             split_stats["truncated"],
             split_stats["dropped"],
             seconds,
-            f"{split_stats['tokens'] / seconds:,.0f}" if seconds > 0 else "-",
+            f"{split_stats['tokens'] / seconds:,.0f}" if split_stats["tokens"] and seconds > 0 else "-",
         )
 
     # The saved tokenizer carries the template it was trained with, for exports and apply_chat_template.

@@ -275,14 +275,14 @@ def main() -> int:
         else:
             print(f"LLaMA-Factory not found at {args.lf}: timing tunepipe alone (see issue 16 for the side venv)")
 
-        labels = ["tunepipe, 1 worker", "tunepipe, 2 workers"] + (["LLaMA-Factory get_dataset"] if lf else [])
+        tunepipe = {"tunepipe, 1 worker": specs[1], "tunepipe, 2 workers": specs[2]}
+        labels = [*tunepipe] + (["LLaMA-Factory get_dataset"] if lf else [])
         walls: dict[str, list[float]] = {label: [] for label in labels}
         tokenizing: dict[str, list[float]] = {label: [] for label in labels}
         for r in range(args.repeat):  # rounds interleave the contenders
             for label in labels:
-                if label.startswith("tunepipe"):
-                    workers = int(label.split(", ")[1][0])
-                    wall, tok = run_tunepipe(specs[workers], root / f"cache-{workers}-{r}")
+                if label in tunepipe:
+                    wall, tok = run_tunepipe(tunepipe[label], root / f"cache-{r}-{labels.index(label)}")
                 else:
                     wall, tok = run_lf(lf, lf_args(root, args.cutoff_len, root / "lf-out"))
                 walls[label].append(wall)

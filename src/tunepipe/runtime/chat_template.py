@@ -451,22 +451,28 @@ class Encodings:
 
     @classmethod
     def of(cls, samples: list[Encoded]) -> Encodings:
-        return cls.join(
-            [
-                cls(e.input_ids, e.labels, np.array([0, len(e.input_ids)], np.int64), np.array([e.truncated]))
-                for e in samples
-            ]
+        lengths = [len(e.input_ids) for e in samples]
+        return cls(
+            concat([e.input_ids for e in samples], np.int32),
+            concat([e.labels for e in samples], np.int32),
+            np.cumsum([0] + lengths).astype(np.int64),
+            np.array([e.truncated for e in samples], bool),
         )
 
     @classmethod
     def join(cls, parts: list[Encodings]) -> Encodings:
         ends = np.cumsum([0] + [len(p.input_ids) for p in parts])
         return cls(
-            np.concatenate([p.input_ids for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32, copy=False),
-            np.concatenate([p.labels for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32, copy=False),
+            concat([p.input_ids for p in parts], np.int32),
+            concat([p.labels for p in parts], np.int32),
             np.concatenate([[0]] + [p.offsets[1:] + end for p, end in zip(parts, ends)]).astype(np.int64),
-            np.concatenate([p.truncated for p in parts] or [np.zeros(0, bool)]).astype(bool, copy=False),
+            concat([p.truncated for p in parts], bool),
         )
+
+
+def concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """The arrays back to back as `dtype`; an empty array of it when there are none."""
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

@@ -103,9 +103,11 @@ def _run_shard(bounds: tuple[int, int]):
     return _WORK["fn"](_WORK["items"][start:end])
 
 
-def parallel_map(fn: Callable[[list], Any], items: list, workers: int, sizes: list[int] | None = None) -> list:
+def parallel_map(
+    fn: Callable[[list], Any], items: list, workers: int, size: Callable[[Any], int] | None = None
+) -> list:
     """fn over contiguous shards of items, in `workers` forked processes: the shards' results, in order.
-    With `sizes` (the work each item is, e.g. its characters) the shards hold equal work, not equal
+    With `size` (the work an item is, e.g. its characters) the shards hold equal work, not equal
     counts: a corpus sorted by length would otherwise leave one worker with most of it.
 
     `preprocessing_num_workers` is the number of cores that tokenize: each worker tokenizes on one
@@ -114,7 +116,7 @@ def parallel_map(fn: Callable[[list], Any], items: list, workers: int, sizes: li
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if workers <= 1 or len(items) < 2 * workers:
         return [fn(items)]
-    bounds = shard_bounds(sizes or [1] * len(items), workers)
+    bounds = shard_bounds([size(item) for item in items] if size else [1] * len(items), workers)
     _WORK.update(fn=fn, items=items)
     try:
         with multiprocessing.get_context("fork").Pool(len(bounds)) as pool:
@@ -204,7 +206,7 @@ def _sample_tokens(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def build_pt(docs: list[np.ndarray], cutoff_len: int) -> tuple[dict[str, np.ndarray], dict]:
-    ids = _concat(docs, np.int32)
+    ids = ct.concat(docs, np.int32)
     offsets = (
         np.append(np.arange(0, len(ids), cutoff_len), len(ids)).astype(np.int64) if len(ids) else np.zeros(1, np.int64)
     )
@@ -219,10 +221,6 @@ def build_pt(docs: list[np.ndarray], cutoff_len: int) -> tuple[dict[str, np.ndar
         "length_histogram": histogram(lengths, cutoff_len),
     }
     return {"input_ids": ids, "labels": ids.copy(), "offsets": offsets}, stats
-
-
-def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -241,16 +239,19 @@ def tokenize_split(records: list[dict], tokenizer, renderer, params: dict[str, A
         bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token else ""
         eos = tokenizer.eos_token or ""
         texts = [bos + r["text"] + eos for r in records]
-        docs = parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers, [len(t) for t in texts])
+        docs = parallel_map(lambda t: ct.encode_texts(tokenizer, t), texts, workers, len)
         return build_pt([doc for shard in docs for doc in shard], cutoff_len)
     if records and "messages" not in records[0]:
         raise UserError(
             "the data artifact holds plain texts (stage: pt) but this step tokenizes conversations",
             ["set the train entry's stage to pt, or use a conversation dataset"],
         )
-    sizes = [sum(len(m["content"] or "") for m in r["messages"]) for r in records]
-    shards = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers, sizes)
+    shards = parallel_map(lambda r: ct.encode(tokenizer, renderer, r, cutoff_len), records, workers, conversation_chars)
     return build_sft(ct.Encodings.join(shards), cutoff_len, bool(params.get("packing")))
+
+
+def conversation_chars(record: dict[str, Any]) -> int:
+    return sum(len(m["content"] or "") for m in record["messages"])
 
 
 def template_file_path(params: dict[str, Any], spec_dir: Path, files: dict[str, Any]) -> Path | None:

@@ -504,8 +504,9 @@ def test_workers_hide_the_libraries_their_step_never_uses(project, tmp_path, mon
 
 
 def test_a_worker_exits_without_teardown_but_joins_threads_runs_atexit_and_flushes(tmp_path):
-    """exit_now skips the interpreter's teardown (seconds after a model step) and keeps what an exit
-    owes: a non-daemon thread finishes, atexit handlers run, buffered stdout reaches the pipe."""
+    """exit_now skips the interpreter's teardown (seconds after a model step: no global is finalized) and
+    keeps what an exit owes: a non-daemon thread finishes, atexit handlers run, buffered stdout reaches
+    the pipe."""
     script = f"""
 import atexit, threading, time
 from pathlib import Path
@@ -513,6 +514,10 @@ from tunepipe.runtime.worker import exit_now
 out = Path({str(tmp_path)!r})
 atexit.register(lambda: (out / "atexit").write_text("ran"))
 threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("joined"))).start()
+class Teardown:  # a global's finalizer: the interpreter's teardown would run it, exit_now does not
+    def __del__(self):
+        print(" torn down", end="")
+kept = Teardown()
 print("buffered", end="")
 exit_now(3)
 raise SystemExit("not reached")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tunepipe.errors import UserError
-from tunepipe.runtime import template_registry
+from tunepipe.runtime import fast_bpe, template_registry
 
 IGNORE = -100
 Segments = list[tuple[str, bool]]
@@ -538,7 +538,8 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
     """Conversations → ids and labels; one tokenizer call per batch of whole conversations, and the
     labels of a batch computed in one pass over its tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    plain = _without_nfc(backend) if backend is not None and len(records) >= batch_size else None
+    fast = fast_bpe.FastBPE.of(backend) if backend is not None else None
+    plain = _without_nfc(backend) if fast is None and backend is not None and len(records) >= batch_size else None
     parts = []
     for b in range(0, len(records), batch_size):
         batch = records[b : b + batch_size]
@@ -547,29 +548,41 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
             parts.append(Encodings.of([_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]))
             continue
         texts = ["".join(t for t, _ in segs) for segs in segments]
-        nfc = plain is not None and all(unicodedata.is_normalized("NFC", text) for text in texts)
-        encodings = (plain if nfc else backend).encode_batch(texts, add_special_tokens=False)
-        lengths = [len(e) for e in encodings]
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, count=sum(lengths))
-        counts = [c for e, segs in zip(encodings, segments) for c in _segment_counts(e, segs)]
+        if fast is not None:
+            ids, lengths, counts = _encode_fast(fast, texts, segments)
+        else:
+            nfc = plain is not None and all(unicodedata.is_normalized("NFC", text) for text in texts)
+            encodings = (plain if nfc else backend).encode_batch(texts, add_special_tokens=False)
+            lengths = np.array([len(e) for e in encodings], np.int64)
+            ids = np.fromiter(
+                itertools.chain.from_iterable(e.ids for e in encodings), np.int32, count=int(lengths.sum())
+            )
+            counts = np.array([c for e, segs in zip(encodings, segments) for c in _segment_counts(e, segs)], np.int64)
         flags = np.fromiter((trained for segs in segments for _, trained in segs), bool, count=len(counts))
         labels = np.where(np.repeat(flags, counts), ids, IGNORE).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        if max(lengths, default=0) <= cutoff_len:
+        if lengths.max(initial=0) <= cutoff_len:
             parts.append(Encodings(ids, labels, offsets, np.zeros(len(batch), bool)))
             continue
         samples, seg = [], 0  # some conversation is too long: truncate it, keep the others as they are
-        for i, (segs, n) in enumerate(zip(segments, lengths)):
+        for i, (segs, n) in enumerate(zip(segments, lengths.tolist())):
             start = offsets[i]
             if n > cutoff_len:
-                samples.append(
-                    _assemble(ids[start : start + n], np.array(counts[seg : seg + len(segs)]), segs, cutoff_len)
-                )
+                samples.append(_assemble(ids[start : start + n], counts[seg : seg + len(segs)], segs, cutoff_len))
             else:
                 samples.append(Encoded(ids[start : start + n], labels[start : start + n], False))
             seg += len(segs)
         parts.append(Encodings.of(samples))
     return Encodings.join(parts)
+
+
+def _encode_fast(fast: fast_bpe.FastBPE, texts: list[str], segments: list[Segments]):
+    """(ids, tokens per text, tokens per segment) by FastBPE: a token belongs to the segment holding its
+    last character, as in `_segment_counts`."""
+    tokens = fast.encode(texts)
+    segment_ends = np.cumsum(np.fromiter((len(t) for segs in segments for t, _ in segs), np.int64))
+    counts = np.diff(np.searchsorted(tokens.ends, segment_ends, side="right"), prepend=0)
+    return tokens.ids, tokens.lengths, counts
 
 
 def _without_nfc(backend):
@@ -596,8 +609,14 @@ def _encode_slow(tokenizer, segments: Segments, cutoff_len: int) -> Encoded:
 
 def encode_texts(tokenizer, texts: list[str], batch_size: int = 1024) -> list[np.ndarray]:
     """Plain texts (stage pt) → ids, batched."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    fast = fast_bpe.FastBPE.of(backend) if backend is not None else None
     out = []
     for b in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[b : b + batch_size], add_special_tokens=False)["input_ids"]
-        out += [np.array(e, dtype=np.int32) for e in enc]
+        batch = texts[b : b + batch_size]
+        if fast is not None:
+            tokens = fast.encode(batch)
+            out += np.split(tokens.ids, np.cumsum(tokens.lengths)[:-1])
+        else:
+            out += [np.array(e, dtype=np.int32) for e in tokenizer(batch, add_special_tokens=False)["input_ids"]]
     return out

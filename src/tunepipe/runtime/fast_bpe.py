@@ -1,0 +1,342 @@
+"""A fast, exact encoder for byte-level BPE tokenizers (GPT-2, Qwen2, Llama 3 …) on ASCII text.
+
+HF tokenizers' `encode_batch` spends about three quarters of its time on bookkeeping: per-character
+alignments of every normalized string, a `String` per token, offsets (measured with `perf`: malloc,
+memmove and hashing lead; the BPE merges and the regex are a fifth). This module computes the same ids
+by doing what the tokenizer does, in the same order, with the costly part done once per distinct word:
+
+1. split the text at the added tokens, leftmost-longest, first those matched on the raw text, then
+   (in what is left) those matched on the normalized text — what tokenizers' `AddedVocabulary` does
+   (the normalizer is none or NFC, which leaves ASCII as it is); the pieces between added tokens
+   are normalized and pre-tokenized independently;
+2. split each piece with the pre-tokenizer's regex, `Isolated` (matches and the gaps between them),
+   the regex translated from Oniguruma to Python's `re` *for ASCII text*, where the two read it alike
+   (`\\p{L}` is `A-Za-z`, `\\s` is space, tab, CR, LF …; anything the translation does not know makes
+   the tokenizer ineligible);
+3. BPE each distinct word once with the tokenizer's own model (`backend.model.tokenize`), after the
+   ByteLevel byte-to-character map (read from the tokenizer's ByteLevel pre-tokenizer itself), and
+   gather the words' tokens by index.
+
+A piece holding any character outside printable ASCII, tab, LF and CR goes to the tokenizer whole —
+exact, since the tokenizer encodes each piece between added tokens on its own. `FastBPE.of(backend)` is
+None unless the tokenizer's pipeline is one this reproduces (`ineligible` says why); callers then use
+the tokenizer. tests/test_fast_bpe.py holds the ids and the token boundaries to the tokenizer's own on
+adversarial text, for the GPT-2, Qwen2, Llama 3 and o200k patterns.
+
+Written here because no well-kept library encodes exactly like HF's BPE but faster: tiktoken merges by
+token rank, which differs from a tokenizer's merges list in general (a token can be reachable by a
+merge the list does not hold).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# The characters on which Oniguruma's and Python's readings of the pre-tokenizer regex are the same.
+OUTSIDE_ASCII = re.compile(r"[^\t\n\r\x20-\x7e]")
+SAFE_CHARS = "\t\n\r" + "".join(map(chr, range(0x20, 0x7F)))
+
+# tokenizers' ByteLevel pre-tokenizer with use_regex (pre_tokenizers/byte_level.rs).
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# Unicode categories restricted to ASCII: what `\p{X}` matches on SAFE_CHARS.
+ASCII_CATEGORIES = {
+    "L": "A-Za-z",
+    "Lu": "A-Z",
+    "Ll": "a-z",
+    "Lt": "",
+    "Lm": "",
+    "Lo": "",
+    "M": "",
+    "Mn": "",
+    "Mc": "",
+    "Me": "",
+    "N": "0-9",
+    "Nd": "0-9",
+    "Nl": "",
+    "No": "",
+}
+LETTER_ESCAPES = set("sSdDwWrnt")  # same meaning in both engines on SAFE_CHARS (Python's under re.ASCII)
+GROUP_OPENERS = ("(?:", "(?i:", "(?!", "(?=", "(?>")
+NO_ASCII, ANY_ASCII = r"[^\x00-\x7f]", r"[\x00-\x7f]"  # an empty class, and its complement, on ASCII
+
+
+def translate(pattern: str) -> str | None:
+    """The Oniguruma `pattern` as a Python regex (for re.ASCII) that splits SAFE_CHARS text alike,
+    capturing groups made non-capturing; None when it uses anything this does not translate."""
+    out: list[str] = []
+    in_class: list[str] | None = None  # the items of the class being read
+    negated = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if i + 1 >= len(pattern):
+                return None
+            nxt = pattern[i + 1]
+            if nxt == "p":
+                m = re.match(r"\\p\{(\w+)\}", pattern[i:])
+                if not m or m.group(1) not in ASCII_CATEGORIES:
+                    return None
+                chars, i = ASCII_CATEGORIES[m.group(1)], i + m.end()
+                if in_class is not None:
+                    in_class.append(chars)
+                else:
+                    out.append(f"[{chars}]" if chars else NO_ASCII)
+                continue
+            if nxt.isalnum() and nxt not in LETTER_ESCAPES:
+                return None
+            (in_class if in_class is not None else out).append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class is not None:
+            if c == "[" or pattern.startswith("&&", i):
+                return None  # nested classes and intersections: Oniguruma only
+            if c == "]":
+                items = "".join(in_class)
+                out.append(f"[{'^' if negated else ''}{items}]" if items else (ANY_ASCII if negated else NO_ASCII))
+                in_class = None
+            else:
+                in_class.append(c)
+            i += 1
+            continue
+        if c == "[":
+            negated = pattern.startswith("[^", i)
+            i += 2 if negated else 1
+            if i < len(pattern) and pattern[i] == "]":
+                return None  # a leading ']' is literal in one engine, an error in the other
+            in_class = []
+            continue
+        if c in "^$":
+            return None  # line anchors: Oniguruma's match at every line
+        if c == "(":
+            opener = next((g for g in GROUP_OPENERS if pattern.startswith(g, i)), None)
+            if opener is None and pattern.startswith("(?", i):
+                return None
+            out.append(opener or "(?:")
+            i += len(opener or "(")
+            continue
+        out.append(c)
+        i += 1
+    if in_class is not None:
+        return None
+    try:
+        re.compile("".join(out), re.ASCII)
+    except re.error:  # e.g. possessive quantifiers before Python 3.11
+        return None
+    return "".join(out)
+
+
+# ------------------------------------------------------------------------------- eligibility
+def ineligible(config: dict[str, Any], encode_special_tokens: bool = False) -> str | None:
+    """Why the tokenizer described by `config` (its tokenizer.json) is not one FastBPE reproduces;
+    None when it is."""
+    model = config.get("model") or {}
+    if model.get("type") != "BPE" or model.get("dropout"):
+        return "not a BPE model without dropout"
+    if config.get("truncation") or config.get("padding"):
+        return "truncation or padding set on the tokenizer"
+    if encode_special_tokens:
+        return "split_special_tokens is set"
+    normalizer = config.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":  # NFC leaves ASCII as it is
+        return f"normalizer {normalizer.get('type')}"
+    if _pattern(config.get("pre_tokenizer")) is None:
+        return "pre-tokenizer is not a regex split followed by ByteLevel"
+    if not _keeps_offsets(config.get("post_processor")):
+        return "post-processor trims offsets"
+    for token in config.get("added_tokens") or []:
+        if token.get("lstrip") or token.get("rstrip") or token.get("single_word"):
+            return f"added token {token.get('content')!r} strips spaces or matches whole words only"
+    return None
+
+
+def _pattern(pre: dict[str, Any] | None) -> str | None:
+    """The Oniguruma pattern of a byte-level pre-tokenizer: ByteLevel(use_regex) alone, or one
+    Isolated regex Split followed by ByteLevel without a regex; neither adding a prefix space."""
+    if not pre:
+        return None
+    if pre.get("type") == "ByteLevel":
+        return GPT2_PATTERN if pre.get("use_regex", True) and not pre.get("add_prefix_space") else None
+    if pre.get("type") != "Sequence" or len(pre.get("pretokenizers") or []) != 2:
+        return None
+    split, byte_level = pre["pretokenizers"]
+    if (
+        split.get("type") != "Split"
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or "Regex" not in (split.get("pattern") or {})
+        or byte_level.get("type") != "ByteLevel"
+        or byte_level.get("use_regex", True)
+        or byte_level.get("add_prefix_space")
+    ):
+        return None
+    return split["pattern"]["Regex"]
+
+
+def _keeps_offsets(post: dict[str, Any] | None) -> bool:
+    """True when the post-processor leaves the tokens' offsets as the pre-tokenizer made them (the
+    token boundaries compare with char offsets); with add_special_tokens=False none adds tokens."""
+    if post is None:
+        return True
+    kind = post.get("type")
+    if kind == "Sequence":
+        return all(_keeps_offsets(p) for p in post.get("processors") or [])
+    if kind in ("ByteLevel", "RobertaProcessing"):
+        return not post.get("trim_offsets", True)
+    return kind in ("TemplateProcessing", "BertProcessing")
+
+
+# ------------------------------------------------------------------------------- encoding
+@dataclass
+class Tokens:
+    """Texts' tokens back to back: `ids`, `ends` (each token's end, in characters of the texts back to
+    back; a token belongs to the text and segment holding its last character), tokens per text."""
+
+    ids: np.ndarray  # int32
+    ends: np.ndarray  # int64
+    lengths: np.ndarray  # int64, one per text
+
+
+class FastBPE:
+    """Encodes like `backend.encode_batch(texts, add_special_tokens=False)`; see the module docstring.
+    Each distinct ASCII word is an entry of flat tables: its tokens' ids, their ends (characters into
+    the word) and its length; the tables grow as new words come and serve every later call."""
+
+    def __init__(self, backend, pattern: str, added: list[dict[str, Any]], to_bytes: dict[int, str]):
+        self.backend = backend
+        self.model = backend.model
+        self.split_words = re.compile(f"({pattern})", re.ASCII)  # one group: re.split keeps the matches
+        self.split_raw = _alternation([t["content"] for t in added if not t.get("normalized")])
+        self.split_normalized = _alternation([t["content"] for t in added if t.get("normalized")])
+        self.to_bytes = to_bytes  # str.translate table: ASCII → ByteLevel's characters
+        self.index: dict[str, int] = {}  # word → its entry
+        self._ids: list[int] = []
+        self._ends: list[int] = []
+        self._starts: list[int] = [0]  # entry k's tokens are _ids[_starts[k]:_starts[k + 1]]
+        self._lengths: list[int] = []
+        for token in added:
+            self._add(token["content"], [token["id"]], [len(token["content"])])
+        self._tables = self._as_arrays()
+
+    @classmethod
+    def of(cls, backend) -> FastBPE | None:
+        """The fast encoder for `backend` (a `tokenizers.Tokenizer`), or None when it is ineligible."""
+        config = json.loads(backend.to_str())
+        if ineligible(config, bool(getattr(backend, "encode_special_tokens", False))) is not None:
+            return None
+        pattern = translate(_pattern(config["pre_tokenizer"]))
+        byte_map = _byte_map()
+        vocab = backend.get_vocab(with_added_tokens=False)
+        if pattern is None or any(ch not in vocab for ch in byte_map.values()):
+            return None  # a byte character outside the vocabulary: BPE would drop it
+        return cls(backend, pattern, config.get("added_tokens") or [], str.maketrans(byte_map))
+
+    def encode(self, texts: list[str]) -> Tokens:
+        words: list[str] = []  # the texts' words back to back: added tokens, regex splits, non-ASCII pieces
+        outside: dict[str, None] = {}  # the non-ASCII pieces
+        per_text = []
+        for text in texts:
+            before = len(words)
+            self._split(text, words, outside)
+            per_text.append(len(words) - before)
+        entry = np.fromiter(map(self.index.get, words, itertools.repeat(-1)), np.int64, count=len(words))
+        missing = np.flatnonzero(entry < 0)  # new words and non-ASCII pieces
+        new = [w for w in dict.fromkeys(map(words.__getitem__, missing)) if w not in outside]
+        for word in new:
+            tokens = self.model.tokenize(word.translate(self.to_bytes))
+            self._add(word, [t.id for t in tokens], list(itertools.accumulate(len(t.value) for t in tokens)))
+        if new:
+            self._tables = self._as_arrays()
+        ids, ends, starts, lengths = self._tables
+        lookup = self.index
+        if outside:
+            ids, ends, starts, lengths, lookup = self._with_pieces(list(outside))
+        entry[missing] = np.fromiter(map(lookup.__getitem__, map(words.__getitem__, missing)), np.int64, len(missing))
+
+        counts = starts[entry + 1] - starts[entry]  # tokens per word
+        take = ranges(starts[entry], counts)
+        word_len = lengths[entry]
+        token_cum = np.concatenate([[0], np.cumsum(counts)])
+        return Tokens(
+            ids=ids[take],
+            ends=np.repeat(np.cumsum(word_len) - word_len, counts) + ends[take],
+            lengths=np.diff(token_cum[np.concatenate([[0], np.cumsum(per_text)])]),
+        )
+
+    def _split(self, text: str, words: list[str], outside: dict[str, None]) -> None:
+        """Appends the text's words to `words`, its non-ASCII pieces also to `outside`."""
+        ascii_only = OUTSIDE_ASCII.search(text) is None
+        for k, part in enumerate(self.split_raw.split(text) if self.split_raw else [text]):
+            if k % 2:  # an added token
+                words.append(part)
+            elif not (ascii_only or OUTSIDE_ASCII.search(part) is None):
+                if part:  # the tokenizer's own, whole: normalized added tokens and all
+                    words.append(part)
+                    outside[part] = None
+            elif self.split_normalized:
+                for j, piece in enumerate(self.split_normalized.split(part)):
+                    if j % 2:
+                        words.append(piece)
+                    else:
+                        words += filter(None, self.split_words.split(piece))
+            else:
+                words += filter(None, self.split_words.split(part))
+
+    def _add(self, word: str, ids: list[int], ends: list[int]) -> None:
+        self.index[word] = len(self._lengths)
+        self._ids += ids
+        self._ends += ends
+        self._starts.append(len(self._ids))
+        self._lengths.append(len(word))
+
+    def _as_arrays(self) -> tuple[np.ndarray, ...]:
+        return (
+            np.array(self._ids, np.int32),
+            np.array(self._ends, np.int64),
+            np.array(self._starts, np.int64),
+            np.array(self._lengths, np.int64),
+        )
+
+    def _with_pieces(self, pieces: list[str]):
+        """The tables, and the index, with the non-ASCII pieces appended, encoded by the tokenizer:
+        for one call only (such pieces rarely repeat)."""
+        ids, ends, starts, lengths = self._tables
+        encodings = self.backend.encode_batch(pieces, add_special_tokens=False)
+        # a token's end in characters of its piece, made non-decreasing (a normalizer may map
+        # characters to ranges out of order) for the boundary search
+        piece_ends = [np.clip([end for _, end in e.offsets], 0, len(p)) for e, p in zip(encodings, pieces)]
+        return (
+            np.concatenate([ids, np.array([i for e in encodings for i in e.ids], np.int32)]),
+            np.concatenate([ends, *(np.maximum.accumulate(x).astype(np.int64) for x in piece_ends if len(x))]),
+            np.concatenate([starts, starts[-1] + np.cumsum([len(e) for e in encodings])]),
+            np.concatenate([lengths, np.array([len(p) for p in pieces], np.int64)]),
+            self.index | {piece: len(lengths) + k for k, piece in enumerate(pieces)},
+        )
+
+
+def _alternation(contents: list[str]) -> re.Pattern | None:
+    """A regex splitting at these strings, leftmost-longest, keeping them (one group); None if none."""
+    by_length = sorted(contents, key=len, reverse=True)  # at one position the longest matches first
+    return re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if contents else None
+
+
+def _byte_map() -> dict[str, str]:
+    """SAFE_CHARS → the characters tokenizers' ByteLevel maps their bytes to, asked of ByteLevel."""
+    from tokenizers import pre_tokenizers
+
+    [(mapped, _)] = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(SAFE_CHARS)
+    assert len(mapped) == len(SAFE_CHARS)  # one byte, one character
+    return dict(zip(SAFE_CHARS, mapped))
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions `starts[k], …, starts[k] + lengths[k] - 1` for each k, back to back."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(ends - lengths - starts, lengths)

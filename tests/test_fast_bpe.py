@@ -1,0 +1,194 @@
+"""FastBPE encodes exactly like the tokenizer it stands in for: the same ids, the same token ends, on
+adversarial text for each pre-tokenizer pattern it translates — and declines the tokenizers it cannot."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from tunepipe.runtime import chat_template as ct
+from tunepipe.runtime import fast_bpe
+
+QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+O200K = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im"]  # "<|im": a prefix of two others
+# Pieces the random texts are made of: whitespace runs, contractions in both cases, digits runs,
+# punctuation runs, a special token inside a word, and characters outside ASCII (accents, CJK, emoji,
+# a vertical tab and a file separator that the two regex engines read differently).
+PIECES = (
+    ["Hello", "world", "THE", "caf", "a", "I", "x1", "b2b", "don", "tunepipe", "CamelCase"]
+    + [" ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n ", "\n  ", "\t\t "]
+    + ["'s", "'S", "'ll", "'LL", "'re", "'t", "'", "''"]
+    + ["0", "12", "1234567", "3.14", "2026-12-07", "1999", "89"]
+    + [".", ",", "!?", "...", "--", "/", "//", "(", ")", "{}", "<", ">", "|", "<|", "|>", "#", "@", "$", "~", '"']
+    + SPECIALS
+    + ["é", "café", "中文", "🙂", "\u00a0", "\x0b", "\x1c", "\u2028", "e\u0301"]
+)
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(PIECES) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def trained() -> str:
+    """A small byte-level BPE trained on text like the tests', serialised."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        random_texts(2000, seed=1),
+        trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
+    return tok.to_str()
+
+
+def tokenizer(trained: str, pattern: str | None, **options) -> Tokenizer:
+    """The trained BPE with `pattern` split before ByteLevel (None: ByteLevel's own GPT-2 regex)."""
+    tok = Tokenizer.from_str(trained)
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.add_special_tokens(SPECIALS)
+    tok.add_tokens(["tunepipe"])  # a non-special added token, matched inside words too
+    if "normalizer" in options:
+        tok.normalizer = options["normalizer"]
+    if "post_processor" in options:
+        tok.post_processor = options["post_processor"]
+    return tok
+
+
+def assert_same(tok: Tokenizer, texts: list[str]) -> None:
+    fast = fast_bpe.FastBPE.of(tok)
+    assert fast is not None
+    got = fast.encode(texts)
+    ref = tok.encode_batch(texts, add_special_tokens=False)
+    assert got.lengths.tolist() == [len(e) for e in ref]
+    assert got.ids.tolist() == [i for e in ref for i in e.ids]
+    # the same token boundaries: each token's end in characters of the texts back to back
+    base = np.cumsum([0] + [len(t) for t in texts])
+    assert got.ends.tolist() == [b + end for e, b in zip(ref, base) for _, end in e.offsets]
+
+
+@pytest.mark.parametrize("pattern", [None, QWEN2, LLAMA3, O200K], ids=["gpt2", "qwen2", "llama3", "o200k"])
+def test_same_ids_and_boundaries_as_the_tokenizer(trained, pattern):
+    tok = tokenizer(trained, pattern)
+    texts = random_texts(400, seed=7)
+    assert_same(tok, texts[:200])  # new words
+    assert_same(tok, texts)  # known words, from the same FastBPE's tables too
+    assert_same(tok, ["", "<|im_start|>", "<|im", "tunepipetunepipe", " \n\n ", "é"])
+
+
+def test_nfc_normalizer_is_the_tokenizer_s_own_outside_ascii(trained):
+    """Text not in NFC (e + combining accent) goes to the tokenizer, normalizer and all."""
+    tok = tokenizer(trained, QWEN2, normalizer=normalizers.NFC())
+    assert_same(tok, random_texts(200, seed=3) + ["cafe\u0301 ok", "e\u0301"])
+
+
+def test_fast_path_labels_equal_the_tokenizer_path(trained, monkeypatch):
+    """ct.encode's ids, labels and truncation are the same through FastBPE and through the tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_ = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer(trained, QWEN2), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    renderer, _ = ct.resolve({"template": "qwen"}, tokenizer_, None)
+    rng = random.Random(5)
+    texts = random_texts(300, seed=11)
+    records = [
+        {"messages": [{"role": r, "content": rng.choice(texts)} for r in ("user", "assistant") * rng.randint(1, 3)]}
+        for _ in range(60)
+    ]
+    fast = ct.encode(tokenizer_, renderer, records, cutoff_len=160, batch_size=16)
+    monkeypatch.setattr(fast_bpe.FastBPE, "of", classmethod(lambda cls, backend: None))
+    slow = ct.encode(tokenizer_, renderer, records, cutoff_len=160, batch_size=16)
+    assert fast.truncated.any() and not fast.truncated.all()
+    for name in ("input_ids", "labels", "offsets", "truncated"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    pt = ct.encode_texts(tokenizer_, texts[:50], batch_size=16)
+    assert [a.tolist() for a in pt] == tokenizer_(texts[:50], add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------- declining
+def config_of(tok: Tokenizer) -> dict:
+    return json.loads(tok.to_str())
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda c: c["model"].update(dropout=0.1), "dropout"),
+        (
+            lambda c: c.update(
+                truncation={"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+            ),
+            "truncation",
+        ),
+        (lambda c: c.update(normalizer={"type": "Lowercase"}), "normalizer Lowercase"),
+        (lambda c: c.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
+        (lambda c: c["pre_tokenizer"]["pretokenizers"][0].update(behavior="MergedWithPrevious"), "pre-tokenizer"),
+        (lambda c: c["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "pre-tokenizer"),
+        (
+            lambda c: c.update(
+                post_processor={
+                    "type": "ByteLevel",
+                    "add_prefix_space": False,
+                    "trim_offsets": True,
+                    "use_regex": False,
+                }
+            ),
+            "trims offsets",
+        ),
+        (lambda c: c["added_tokens"][0].update(lstrip=True), "strips"),
+        (lambda c: c["added_tokens"][0].update(single_word=True), "whole words"),
+    ],
+)
+def test_ineligible_tokenizers_are_declined_with_a_reason(trained, change, reason):
+    config = config_of(tokenizer(trained, QWEN2))
+    assert fast_bpe.ineligible(config) is None
+    change(config)
+    assert reason in fast_bpe.ineligible(config)
+    assert fast_bpe.FastBPE.of(Tokenizer.from_str(json.dumps(config))) is None
+
+
+def test_split_special_tokens_is_declined(trained):
+    tok = tokenizer(trained, QWEN2)
+    tok.encode_special_tokens = True
+    assert fast_bpe.FastBPE.of(tok) is None
+
+
+@pytest.mark.parametrize(
+    "pattern, python",
+    [
+        (r"\p{L}+|[^\s\p{L}\p{N}]+", r"[A-Za-z]+|[^\sA-Za-z0-9]+"),
+        (r"[\p{Lo}]|[^\p{M}]|\p{Lt}", r"[^\x00-\x7f]|[\x00-\x7f]|[^\x00-\x7f]"),  # empty on ASCII, and its complement
+        (r"(a)(?:b)(?i:'s)\.", r"(?:a)(?:b)(?i:'s)\."),
+    ],
+)
+def test_translate(pattern, python):
+    assert fast_bpe.translate(pattern) == python
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"\p{Han}", r"^\s+", r"a$", r"[a[b]]", r"[a&&b]", r"(?<x>a)", r"\bword", r"[]a]", r"\p{L"]
+)
+def test_translate_declines_what_it_does_not_know(pattern):
+    assert fast_bpe.translate(pattern) is None

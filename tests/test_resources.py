@@ -77,3 +77,19 @@ def test_the_summary_names_a_step_that_failed_for_a_resource(full_disk_plan):
     print_summary(result, console)
     out = console.file.getvalue()
     assert "✗ train failed" in out and ("no space left" in out or "disk is full" in out), out[-2000:]
+
+
+def test_a_disk_that_fills_before_the_run_record_is_written_fails_the_step_not_the_run(full_disk_plan, monkeypatch):
+    """The step's worker can fill the disk before the runner records its job: the run goes on, and the
+    step fails for the full disk as above (found under load, when the worker wrote first)."""
+    import tunepipe.runner as runner
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "write_run_record", full)
+    console = Console(file=io.StringIO(), width=200)
+    result = run_plan(full_disk_plan, console=console, keep_going=True)
+    print_summary(result, console)
+    out = console.file.getvalue()
+    assert "could not record job" in out and "✗ train failed" in out, out[-2000:]

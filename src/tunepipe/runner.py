@@ -759,7 +759,14 @@ class _Runner:
                 payload = step_payload(self.plan, step, self.store, launch.log_path, step.id in self.forced)
                 (run_dir / "STEP.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
                 handle = executor.submit(launch, dependencies=behind) if behind else executor.submit(launch)
-                write_run_record(run_dir, executor.kind, handle)
+                try:
+                    write_run_record(run_dir, executor.kind, handle)
+                except OSError as e:  # the disk filled since (the step's own writes?): the job runs all the same
+                    self.console.print(
+                        Text(
+                            f"{step.id}: could not record job {handle} ({e.strerror}): a later run cannot re-attach to it"
+                        )
+                    )
             else:
                 self.console.print(Text(f"{step.id}: re-attached to job {handle} (queued by an earlier run)"))
         except BaseException:

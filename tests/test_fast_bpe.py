@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 
 import numpy as np
 import pytest
@@ -24,8 +25,10 @@ O200K = (
 )
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im"]  # "<|im": a prefix of two others
 # Pieces the random texts are made of: whitespace runs, contractions in both cases, digits runs,
-# punctuation runs, a special token inside a word, and characters outside ASCII (accents, CJK, emoji,
-# a vertical tab and a file separator that the two regex engines read differently).
+# punctuation runs, a special token inside a word, punctuation outside ASCII (several bytes a
+# character), and characters the fast path leaves to the tokenizer (accents, CJK, emoji, a no-break
+# space, a vertical tab and a file separator that the two regex engines read differently, a micro
+# sign that is a letter, a superscript that is a number).
 PIECES = (
     ["Hello", "world", "THE", "caf", "a", "I", "x1", "b2b", "don", "tunepipe", "CamelCase"]
     + [" ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n ", "\n  ", "\t\t "]
@@ -33,7 +36,8 @@ PIECES = (
     + ["0", "12", "1234567", "3.14", "2026-12-07", "1999", "89"]
     + [".", ",", "!?", "...", "--", "/", "//", "(", ")", "{}", "<", ">", "|", "<|", "|>", "#", "@", "$", "~", '"']
     + SPECIALS
-    + ["é", "café", "中文", "🙂", "\u00a0", "\x0b", "\x1c", "\u2028", "e\u0301"]
+    + ["’", "don’t", "“quoted”", "—", "–", "…", "€5", "×", "©", "«»", "‰", "¿", "·"]  # safe, outside ASCII
+    + ["é", "café", "中文", "🙂", "\u00a0", "\x0b", "\x1c", "\u2028", "e\u0301", "µ", "²"]
 )
 
 
@@ -173,6 +177,16 @@ def test_split_special_tokens_is_declined(trained):
     tok = tokenizer(trained, QWEN2)
     tok.encode_special_tokens = True
     assert fast_bpe.FastBPE.of(tok) is None
+
+
+def test_the_safe_characters_outside_ascii_are_no_letter_number_mark_or_space_to_oniguruma():
+    """What the translated regexes rely on, asked of the tokenizer's own regex engine."""
+    for category in (r"\p{L}", r"\p{N}", r"\p{M}", r"\s"):
+        split = pre_tokenizers.Split(Regex(category), behavior="removed")
+        kept = "".join(piece for piece, _ in split.pre_tokenize_str(fast_bpe.OTHER_CHARS))
+        assert kept == fast_bpe.OTHER_CHARS, category
+    assert all(unicodedata.is_normalized("NFC", c) for c in fast_bpe.OTHER_CHARS)  # an NFC normalizer keeps them
+    assert len(fast_bpe.OTHER_CHARS) > 100 and "’" in fast_bpe.OTHER_CHARS and "µ" not in fast_bpe.OTHER_CHARS
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""A fast, exact encoder for byte-level BPE tokenizers (GPT-2, Qwen2, Llama 3 …) on ASCII text.
+"""A fast, exact encoder for byte-level BPE tokenizers (GPT-2, Qwen2, Llama 3 …) on (mostly) ASCII text.
 
 HF tokenizers' `encode_batch` spends about three quarters of its time on bookkeeping: per-character
 alignments of every normalized string, a `String` per token, offsets (measured with `perf`: malloc,
@@ -10,14 +10,14 @@ by doing what the tokenizer does, in the same order, with the costly part done o
    (the normalizer is none or NFC, which leaves ASCII as it is); the pieces between added tokens
    are normalized and pre-tokenized independently;
 2. split each piece with the pre-tokenizer's regex, `Isolated` (matches and the gaps between them),
-   the regex translated from Oniguruma to Python's `re` *for ASCII text*, where the two read it alike
-   (`\\p{L}` is `A-Za-z`, `\\s` is space, tab, CR, LF …; anything the translation does not know makes
-   the tokenizer ineligible);
+   the regex translated from Oniguruma to Python's `re` *for SAFE_CHARS text* (ASCII and common
+   punctuation), where the two read it alike (`\\p{L}` is `A-Za-z`, `\\s` is space, tab, CR, LF …;
+   anything the translation does not know makes the tokenizer ineligible);
 3. BPE each distinct word once with the tokenizer's own model (`backend.model.tokenize`), after the
    ByteLevel byte-to-character map (read from the tokenizer's ByteLevel pre-tokenizer itself), and
    gather the words' tokens by index.
 
-A piece holding any character outside printable ASCII, tab, LF and CR goes to the tokenizer whole —
+A piece holding any character outside SAFE_CHARS (a letter outside ASCII, say) goes to the tokenizer whole —
 exact, since the tokenizer encodes each piece between added tokens on its own. `FastBPE.of(backend)` is
 None unless the tokenizer's pipeline is one this reproduces (`ineligible` says why); callers then use
 the tokenizer. tests/test_fast_bpe.py holds the ids and the token boundaries to the tokenizer's own on
@@ -33,19 +33,32 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import unicodedata
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-# The characters on which Oniguruma's and Python's readings of the pre-tokenizer regex are the same.
-OUTSIDE_ASCII = re.compile(r"[^\t\n\r\x20-\x7e]")
-SAFE_CHARS = "\t\n\r" + "".join(map(chr, range(0x20, 0x7F)))
+# The characters on which Oniguruma's and Python's readings of the pre-tokenizer regex are the same:
+# printable ASCII, tab, LF, CR, and the punctuation and symbols of Latin-1 and of the General
+# Punctuation and Currency blocks (curly quotes, dashes, ellipsis, €, ×, ©, …), which no pattern
+# counts as a letter, number, mark or space (categories fixed since Unicode 1.1–6.0; not one changes
+# under NFC).
+ASCII_CHARS = "\t\n\r" + "".join(map(chr, range(0x20, 0x7F)))
+OTHER_CHARS = "".join(
+    c
+    for lo, hi in ((0xA1, 0xBF), (0xD7, 0xD7), (0xF7, 0xF7), (0x2010, 0x2027), (0x2030, 0x205E), (0x20A0, 0x20C0))
+    for c in map(chr, range(lo, hi + 1))
+    if unicodedata.category(c)[0] in "PS"
+)
+SAFE_CHARS = ASCII_CHARS + OTHER_CHARS
+UNSAFE = re.compile("[^\t\n\r\x20-\x7e" + "".join(map(re.escape, OTHER_CHARS)) + "]")
 
 # tokenizers' ByteLevel pre-tokenizer with use_regex (pre_tokenizers/byte_level.rs).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
-# Unicode categories restricted to ASCII: what `\p{X}` matches on SAFE_CHARS.
+# Unicode categories restricted to ASCII: what `\p{X}` matches on SAFE_CHARS (none of OTHER_CHARS is in one).
 ASCII_CATEGORIES = {
     "L": "A-Za-z",
     "Lu": "A-Z",
@@ -234,7 +247,7 @@ class FastBPE:
         pattern = translate(_pattern(config["pre_tokenizer"]))
         byte_map = _byte_map()
         vocab = backend.get_vocab(with_added_tokens=False)
-        if pattern is None or any(ch not in vocab for ch in byte_map.values()):
+        if pattern is None or any(ch not in vocab for ch in set("".join(byte_map.values()))):
             return None  # a byte character outside the vocabulary: BPE would drop it
         return cls(backend, pattern, config.get("added_tokens") or [], str.maketrans(byte_map))
 
@@ -251,7 +264,7 @@ class FastBPE:
         new = [w for w in dict.fromkeys(map(words.__getitem__, missing)) if w not in outside]
         for word in new:
             tokens = self.model.tokenize(word.translate(self.to_bytes))
-            self._add(word, [t.id for t in tokens], list(itertools.accumulate(len(t.value) for t in tokens)))
+            self._add(word, [t.id for t in tokens], _char_ends(word, (len(t.value) for t in tokens)))
         if new:
             self._tables = self._as_arrays()
         ids, ends, starts, lengths = self._tables
@@ -272,11 +285,11 @@ class FastBPE:
 
     def _split(self, text: str, words: list[str], outside: dict[str, None]) -> None:
         """Appends the text's words to `words`, its non-ASCII pieces also to `outside`."""
-        ascii_only = OUTSIDE_ASCII.search(text) is None
+        safe = UNSAFE.search(text) is None
         for k, part in enumerate(self.split_raw.split(text) if self.split_raw else [text]):
             if k % 2:  # an added token
                 words.append(part)
-            elif not (ascii_only or OUTSIDE_ASCII.search(part) is None):
+            elif not (safe or UNSAFE.search(part) is None):
                 if part:  # the tokenizer's own, whole: normalized added tokens and all
                     words.append(part)
                     outside[part] = None
@@ -328,12 +341,23 @@ def _alternation(contents: list[str]) -> re.Pattern | None:
 
 
 def _byte_map() -> dict[str, str]:
-    """SAFE_CHARS → the characters tokenizers' ByteLevel maps their bytes to, asked of ByteLevel."""
+    """SAFE_CHARS → the characters tokenizers' ByteLevel maps their UTF-8 bytes to, asked of ByteLevel."""
     from tokenizers import pre_tokenizers
 
     [(mapped, _)] = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(SAFE_CHARS)
-    assert len(mapped) == len(SAFE_CHARS)  # one byte, one character
-    return dict(zip(SAFE_CHARS, mapped))
+    ends = list(itertools.accumulate(len(c.encode()) for c in SAFE_CHARS))
+    assert len(mapped) == ends[-1]  # one character per byte
+    return {c: mapped[end - len(c.encode()) : end] for c, end in zip(SAFE_CHARS, ends)}
+
+
+def _char_ends(word: str, token_bytes) -> list[int]:
+    """Each token's end in characters of `word`, from the tokens' lengths in bytes: a token ending
+    inside a character's bytes ends with that character (as tokenizers' char offsets have it)."""
+    byte_ends = list(itertools.accumulate(token_bytes))
+    if word.isascii():
+        return byte_ends
+    char_ends = list(itertools.accumulate(len(c.encode()) for c in word))
+    return [bisect_left(char_ends, end) + 1 for end in byte_ends]
 
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -226,8 +226,8 @@ class FastBPE:
         self.backend = backend
         self.model = backend.model
         self.split_words = re.compile(f"({pattern})", re.ASCII)  # one group: re.split keeps the matches
-        self.split_raw = _alternation([t["content"] for t in added if not t.get("normalized")])
-        self.split_normalized = _alternation([t["content"] for t in added if t.get("normalized")])
+        self.split_raw = _alternation([t["content"] for t in added if t["content"] and not t.get("normalized")])
+        self.split_normalized = _alternation([t["content"] for t in added if t["content"] and t.get("normalized")])
         self.to_bytes = to_bytes  # str.translate table: ASCII → ByteLevel's characters
         self.index: dict[str, int] = {}  # word → its entry
         self._ids: list[int] = []

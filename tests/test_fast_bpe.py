@@ -23,6 +23,8 @@ O200K = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# A made-up pattern whose \p{Lo} matches nothing in SAFE_CHARS, curly quotes included.
+EMPTY_CLASS = r"\p{Lo}[a-z]|\p{L}+|[^\s\p{L}\p{N}]+|\p{N}+|\s+"
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im"]  # "<|im": a prefix of two others
 # Pieces the random texts are made of: whitespace runs, contractions in both cases, digits runs,
 # punctuation runs, a special token inside a word, punctuation outside ASCII (several bytes a
@@ -90,15 +92,37 @@ def assert_same(tok: Tokenizer, texts: list[str]) -> None:
     # the same token boundaries: each token's end in characters of the texts back to back
     base = np.cumsum([0] + [len(t) for t in texts])
     assert got.ends.tolist() == [b + end for e, b in zip(ref, base) for _, end in e.offsets]
+    assert fast.table.entries == len(fast.index)  # pieces outside SAFE_CHARS were for that call only
 
 
-@pytest.mark.parametrize("pattern", [None, QWEN2, LLAMA3, O200K], ids=["gpt2", "qwen2", "llama3", "o200k"])
+@pytest.mark.parametrize(
+    "pattern", [None, QWEN2, LLAMA3, O200K, EMPTY_CLASS], ids=["gpt2", "qwen2", "llama3", "o200k", "empty-class"]
+)
 def test_same_ids_and_boundaries_as_the_tokenizer(trained, pattern):
     tok = tokenizer(trained, pattern)
     texts = random_texts(400, seed=7)
     assert_same(tok, texts[:200])  # new words
     assert_same(tok, texts)  # known words, from the same FastBPE's tables too
     assert_same(tok, ["", "<|im_start|>", "<|im", "tunepipetunepipe", " \n\n ", "é"])
+
+
+def test_a_full_table_starts_over_and_stays_exact(trained, monkeypatch):
+    """Past MAX_WORDS distinct words the table starts again from the added tokens; its arrays grow
+    past their first capacity on the way. The ids stay the tokenizer's throughout."""
+    monkeypatch.setattr(fast_bpe, "MAX_WORDS", 300)
+    starts = []
+    start_over = fast_bpe.FastBPE._start_over
+    monkeypatch.setattr(fast_bpe.FastBPE, "_start_over", lambda self: (starts.append(1), start_over(self))[1])
+    tok = tokenizer(trained, QWEN2)
+    fast = fast_bpe.FastBPE.of(tok)
+    texts = random_texts(900, seed=13)
+    capacity = []
+    for batch in (texts[:300], texts[300:600], texts[600:], texts[:300]):
+        got = fast.encode(batch)
+        assert got.ids.tolist() == [i for e in tok.encode_batch(batch, add_special_tokens=False) for i in e.ids]
+        capacity.append(len(fast.table.ids))
+    assert len(starts) >= 3  # the first build, then at least two starts over
+    assert max(capacity) > 1 << 12  # grown
 
 
 def test_nfc_normalizer_is_the_tokenizer_s_own_outside_ascii(trained):
@@ -193,7 +217,7 @@ def test_the_safe_characters_outside_ascii_are_no_letter_number_mark_or_space_to
     "pattern, python",
     [
         (r"\p{L}+|[^\s\p{L}\p{N}]+", r"[A-Za-z]+|[^\sA-Za-z0-9]+"),
-        (r"[\p{Lo}]|[^\p{M}]|\p{Lt}", r"[^\x00-\x7f]|[\x00-\x7f]|[^\x00-\x7f]"),  # empty on ASCII, and its complement
+        (r"[\p{Lo}]|[^\p{M}]|\p{Lt}", r"[\x00]|[^\x00]|[\x00]"),  # empty on SAFE_CHARS, and its complement
         (r"(a)(?:b)(?i:'s)\.", r"(?:a)(?:b)(?i:'s)\."),
     ],
 )

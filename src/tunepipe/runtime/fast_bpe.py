@@ -58,7 +58,7 @@ UNSAFE = re.compile("[^\t\n\r\x20-\x7e" + "".join(map(re.escape, OTHER_CHARS)) +
 # tokenizers' ByteLevel pre-tokenizer with use_regex (pre_tokenizers/byte_level.rs).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
-# Unicode categories restricted to ASCII: what `\p{X}` matches on SAFE_CHARS (none of OTHER_CHARS is in one).
+# What `\p{X}` matches in SAFE_CHARS: ASCII letters and digits (none of OTHER_CHARS is in a category here).
 ASCII_CATEGORIES = {
     "L": "A-Za-z",
     "Lu": "A-Z",
@@ -77,7 +77,8 @@ ASCII_CATEGORIES = {
 }
 LETTER_ESCAPES = set("sSdDwWrnt")  # same meaning in both engines on SAFE_CHARS (Python's under re.ASCII)
 GROUP_OPENERS = ("(?:", "(?i:", "(?!", "(?=", "(?>")
-NO_ASCII, ANY_ASCII = r"[^\x00-\x7f]", r"[\x00-\x7f]"  # an empty class, and its complement, on ASCII
+# An empty class and its complement on SAFE_CHARS text, which never holds a NUL.
+NOTHING, ANYTHING = r"[\x00]", r"[^\x00]"
 
 
 def translate(pattern: str) -> str | None:
@@ -101,7 +102,7 @@ def translate(pattern: str) -> str | None:
                 if in_class is not None:
                     in_class.append(chars)
                 else:
-                    out.append(f"[{chars}]" if chars else NO_ASCII)
+                    out.append(f"[{chars}]" if chars else NOTHING)
                 continue
             if nxt.isalnum() and nxt not in LETTER_ESCAPES:
                 return None
@@ -113,7 +114,7 @@ def translate(pattern: str) -> str | None:
                 return None  # nested classes and intersections: Oniguruma only
             if c == "]":
                 items = "".join(in_class)
-                out.append(f"[{'^' if negated else ''}{items}]" if items else (ANY_ASCII if negated else NO_ASCII))
+                out.append(f"[{'^' if negated else ''}{items}]" if items else (ANYTHING if negated else NOTHING))
                 in_class = None
             else:
                 in_class.append(c)
@@ -217,10 +218,52 @@ class Tokens:
     lengths: np.ndarray  # int64, one per text
 
 
+MAX_WORDS = 1 << 20  # distinct words a FastBPE keeps (~100 MB); past it, it starts again from the added tokens
+
+
+class _Table:
+    """Entries (words) and their tokens in numpy arrays that grow by doubling: entry k's tokens are
+    ids[starts[k]:starts[k + 1]], each with its end in characters of the word; lengths[k] is the word's."""
+
+    def __init__(self) -> None:
+        self.ids, self.ends = np.zeros(1 << 12, np.int32), np.zeros(1 << 12, np.int64)
+        self.starts, self.lengths = np.zeros((1 << 10) + 1, np.int64), np.zeros(1 << 10, np.int64)
+        self.tokens = self.entries = 0
+
+    def append(self, ids: list[int], ends: list[int], counts: list[int], lengths: list[int]) -> None:
+        tokens, entries = self.tokens + len(ids), self.entries + len(counts)
+        self.ids, self.ends = _fit(self.ids, tokens), _fit(self.ends, tokens)
+        self.starts, self.lengths = _fit(self.starts, entries + 1), _fit(self.lengths, entries)
+        self.ids[self.tokens : tokens] = ids
+        self.ends[self.tokens : tokens] = ends
+        self.starts[self.entries + 1 : entries + 1] = self.tokens + np.cumsum(counts, dtype=np.int64)
+        self.lengths[self.entries : entries] = lengths
+        self.tokens, self.entries = tokens, entries
+
+    def truncate(self, tokens: int, entries: int) -> None:
+        self.tokens, self.entries = tokens, entries
+
+    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            self.ids[: self.tokens],
+            self.ends[: self.tokens],
+            self.starts[: self.entries + 1],
+            self.lengths[: self.entries],
+        )
+
+
+def _fit(array: np.ndarray, size: int) -> np.ndarray:
+    """`array`, or a copy twice as long (or `size` long) when it holds fewer than `size` items."""
+    if len(array) >= size:
+        return array
+    grown = np.zeros(max(size, 2 * len(array)), array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
 class FastBPE:
     """Encodes like `backend.encode_batch(texts, add_special_tokens=False)`; see the module docstring.
-    Each distinct ASCII word is an entry of flat tables: its tokens' ids, their ends (characters into
-    the word) and its length; the tables grow as new words come and serve every later call."""
+    Each distinct word is an entry of a table that grows as new words come and serves every later call."""
 
     def __init__(self, backend, pattern: str, added: list[dict[str, Any]], to_bytes: dict[int, str]):
         self.backend = backend
@@ -228,15 +271,9 @@ class FastBPE:
         self.split_words = re.compile(f"({pattern})", re.ASCII)  # one group: re.split keeps the matches
         self.split_raw = _alternation([t["content"] for t in added if t["content"] and not t.get("normalized")])
         self.split_normalized = _alternation([t["content"] for t in added if t["content"] and t.get("normalized")])
-        self.to_bytes = to_bytes  # str.translate table: ASCII → ByteLevel's characters
-        self.index: dict[str, int] = {}  # word → its entry
-        self._ids: list[int] = []
-        self._ends: list[int] = []
-        self._starts: list[int] = [0]  # entry k's tokens are _ids[_starts[k]:_starts[k + 1]]
-        self._lengths: list[int] = []
-        for token in added:
-            self._add(token["content"], [token["id"]], [len(token["content"])])
-        self._tables = self._as_arrays()
+        self.to_bytes = to_bytes  # str.translate table: SAFE_CHARS → ByteLevel's characters
+        self.added = {t["content"]: t["id"] for t in added if t["content"]}
+        self._start_over()
 
     @classmethod
     def of(cls, backend) -> FastBPE | None:
@@ -251,40 +288,50 @@ class FastBPE:
             return None  # a byte character outside the vocabulary: BPE would drop it
         return cls(backend, pattern, config.get("added_tokens") or [], str.maketrans(byte_map))
 
+    def _start_over(self) -> None:
+        self.index: dict[str, int] = {}  # word → its entry in the table
+        self.table = _Table()
+        self._append(list(self.added), [[i] for i in self.added.values()], [[len(t)] for t in self.added])
+
     def encode(self, texts: list[str]) -> Tokens:
-        words: list[str] = []  # the texts' words back to back: added tokens, regex splits, non-ASCII pieces
-        outside: dict[str, None] = {}  # the non-ASCII pieces
+        if len(self.index) > MAX_WORDS:
+            self._start_over()
+        words: list[str] = []  # the texts' words back to back: added tokens, regex splits, unsafe pieces
+        outside: dict[str, None] = {}  # the pieces with a character outside SAFE_CHARS
         per_text = []
         for text in texts:
             before = len(words)
             self._split(text, words, outside)
             per_text.append(len(words) - before)
         entry = np.fromiter(map(self.index.get, words, itertools.repeat(-1)), np.int64, count=len(words))
-        missing = np.flatnonzero(entry < 0)  # new words and non-ASCII pieces
+        missing = np.flatnonzero(entry < 0)  # new words and unsafe pieces
         new = [w for w in dict.fromkeys(map(words.__getitem__, missing)) if w not in outside]
-        for word in new:
-            tokens = self.model.tokenize(word.translate(self.to_bytes))
-            self._add(word, [t.id for t in tokens], _char_ends(word, (len(t.value) for t in tokens)))
-        if new:
-            self._tables = self._as_arrays()
-        ids, ends, starts, lengths = self._tables
-        lookup = self.index
-        if outside:
-            ids, ends, starts, lengths, lookup = self._with_pieces(list(outside))
-        entry[missing] = np.fromiter(map(lookup.__getitem__, map(words.__getitem__, missing)), np.int64, len(missing))
-
-        counts = starts[entry + 1] - starts[entry]  # tokens per word
-        take = ranges(starts[entry], counts)
-        word_len = lengths[entry]
-        token_cum = np.concatenate([[0], np.cumsum(counts)])
-        return Tokens(
-            ids=ids[take],
-            ends=np.repeat(np.cumsum(word_len) - word_len, counts) + ends[take],
-            lengths=np.diff(token_cum[np.concatenate([[0], np.cumsum(per_text)])]),
-        )
+        tokens = [self.model.tokenize(w.translate(self.to_bytes)) for w in new]
+        self._append(new, [[t.id for t in ts] for ts in tokens], [_char_ends(w, ts) for w, ts in zip(new, tokens)])
+        mark = (self.table.tokens, self.table.entries)
+        try:
+            if outside:  # for this call only: such pieces rarely repeat
+                self._append_pieces(list(outside))
+            entry[missing] = np.fromiter(
+                map(self.index.__getitem__, map(words.__getitem__, missing)), np.int64, len(missing)
+            )
+            ids, ends, starts, lengths = self.table.view()
+            counts = starts[entry + 1] - starts[entry]  # tokens per word
+            take = ranges(starts[entry], counts)
+            word_len = lengths[entry]
+            token_cum = np.concatenate([[0], np.cumsum(counts)])
+            return Tokens(
+                ids=ids[take],
+                ends=np.repeat(np.cumsum(word_len) - word_len, counts) + ends[take],
+                lengths=np.diff(token_cum[np.concatenate([[0], np.cumsum(per_text)])]),
+            )
+        finally:
+            for piece in outside:
+                del self.index[piece]
+            self.table.truncate(*mark)
 
     def _split(self, text: str, words: list[str], outside: dict[str, None]) -> None:
-        """Appends the text's words to `words`, its non-ASCII pieces also to `outside`."""
+        """Appends the text's words to `words`, its unsafe pieces also to `outside`."""
         safe = UNSAFE.search(text) is None
         for k, part in enumerate(self.split_raw.split(text) if self.split_raw else [text]):
             if k % 2:  # an added token
@@ -302,36 +349,22 @@ class FastBPE:
             else:
                 words += filter(None, self.split_words.split(part))
 
-    def _add(self, word: str, ids: list[int], ends: list[int]) -> None:
-        self.index[word] = len(self._lengths)
-        self._ids += ids
-        self._ends += ends
-        self._starts.append(len(self._ids))
-        self._lengths.append(len(word))
-
-    def _as_arrays(self) -> tuple[np.ndarray, ...]:
-        return (
-            np.array(self._ids, np.int32),
-            np.array(self._ends, np.int64),
-            np.array(self._starts, np.int64),
-            np.array(self._lengths, np.int64),
+    def _append(self, words: list[str], ids: list[list[int]], ends: list[list[int]]) -> None:
+        self.index.update(zip(words, range(self.table.entries, self.table.entries + len(words))))
+        self.table.append(
+            [i for x in ids for i in x], [e for x in ends for e in x], [len(x) for x in ids], [len(w) for w in words]
         )
 
-    def _with_pieces(self, pieces: list[str]):
-        """The tables, and the index, with the non-ASCII pieces appended, encoded by the tokenizer:
-        for one call only (such pieces rarely repeat)."""
-        ids, ends, starts, lengths = self._tables
+    def _append_pieces(self, pieces: list[str]) -> None:
+        """Unsafe pieces as entries, encoded by the tokenizer itself."""
         encodings = self.backend.encode_batch(pieces, add_special_tokens=False)
         # a token's end in characters of its piece, made non-decreasing (a normalizer may map
         # characters to ranges out of order) for the boundary search
-        piece_ends = [np.clip([end for _, end in e.offsets], 0, len(p)) for e, p in zip(encodings, pieces)]
-        return (
-            np.concatenate([ids, np.array([i for e in encodings for i in e.ids], np.int32)]),
-            np.concatenate([ends, *(np.maximum.accumulate(x).astype(np.int64) for x in piece_ends if len(x))]),
-            np.concatenate([starts, starts[-1] + np.cumsum([len(e) for e in encodings])]),
-            np.concatenate([lengths, np.array([len(p) for p in pieces], np.int64)]),
-            self.index | {piece: len(lengths) + k for k, piece in enumerate(pieces)},
-        )
+        ends = [
+            np.maximum.accumulate(np.clip([end for _, end in e.offsets], 0, len(p))).tolist() if len(e) else []
+            for e, p in zip(encodings, pieces)
+        ]
+        self._append(pieces, [e.ids for e in encodings], ends)
 
 
 def _alternation(contents: list[str]) -> re.Pattern | None:
@@ -350,10 +383,10 @@ def _byte_map() -> dict[str, str]:
     return {c: mapped[end - len(c.encode()) : end] for c, end in zip(SAFE_CHARS, ends)}
 
 
-def _char_ends(word: str, token_bytes) -> list[int]:
+def _char_ends(word: str, tokens) -> list[int]:
     """Each token's end in characters of `word`, from the tokens' lengths in bytes: a token ending
     inside a character's bytes ends with that character (as tokenizers' char offsets have it)."""
-    byte_ends = list(itertools.accumulate(token_bytes))
+    byte_ends = list(itertools.accumulate(len(t.value) for t in tokens))
     if word.isascii():
         return byte_ends
     char_ends = list(itertools.accumulate(len(c.encode()) for c in word))

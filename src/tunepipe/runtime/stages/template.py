@@ -26,6 +26,7 @@ from tunepipe.errors import UserError
 from tunepipe.runtime import chat_template as ct
 from tunepipe.runtime.autotokenizer import autotokenizer_class
 from tunepipe.runtime.context import StepContext
+from tunepipe.runtime.fast_bpe import ranges
 
 SPLITS = ("train", "val")
 HISTOGRAM_BINS = 8
@@ -178,7 +179,7 @@ def build_sft(encoded: ct.Encodings, cutoff_len: int, packing: bool) -> tuple[di
     if not packing and len(kept) == len(encoded):  # every sample kept, in order: the arrays as they are
         input_ids, labels = encoded.input_ids, encoded.labels
     else:
-        take = _sample_tokens(encoded.offsets[order], lengths[order])
+        take = ranges(encoded.offsets[order], lengths[order])
         input_ids, labels = encoded.input_ids[take], encoded.labels[take]
     arrays = {
         "input_ids": input_ids.astype(np.int32, copy=False),
@@ -186,7 +187,7 @@ def build_sft(encoded: ct.Encodings, cutoff_len: int, packing: bool) -> tuple[di
         "offsets": np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int64),
     }
     if packing:
-        arrays["position_ids"] = _sample_tokens(np.zeros(len(order), np.int64), lengths[order]).astype(np.int32)
+        arrays["position_ids"] = ranges(np.zeros(len(order), np.int64), lengths[order]).astype(np.int32)
     stats = {
         "samples": len(encoded),
         "rows": len(row_tokens),
@@ -197,12 +198,6 @@ def build_sft(encoded: ct.Encodings, cutoff_len: int, packing: bool) -> tuple[di
         "length_histogram": histogram(kept_lengths, cutoff_len),
     }
     return arrays, stats
-
-
-def _sample_tokens(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Token positions `starts[k], …, starts[k] + lengths[k] - 1` for each k, back to back."""
-    ends = np.cumsum(lengths)
-    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(ends - lengths - starts, lengths)
 
 
 def build_pt(docs: list[np.ndarray], cutoff_len: int) -> tuple[dict[str, np.ndarray], dict]:

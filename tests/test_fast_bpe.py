@@ -83,16 +83,24 @@ def tokenizer(trained: str, pattern: str | None, **options) -> Tokenizer:
 
 
 def assert_same(tok: Tokenizer, texts: list[str]) -> None:
+    """FastBPE's tokens of the texts it takes are the tokenizer's; it takes exactly those whose
+    characters, added tokens aside, are all in SAFE_CHARS."""
     fast = fast_bpe.FastBPE.of(tok)
     assert fast is not None
-    got = fast.encode(texts)
-    ref = tok.encode_batch(texts, add_special_tokens=False)
+    taken = [t for t in texts if fast.takes(t)]
+    for text in texts:
+        bare = text
+        for special in sorted(SPECIALS + ["tunepipe"], key=len, reverse=True):
+            bare = bare.replace(special, "")
+        assert fast.takes(text) == all(c in fast_bpe.SAFE_CHARS for c in bare), repr(text)
+    got = fast.encode(taken)
+    ref = tok.encode_batch(taken, add_special_tokens=False)
     assert got.lengths.tolist() == [len(e) for e in ref]
     assert got.ids.tolist() == [i for e in ref for i in e.ids]
     # the same token boundaries: each token's end in characters of the texts back to back
-    base = np.cumsum([0] + [len(t) for t in texts])
+    base = np.cumsum([0] + [len(t) for t in taken])
     assert got.ends.tolist() == [b + end for e, b in zip(ref, base) for _, end in e.offsets]
-    assert fast.table.entries == len(fast.index)  # pieces outside SAFE_CHARS were for that call only
+    assert fast.table.entries == len(fast.index)
 
 
 @pytest.mark.parametrize(
@@ -115,9 +123,11 @@ def test_a_full_table_starts_over_and_stays_exact(trained, monkeypatch):
     monkeypatch.setattr(fast_bpe.FastBPE, "_start_over", lambda self: (starts.append(1), start_over(self))[1])
     tok = tokenizer(trained, QWEN2)
     fast = fast_bpe.FastBPE.of(tok)
-    texts = random_texts(900, seed=13)
+    texts = [t for t in random_texts(6000, seed=13) if fast.takes(t)][:900]
     capacity = []
-    for batch in (texts[:300], texts[300:600], texts[600:], texts[:300]):
+    rng = random.Random(2)
+    words = [" " + "".join(rng.choice("abcdefghij") for _ in range(7)) for _ in range(3000)]  # ~3000 distinct
+    for batch in (texts[:300], texts[300:600], ["".join(words)], texts[600:], texts[:300], []):
         got = fast.encode(batch)
         assert got.ids.tolist() == [i for e in tok.encode_batch(batch, add_special_tokens=False) for i in e.ids]
         capacity.append(len(fast.table.ids))
@@ -125,10 +135,20 @@ def test_a_full_table_starts_over_and_stays_exact(trained, monkeypatch):
     assert max(capacity) > 1 << 12  # grown
 
 
-def test_nfc_normalizer_is_the_tokenizer_s_own_outside_ascii(trained):
-    """Text not in NFC (e + combining accent) goes to the tokenizer, normalizer and all."""
+def test_an_nfc_normalizer_changes_nothing_taken(trained):
+    """Text not in NFC (e + combining accent) is not taken: it goes to the tokenizer, normalizer and all."""
     tok = tokenizer(trained, QWEN2, normalizer=normalizers.NFC())
-    assert_same(tok, random_texts(200, seed=3) + ["cafe\u0301 ok", "e\u0301"])
+    assert_same(tok, random_texts(200, seed=3) + ["cafe ok", "“quoted” – fine…"])
+    assert not fast_bpe.FastBPE.of(tok).takes("cafe\u0301 ok")
+
+
+def test_an_added_token_outside_safe_chars_does_not_keep_a_text_from_the_fast_path(trained):
+    tok = tokenizer(trained, QWEN2)
+    tok.add_special_tokens(["<｜begin▁of▁sentence｜>"])
+    fast = fast_bpe.FastBPE.of(tok)
+    text = "<｜begin▁of▁sentence｜>Hello world<|im_end|>"
+    assert fast.takes(text) and not fast.takes(text + "é")
+    assert fast.encode([text]).ids.tolist() == tok.encode(text, add_special_tokens=False).ids
 
 
 def test_fast_path_labels_equal_the_tokenizer_path(trained, monkeypatch):
@@ -146,6 +166,10 @@ def test_fast_path_labels_equal_the_tokenizer_path(trained, monkeypatch):
         for _ in range(60)
     ]
     fast = ct.encode(tokenizer_, renderer, records, cutoff_len=160, batch_size=16)
+    taken = [
+        fast_bpe.FastBPE.of(tokenizer_.backend_tokenizer).takes(m["content"]) for r in records for m in r["messages"]
+    ]
+    assert any(taken) and not all(taken)  # batches of both kinds of text, put back in order
     monkeypatch.setattr(fast_bpe.FastBPE, "of", classmethod(lambda cls, backend: None))
     slow = ct.encode(tokenizer_, renderer, records, cutoff_len=160, batch_size=16)
     assert fast.truncated.any() and not fast.truncated.all()

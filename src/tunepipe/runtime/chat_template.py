@@ -539,7 +539,7 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
     labels of a batch computed in one pass over its tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     fast = fast_bpe.FastBPE.of(backend) if backend is not None else None
-    plain = _without_nfc(backend) if fast is None and backend is not None and len(records) >= batch_size else None
+    plain = _without_nfc(backend) if backend is not None and len(records) >= batch_size else None
     parts = []
     for b in range(0, len(records), batch_size):
         batch = records[b : b + batch_size]
@@ -548,16 +548,18 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
             parts.append(Encodings.of([_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]))
             continue
         texts = ["".join(t for t, _ in segs) for segs in segments]
-        if fast is not None:
-            ids, lengths, counts = _encode_fast(fast, texts, segments)
-        else:
-            nfc = plain is not None and all(unicodedata.is_normalized("NFC", text) for text in texts)
-            encodings = (plain if nfc else backend).encode_batch(texts, add_special_tokens=False)
-            lengths = np.array([len(e) for e in encodings], np.int64)
-            ids = np.fromiter(
-                itertools.chain.from_iterable(e.ids for e in encodings), np.int32, count=int(lengths.sum())
+        fast_ones = np.array([fast is not None and fast.takes(text) for text in texts], bool)
+        by_encoder = [  # (text indices, their ids, tokens per text, tokens per segment)
+            (picked, *encoder([texts[i] for i in picked], [segments[i] for i in picked]))
+            for picked, encoder in (
+                (np.flatnonzero(fast_ones), lambda t, s: _encode_fast(fast, t, s)),
+                (np.flatnonzero(~fast_ones), lambda t, s: _encode_tokenizer(plain, backend, t, s)),
             )
-            counts = np.array([c for e, segs in zip(encodings, segments) for c in _segment_counts(e, segs)], np.int64)
+            if len(picked)
+        ]
+        ids, lengths, counts = (
+            _in_order(by_encoder, [len(segs) for segs in segments]) if len(by_encoder) > 1 else by_encoder[0][1:]
+        )
         flags = np.fromiter((trained for segs in segments for _, trained in segs), bool, count=len(counts))
         labels = np.where(np.repeat(flags, counts), ids, IGNORE).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -585,6 +587,34 @@ def _encode_fast(fast: fast_bpe.FastBPE, texts: list[str], segments: list[Segmen
     return tokens.ids, tokens.lengths, counts
 
 
+def _encode_tokenizer(plain, backend, texts: list[str], segments: list[Segments]):
+    """(ids, tokens per text, tokens per segment) by the tokenizer itself (without its NFC normalizer
+    when the texts are in NFC already: `_without_nfc`)."""
+    nfc = plain is not None and all(unicodedata.is_normalized("NFC", text) for text in texts)
+    encodings = (plain if nfc else backend).encode_batch(texts, add_special_tokens=False)
+    lengths = np.array([len(e) for e in encodings], np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, count=int(lengths.sum()))
+    counts = np.array([c for e, segs in zip(encodings, segments) for c in _segment_counts(e, segs)], np.int64)
+    return ids, lengths, counts
+
+
+def _in_order(parts, segments_per_text: list[int]):
+    """(ids, tokens per text, tokens per segment) of a batch in its texts' order, from parts
+    (text indices, ids, tokens per text, tokens per segment) that each encoded some of its texts."""
+    order = np.concatenate([picked for picked, *_ in parts])  # the texts in the parts' order
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))  # text t is the where[t]-th of that order
+    ids, lengths, counts = (np.concatenate([part[k] for part in parts]) for k in (1, 2, 3))
+    n_segments = np.asarray(segments_per_text, np.int64)
+    first_token = (np.cumsum(lengths) - lengths)[where]
+    first_segment = (np.cumsum(n_segments[order]) - n_segments[order])[where]
+    return (
+        ids[fast_bpe.ranges(first_token, lengths[where])],
+        lengths[where],
+        counts[fast_bpe.ranges(first_segment, n_segments)],
+    )
+
+
 def _without_nfc(backend):
     """A copy of `backend` without its normalizer, when that normalizer is NFC alone (Qwen2's, for one),
     else None. On text already in NFC — nearly all text, checked per batch by `unicodedata` in C — NFC
@@ -608,13 +638,13 @@ def _encode_slow(tokenizer, segments: Segments, cutoff_len: int) -> Encoded:
 
 
 def encode_texts(tokenizer, texts: list[str], batch_size: int = 1024) -> list[np.ndarray]:
-    """Plain texts (stage pt) → ids, batched."""
+    """Plain texts (stage pt) → ids, batched; by FastBPE where it takes a whole batch."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     fast = fast_bpe.FastBPE.of(backend) if backend is not None else None
     out = []
     for b in range(0, len(texts), batch_size):
         batch = texts[b : b + batch_size]
-        if fast is not None:
+        if fast is not None and all(fast.takes(text) for text in batch):
             tokens = fast.encode(batch)
             out += np.split(tokens.ids, np.cumsum(tokens.lengths)[:-1])
         else:

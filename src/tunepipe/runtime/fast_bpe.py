@@ -17,11 +17,11 @@ by doing what the tokenizer does, in the same order, with the costly part done o
    ByteLevel byte-to-character map (read from the tokenizer's ByteLevel pre-tokenizer itself), and
    gather the words' tokens by index.
 
-A piece holding any character outside SAFE_CHARS (a letter outside ASCII, say) goes to the tokenizer whole —
-exact, since the tokenizer encodes each piece between added tokens on its own. `FastBPE.of(backend)` is
-None unless the tokenizer's pipeline is one this reproduces (`ineligible` says why); callers then use
-the tokenizer. tests/test_fast_bpe.py holds the ids and the token boundaries to the tokenizer's own on
-adversarial text, for the GPT-2, Qwen2, Llama 3 and o200k patterns.
+It takes the texts whose characters (added tokens aside) are all in SAFE_CHARS (`takes`); callers
+give the others to the tokenizer itself, whole. `FastBPE.of(backend)` is None unless the tokenizer's
+pipeline is one this reproduces (`ineligible` says why). tests/test_fast_bpe.py holds the ids and the
+token boundaries to the tokenizer's own on adversarial text, for the GPT-2, Qwen2, Llama 3 and o200k
+patterns.
 
 Written here because no well-kept library encodes exactly like HF's BPE but faster: tiktoken merges by
 token rank, which differs from a tokenizer's merges list in general (a token can be reachable by a
@@ -240,9 +240,6 @@ class _Table:
         self.lengths[self.entries : entries] = lengths
         self.tokens, self.entries = tokens, entries
 
-    def truncate(self, tokens: int, entries: int) -> None:
-        self.tokens, self.entries = tokens, entries
-
     def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return (
             self.ids[: self.tokens],
@@ -273,6 +270,8 @@ class FastBPE:
         self.split_normalized = _alternation([t["content"] for t in added if t["content"] and t.get("normalized")])
         self.to_bytes = to_bytes  # str.translate table: SAFE_CHARS → ByteLevel's characters
         self.added = {t["content"]: t["id"] for t in added if t["content"]}
+        # added tokens written with characters outside SAFE_CHARS (DeepSeek's "<｜…｜>") do not make a text unsafe
+        self.strip_added = _alternation([c for c in self.added if UNSAFE.search(c)])
         self._start_over()
 
     @classmethod
@@ -293,53 +292,42 @@ class FastBPE:
         self.table = _Table()
         self._append(list(self.added), [[i] for i in self.added.values()], [[len(t)] for t in self.added])
 
+    def takes(self, text: str) -> bool:
+        """Whether `text` is one to encode here: its characters, added tokens aside, all in SAFE_CHARS."""
+        return UNSAFE.search(self.strip_added.sub("", text) if self.strip_added else text) is None
+
     def encode(self, texts: list[str]) -> Tokens:
+        """The texts' tokens; every text one this `takes`."""
         if len(self.index) > MAX_WORDS:
             self._start_over()
-        words: list[str] = []  # the texts' words back to back: added tokens, regex splits, unsafe pieces
-        outside: dict[str, None] = {}  # the pieces with a character outside SAFE_CHARS
-        per_text = []
-        for text in texts:
-            before = len(words)
-            self._split(text, words, outside)
-            per_text.append(len(words) - before)
+        words: list[str] = []  # the texts' words back to back: added tokens and regex splits
+        per_text = [self._split(text, words) for text in texts]
         entry = np.fromiter(map(self.index.get, words, itertools.repeat(-1)), np.int64, count=len(words))
-        missing = np.flatnonzero(entry < 0)  # new words and unsafe pieces
-        new = [w for w in dict.fromkeys(map(words.__getitem__, missing)) if w not in outside]
-        tokens = [self.model.tokenize(w.translate(self.to_bytes)) for w in new]
-        self._append(new, [[t.id for t in ts] for ts in tokens], [_char_ends(w, ts) for w, ts in zip(new, tokens)])
-        mark = (self.table.tokens, self.table.entries)
-        try:
-            if outside:  # for this call only: such pieces rarely repeat
-                self._append_pieces(list(outside))
+        missing = np.flatnonzero(entry < 0)
+        if len(missing):
+            new = list(dict.fromkeys(map(words.__getitem__, missing)))
+            tokens = [self.model.tokenize(w.translate(self.to_bytes)) for w in new]
+            self._append(new, [[t.id for t in ts] for ts in tokens], [_char_ends(w, ts) for w, ts in zip(new, tokens)])
             entry[missing] = np.fromiter(
                 map(self.index.__getitem__, map(words.__getitem__, missing)), np.int64, len(missing)
             )
-            ids, ends, starts, lengths = self.table.view()
-            counts = starts[entry + 1] - starts[entry]  # tokens per word
-            take = ranges(starts[entry], counts)
-            word_len = lengths[entry]
-            token_cum = np.concatenate([[0], np.cumsum(counts)])
-            return Tokens(
-                ids=ids[take],
-                ends=np.repeat(np.cumsum(word_len) - word_len, counts) + ends[take],
-                lengths=np.diff(token_cum[np.concatenate([[0], np.cumsum(per_text)])]),
-            )
-        finally:
-            for piece in outside:
-                del self.index[piece]
-            self.table.truncate(*mark)
+        ids, ends, starts, lengths = self.table.view()
+        counts = starts[entry + 1] - starts[entry]  # tokens per word
+        take = ranges(starts[entry], counts)
+        word_len = lengths[entry]
+        token_cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return Tokens(
+            ids=ids[take],
+            ends=np.repeat(np.cumsum(word_len) - word_len, counts) + ends[take],
+            lengths=np.diff(token_cum[np.concatenate([[0], np.cumsum(per_text, dtype=np.int64)])]),
+        )
 
-    def _split(self, text: str, words: list[str], outside: dict[str, None]) -> None:
-        """Appends the text's words to `words`, its unsafe pieces also to `outside`."""
-        safe = UNSAFE.search(text) is None
+    def _split(self, text: str, words: list[str]) -> int:
+        """Appends the text's words to `words`; returns how many."""
+        before = len(words)
         for k, part in enumerate(self.split_raw.split(text) if self.split_raw else [text]):
             if k % 2:  # an added token
                 words.append(part)
-            elif not (safe or UNSAFE.search(part) is None):
-                if part:  # the tokenizer's own, whole: normalized added tokens and all
-                    words.append(part)
-                    outside[part] = None
             elif self.split_normalized:
                 for j, piece in enumerate(self.split_normalized.split(part)):
                     if j % 2:
@@ -348,23 +336,13 @@ class FastBPE:
                         words += filter(None, self.split_words.split(piece))
             else:
                 words += filter(None, self.split_words.split(part))
+        return len(words) - before
 
     def _append(self, words: list[str], ids: list[list[int]], ends: list[list[int]]) -> None:
         self.index.update(zip(words, range(self.table.entries, self.table.entries + len(words))))
         self.table.append(
             [i for x in ids for i in x], [e for x in ends for e in x], [len(x) for x in ids], [len(w) for w in words]
         )
-
-    def _append_pieces(self, pieces: list[str]) -> None:
-        """Unsafe pieces as entries, encoded by the tokenizer itself."""
-        encodings = self.backend.encode_batch(pieces, add_special_tokens=False)
-        # a token's end in characters of its piece, made non-decreasing (a normalizer may map
-        # characters to ranges out of order) for the boundary search
-        ends = [
-            np.maximum.accumulate(np.clip([end for _, end in e.offsets], 0, len(p))).tolist() if len(e) else []
-            for e, p in zip(encodings, pieces)
-        ]
-        self._append(pieces, [e.ids for e in encodings], ends)
 
 
 def _alternation(contents: list[str]) -> re.Pattern | None:

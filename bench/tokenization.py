@@ -8,7 +8,11 @@ vocabulary; the bundled tiny-llama tokenizer has 1.4k tokens and splits words in
 makes the tokenizer's own Rust work dominate both sides). Then times, in this process:
 - tunepipe: `stages.template.tokenize_split` (render, batched tokenization, labels, arrays) with 1 and 2 workers;
 - naive: per sample `apply_chat_template(tokenize=False)` then `tokenizer(text)`, no labels at all.
+- tunepipe with FastBPE off (runtime/fast_bpe.py): every text through the tokenizer's `encode_batch`,
+  as before FastBPE; the ratio of the two is FastBPE's gain, on the same ids (the bench checks).
 Prints tokens/s for each (fastest of --repeat runs) and tunepipe's speed-up over the naive loop.
+--text picks the corpus' language: `english` (ASCII), `typeset` (curly quotes, dashes, ellipses:
+still FastBPE's), `chinese` (each word three CJK characters: the tokenizer's own path).
 """
 
 import os
@@ -24,6 +28,8 @@ import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
     "the a small big red green river hill house garden model token data train answer question "
@@ -32,11 +38,17 @@ WORDS = (
 ).split()
 
 
-def corpus(n: int, seed: int = 0) -> list[dict]:
+def corpus(n: int, seed: int = 0, text: str = "english") -> list[dict]:
     rng = random.Random(seed)
+    words = WORDS
+    if text == "chinese":
+        words = ["".join(chr(0x4E00 + (hash(w) + 7 * k) % 3000) for k in range(3)) for w in WORDS]
 
     def sentence(k: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + rng.choice(".?!")
+        line = " ".join(rng.choice(words) for _ in range(k)).capitalize() + rng.choice(".?!")
+        if text == "typeset":
+            line = f"“{line}” — {rng.choice(words)}’s…" if rng.random() < 0.5 else line
+        return line
 
     records = []
     for _ in range(n):
@@ -99,13 +111,14 @@ def main() -> int:
         f"e.g. {ROOT / 'examples' / 'models' / 'tiny-llama'}",
     )
     ap.add_argument("--template", default="chatml")
+    ap.add_argument("--text", choices=("english", "typeset", "chinese"), default="english")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest counts (shared machines)")
     args = ap.parse_args()
 
     from tunepipe.runtime import chat_template as ct
     from tunepipe.runtime.stages import template as stage
 
-    records = corpus(args.conversations)
+    records = corpus(args.conversations, text=args.text)
     if args.model:
         tokenizer, origin = stage.load_tokenizer({}, args.model), Path(args.model).name
     else:
@@ -122,6 +135,16 @@ def main() -> int:
         runs[f"tunepipe, {workers} worker{'s' if workers > 1 else ''}"] = lambda p=params: stage.tokenize_split(
             records, tokenizer, renderer, p
         )[1]["tokens"]
+    params_1 = {"cutoff_len": 4096, "preprocessing_num_workers": 1, "stage": "sft"}
+    runs["tunepipe, 1 worker, FastBPE off"] = lambda: without_fast_bpe(
+        lambda: stage.tokenize_split(records, tokenizer, renderer, params_1)
+    )[1]["tokens"]
+    fast, slow = (
+        stage.tokenize_split(records[:2000], tokenizer, renderer, params_1)[0],
+        without_fast_bpe(lambda: stage.tokenize_split(records[:2000], tokenizer, renderer, params_1))[0],
+    )
+    if any(not np.array_equal(fast[k], slow[k]) for k in fast):
+        sys.exit("FastBPE's arrays differ from the tokenizer's")
     # Rounds interleave the contenders, so a busy moment on a shared machine hits all of them.
     best = {label: (float("inf"), 0) for label in runs}
     for _ in range(args.repeat):
@@ -132,10 +155,24 @@ def main() -> int:
     rate = {}
     for label, (seconds, tokens) in best.items():
         rate[label] = tokens / seconds
-        print(f"  {label:<28} {tokens:>10} tokens  {seconds:7.2f} s  {rate[label]:>12,.0f} tokens/s")
+        print(f"  {label:<32} {tokens:>10} tokens  {seconds:7.2f} s  {rate[label]:>12,.0f} tokens/s")
     base = rate["naive apply_chat_template"]
     for label in list(runs)[1:]:
         print(f"ratio {label} / naive: {rate[label] / base:.2f}x")
+    print(
+        "ratio tunepipe, 1 worker / FastBPE off (the same ids): "
+        f"{rate['tunepipe, 1 worker'] / rate['tunepipe, 1 worker, FastBPE off']:.2f}x"
+    )
+
+
+def without_fast_bpe(fn):
+    """fn() with FastBPE declining every tokenizer: tunepipe's tokenizer path."""
+    from unittest import mock
+
+    from tunepipe.runtime import fast_bpe
+
+    with mock.patch.object(fast_bpe.FastBPE, "of", classmethod(lambda cls, backend: None)):
+        return fn()
     return 0
 
 

@@ -263,7 +263,6 @@ class FastBPE:
     Each distinct word is an entry of a table that grows as new words come and serves every later call."""
 
     def __init__(self, backend, pattern: str, added: list[dict[str, Any]], to_bytes: dict[int, str]):
-        self.backend = backend
         self.model = backend.model
         self.split_words = re.compile(f"({pattern})", re.ASCII)  # one group: re.split keeps the matches
         self.split_raw = _alternation([t["content"] for t in added if t["content"] and not t.get("normalized")])

@@ -538,7 +538,7 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
     """Conversations → ids and labels; one tokenizer call per batch of whole conversations, and the
     labels of a batch computed in one pass over its tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    fast = fast_bpe.FastBPE.of(backend) if backend is not None else None
+    fast = fast_bpe.FastBPE.of(backend) if backend is not None and records else None
     plain = _without_nfc(backend) if backend is not None and len(records) >= batch_size else None
     parts = []
     for b in range(0, len(records), batch_size):
@@ -548,18 +548,7 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
             parts.append(Encodings.of([_encode_slow(tokenizer, segs, cutoff_len) for segs in segments]))
             continue
         texts = ["".join(t for t, _ in segs) for segs in segments]
-        fast_ones = np.array([fast is not None and fast.takes(text) for text in texts], bool)
-        by_encoder = [  # (text indices, their ids, tokens per text, tokens per segment)
-            (picked, *encoder([texts[i] for i in picked], [segments[i] for i in picked]))
-            for picked, encoder in (
-                (np.flatnonzero(fast_ones), lambda t, s: _encode_fast(fast, t, s)),
-                (np.flatnonzero(~fast_ones), lambda t, s: _encode_tokenizer(plain, backend, t, s)),
-            )
-            if len(picked)
-        ]
-        ids, lengths, counts = (
-            _in_order(by_encoder, [len(segs) for segs in segments]) if len(by_encoder) > 1 else by_encoder[0][1:]
-        )
+        ids, lengths, counts = _encode_batch(fast, plain, backend, texts, segments)
         flags = np.fromiter((trained for segs in segments for _, trained in segs), bool, count=len(counts))
         labels = np.where(np.repeat(flags, counts), ids, IGNORE).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -576,6 +565,22 @@ def encode(tokenizer, renderer, records: list[dict[str, Any]], cutoff_len: int, 
             seg += len(segs)
         parts.append(Encodings.of(samples))
     return Encodings.join(parts)
+
+
+def _encode_batch(fast, plain, backend, texts: list[str], segments: list[Segments]):
+    """(ids, tokens per text, tokens per segment): the texts FastBPE takes by it, the others by the
+    tokenizer, put back in the texts' order."""
+    by_fast = np.array([fast is not None and fast.takes(text) for text in texts], bool)
+    if by_fast.all():
+        return _encode_fast(fast, texts, segments)
+    if not by_fast.any():
+        return _encode_tokenizer(plain, backend, texts, segments)
+    fast_ones, others = np.flatnonzero(by_fast), np.flatnonzero(~by_fast)
+    parts = [
+        (fast_ones, *_encode_fast(fast, [texts[i] for i in fast_ones], [segments[i] for i in fast_ones])),
+        (others, *_encode_tokenizer(plain, backend, [texts[i] for i in others], [segments[i] for i in others])),
+    ]
+    return _in_order(parts, [len(segs) for segs in segments])
 
 
 def _encode_fast(fast: fast_bpe.FastBPE, texts: list[str], segments: list[Segments]):
@@ -640,7 +645,7 @@ def _encode_slow(tokenizer, segments: Segments, cutoff_len: int) -> Encoded:
 def encode_texts(tokenizer, texts: list[str], batch_size: int = 1024) -> list[np.ndarray]:
     """Plain texts (stage pt) → ids, batched; by FastBPE where it takes a whole batch."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    fast = fast_bpe.FastBPE.of(backend) if backend is not None else None
+    fast = fast_bpe.FastBPE.of(backend) if backend is not None and texts else None
     out = []
     for b in range(0, len(texts), batch_size):
         batch = texts[b : b + batch_size]

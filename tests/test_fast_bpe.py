@@ -221,6 +221,13 @@ def test_ineligible_tokenizers_are_declined_with_a_reason(trained, change, reaso
     assert fast_bpe.FastBPE.of(Tokenizer.from_str(json.dumps(config))) is None
 
 
+def test_a_model_other_than_bpe_is_declined():
+    tok = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert "not a BPE model" in fast_bpe.ineligible(config_of(tok))
+    assert fast_bpe.FastBPE.of(tok) is None
+
+
 def test_split_special_tokens_is_declined(trained):
     tok = tokenizer(trained, QWEN2)
     tok.encode_special_tokens = True

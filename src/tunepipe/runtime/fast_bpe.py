@@ -30,6 +30,7 @@ merge the list does not hold).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -350,6 +351,7 @@ def _alternation(contents: list[str]) -> re.Pattern | None:
     return re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if contents else None
 
 
+@functools.cache
 def _byte_map() -> dict[str, str]:
     """SAFE_CHARS → the characters tokenizers' ByteLevel maps their UTF-8 bytes to, asked of ByteLevel."""
     from tokenizers import pre_tokenizers
